@@ -1,0 +1,111 @@
+"""`segcli compare`: one document, every policy x segment size, one table of cost and benefit."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import UsageError
+from ..memory import POLICY_NAMES
+from ..runner import Stream, Totals, resource_report
+from .common import (
+    CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, FormatOpt, MaxTokensOpt, MemorySizeOpt,
+    ModelOpt, OutputOpt, QuietOpt, RateOpt, RevisionOpt, SeedOpt, SinkOpt, TrustOpt, handle_errors, value,
+)
+from .output import Writer, default_format, fmt_bytes, fmt_num, new_table
+from .run import build_config, config_block, make_progress, prepare
+
+
+def parse_list(text: str, what: str, convert=str) -> list:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise UsageError(f"--{what}: give a comma-separated list")
+    try:
+        return [convert(x) for x in items]
+    except ValueError:
+        raise UsageError(f"--{what}: {text!r} is not a comma-separated list of integers") from None
+
+
+def compare(
+    doc: Annotated[str, typer.Argument(help="Document file; '-' reads stdin.", show_default=False)],
+    segment_sizes: Annotated[str, typer.Option(help="Comma-separated segment sizes, e.g. 1,16,128.")] = "16,128",
+    memory: Annotated[Optional[str], typer.Option(help=f"Comma-separated policies ({', '.join(POLICY_NAMES)}).")] = None,
+    model: ModelOpt = None,
+    memory_size: MemorySizeOpt = None,
+    sink_tokens: SinkOpt = None,
+    compress_rate: RateOpt = None,
+    compressed_size: CompressedOpt = None,
+    device: DeviceOpt = None,
+    dtype: DTypeOpt = None,
+    config: ConfigOpt = None,
+    format: FormatOpt = None,
+    output: OutputOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    seed: SeedOpt = None,
+    errors: ErrorsOpt = None,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run one document under several segment sizes and memory policies on the same tokens and
+    show, in one table, what each costs (time, memory) and buys (loss, boundary effect)."""
+    _compare(**locals())
+
+
+@handle_errors
+def _compare(doc, segment_sizes, memory, model, memory_size, sink_tokens, compress_rate, compressed_size, device,
+             dtype, config, format, output, max_tokens, seed, errors, revision, trust_remote_code, quiet, debug):
+    base = build_config(
+        config, model=model, memory_size=memory_size, sink_tokens=sink_tokens, compress_rate=compress_rate,
+        compressed_size=compressed_size, device=device, dtype=dtype, seed=seed, errors=errors, revision=revision,
+        trust_remote_code=trust_remote_code,
+    )
+    sizes = parse_list(segment_sizes, "segment-sizes", int)
+    policies = parse_list(memory, "memory") if memory else [base.memory]
+    configs = [dataclasses.replace(base, memory=p, segment_size=n).validate() for p in policies for n in sizes]
+    writer = Writer(default_format(value(format), output), output)
+    ok = False
+    try:
+        backend, (tdoc,) = prepare(base, [doc], max_tokens)
+        total = sum(-(-len(tdoc) // c.segment_size) for c in configs)
+        first_rate = None
+        with make_progress(quiet, total) as progress:
+            task = progress.add_task("compare", total=total, rate="")
+            for cfg in configs:
+                progress.update(task, description=f"{cfg.memory} n_s={cfg.segment_size}")
+                totals = Totals(cfg.segment_size)
+                totals.add_document(tdoc)
+                for r in Stream(backend, cfg).segments(tdoc):
+                    totals.add(r)
+                    progress.update(task, advance=1)
+                s = totals.summary()
+                rate = s["tokens_per_s"]
+                first_rate = first_rate or rate
+                writer.write({
+                    "type": "row", "policy": cfg.memory, "segment_size": cfg.segment_size, "tokens": s["tokens"],
+                    "loss": s["loss"], "ppl": s["ppl"], "bits_per_byte": s["bits_per_byte"],
+                    "boundary_gap": s["boundary"]["gap"], "tokens_per_s": rate,
+                    "speedup": rate / first_rate if rate and first_rate else None,
+                    "memory_bytes": s["max_memory_bytes"], "memory_updates": s["memory_updates"],
+                    "attn_mass_memory": s["attn_mass_memory"], "seconds": s["seconds"],
+                    "sizes": {k: v for k, v in cfg.sizes().items()},
+                })
+        writer.write({"type": "summary", "document": tdoc.name, "rows": len(configs), **resource_report(backend.device),
+                      "config": config_block(base, backend) | {"segment_sizes": sizes, "memory": policies}})
+        ok = True
+    finally:
+        writer.close(ok, render_table=render_compare_table)
+
+
+def render_compare_table(console: Console, records: list[dict[str, Any]]) -> None:
+    table = new_table("compare", [(c, "right") for c in (
+        "policy", "n_s", "tokens", "loss", "ppl", "bits/byte", "boundary gap", "tok/s", "speed-up", "memory", "updates")])
+    for r in (r for r in records if r["type"] == "row"):
+        table.add_row(r["policy"], str(r["segment_size"]), str(r["tokens"]), fmt_num(r["loss"]), fmt_num(r["ppl"], 2),
+                      fmt_num(r["bits_per_byte"]), fmt_num(r["boundary_gap"]), fmt_num(r["tokens_per_s"], 0),
+                      f"{fmt_num(r['speedup'], 2)}×", fmt_bytes(r["memory_bytes"]), str(r["memory_updates"]))
+    console.print(table)

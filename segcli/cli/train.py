@@ -1,0 +1,58 @@
+"""`segcli train`: train the native model with segment-level recurrence."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..train import load_train_config, train as run_training
+from .common import DebugOpt, QuietOpt, err_console, handle_errors
+
+
+def train(
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="Training YAML (see configs/train-bundled.yaml).")] = None,
+    corpus: Annotated[Optional[str], typer.Option(help="Folder of .txt files (overrides the YAML).")] = None,
+    out_dir: Annotated[Optional[str], typer.Option(help="Where checkpoints and the final model go.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides the YAML).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from out_dir/checkpoint.pt.")] = False,
+    log_jsonl: Annotated[Optional[str], typer.Option(help="Also append every step as JSON to this file.")] = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Train the native model (memory carried across segments, policies drawn per step) and save
+    it with save_pretrained; the result loads with `segcli run --model OUT_DIR/model`."""
+    _train(**locals())
+
+
+@handle_errors
+def _train(config, corpus, out_dir, steps, seed, device, resume, log_jsonl, quiet, debug):
+    cfg = load_train_config(config, {"corpus": corpus, "out_dir": out_dir, "steps": steps, "seed": seed, "device": device})
+    log = open(log_jsonl, "a", encoding="utf-8") if log_jsonl else None
+    progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=quiet)
+    try:
+        with progress:
+            task = progress.add_task("train", total=cfg.steps, info="")
+            for ev in run_training(cfg, resume=resume):
+                if log:
+                    log.write(json.dumps({"event": ev.kind, "step": ev.step, **ev.data}) + "\n")
+                    log.flush()
+                if ev.kind == "start":
+                    progress.update(task, total=ev.data["steps"], completed=ev.step)
+                    if not quiet:
+                        err_console.print(f"training {ev.data['params']:,} parameters on {ev.data['tokens']:,} tokens ({ev.data['device']})")
+                elif ev.kind == "step":
+                    progress.update(task, completed=ev.step, total=ev.data["steps"],
+                                    info=f"loss {ev.data['loss']:.3f} {ev.data['policy']} n_s={ev.data['segment_size']}")
+                elif ev.kind == "val" and not quiet:
+                    progress.console.print(f"step {ev.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.data.items()))
+                elif ev.kind == "done" and not quiet:
+                    err_console.print(f"saved {ev.data['model_dir']} after {ev.data['seconds']:.0f} s")
+    finally:
+        if log:
+            log.close()

@@ -1,0 +1,112 @@
+"""The memory-policy interface shared by the native model and the Hugging Face backend.
+
+A policy is a small stateless object (its sizes) with four operations on a
+per-layer *state* that is passed in and returned, never hidden in a module:
+
+    state = policy.init_state(batch, heads, head_dim, device=..., dtype=...)
+    mem   = policy.read(state, shift_keys)      # what the next segment attends to
+    state = policy.update(state, k, v, k_raw)   # fold in a segment's key-value pairs
+    stats = policy.stats(state)                 # slots, bytes, norms, ages
+
+Keys handed to `update` are already rotated to their absolute positions (RoPE);
+`k_raw` are the same keys before rotation (used by the linear memory, whose
+read is position-free). `shift_keys(k, delta)` rotates stored keys by `delta`
+more positions; the sink policy uses it to move its sink tokens next to the
+window, as StreamingLLM does.
+
+When autograd is off (inference), updates write into preallocated buffers in
+place and the old state must not be reused; with autograd on (training) they
+build new tensors so the graph of the previous segment stays intact.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+ShiftFn = Callable[[Tensor, int], Tensor]
+
+
+@dataclass
+class KVRead:
+    """Key-value slots a segment attends to (softmax memory)."""
+
+    k: Tensor  # (B, H, M, D), rotated
+    v: Tensor  # (B, H, M, D)
+
+
+@dataclass
+class LayerStats:
+    slots: int  # slots in use
+    capacity: int | None  # maximum slots (None: unbounded)
+    bytes: int  # bytes held by the state's tensors
+    key_norm: float  # mean L2 norm of remembered keys (linear: of nu)
+    value_norm: float  # mean L2 norm of remembered values (linear: Frobenius of mu per head)
+    oldest_age: int  # tokens between the next position and the oldest token represented
+    tokens_per_slot: float  # tokens summarised per slot (1 for exact pairs)
+
+
+def tensor_bytes(*tensors: Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def mean_norm(x: Tensor | None) -> float:
+    """Mean L2 norm over the last dim of x (..., M, D); 0 when empty."""
+    if x is None or x.numel() == 0:
+        return 0.0
+    return float(x.float().norm(dim=-1).mean())
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of every tensor field of a dataclass state."""
+    return tensor_bytes(*(getattr(state, f.name) for f in fields(state) if isinstance(getattr(state, f.name), Tensor)))
+
+
+def write_slots(buf: Tensor, idx: Tensor, x: Tensor) -> Tensor:
+    """buf[:, :, idx] = x, in place without autograd, out of place with it."""
+    if torch.is_grad_enabled():
+        return buf.index_copy(2, idx, x)
+    return buf.index_copy_(2, idx, x)
+
+
+class MemoryPolicy(ABC):
+    """One memory update rule. Subclasses set `name`, `rule` and `parameters`."""
+
+    name: ClassVar[str]
+    rule: ClassVar[str]  # the update rule, one line
+    parameters: ClassVar[tuple[str, ...]] = ()  # config fields this policy uses
+    kind: ClassVar[str] = "kv"  # "kv": softmax over slots; "linear": fast-weight memory
+    bounded: ClassVar[bool] = True
+
+    def __init__(self, memory_size: int = 512, sink_tokens: int = 4, compress_rate: int = 4, compressed_size: int = 128):
+        self.memory_size = memory_size
+        self.sink_tokens = sink_tokens
+        self.compress_rate = compress_rate
+        self.compressed_size = compressed_size
+
+    def describe(self) -> dict[str, int]:
+        return {p: getattr(self, p) for p in self.parameters}
+
+    def capacity(self, segment_size: int) -> int | None:
+        """Maximum slots the memory can hold at this segment size."""
+        return None
+
+    @abstractmethod
+    def init_state(self, batch: int, heads: int, head_dim: int, *, device, dtype) -> Any: ...
+
+    @abstractmethod
+    def read(self, state: Any, shift_keys: ShiftFn) -> Any: ...
+
+    @abstractmethod
+    def update(self, state: Any, k: Tensor, v: Tensor, k_raw: Tensor | None = None) -> Any: ...
+
+    @abstractmethod
+    def stats(self, state: Any) -> LayerStats: ...
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.describe().items())
+        return f"{type(self).__name__}({args})"

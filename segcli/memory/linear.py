@@ -1,0 +1,43 @@
+"""`linear`: a neural (fast-weight) memory, Infini-attention.
+
+mu += phi(K)^T V and nu += sum phi(k) once per segment (phi = elu + 1); a token
+reads A_mem = phi(q) mu / phi(q) nu from the state before its segment and mixes
+it with softmax attention over its own segment through a learned per-head gate.
+Reads and writes use keys and queries *before* RoPE: the memory is position-free.
+The math lives in `segcli.ops.linear_attention`.
+"""
+
+from __future__ import annotations
+
+
+from ..ops.linear_attention import LinearState, empty_state, update_state
+from .base import LayerStats, MemoryPolicy, tensor_bytes
+
+
+class Linear(MemoryPolicy):
+    name = "linear"
+    rule = "fast-weight matrix mu += phi(K)^T V, nu += sum phi(k); read phi(q)mu/phi(q)nu, gated with the segment"
+    kind = "linear"
+
+    def capacity(self, segment_size):
+        return 1
+
+    def init_state(self, batch, heads, head_dim, *, device, dtype):
+        return empty_state(batch, heads, head_dim, head_dim, device, dtype)
+
+    def read(self, state, shift_keys):
+        return state
+
+    def update(self, state, k, v, k_raw=None):
+        return update_state(state, k if k_raw is None else k_raw, v)
+
+    def stats(self, state: LinearState):
+        used = int(state.n > 0)
+        return LayerStats(
+            slots=used, capacity=1, bytes=tensor_bytes(state.mu, state.nu),
+            key_norm=float(state.nu.float().norm(dim=-1).mean()) if used else 0.0,
+            value_norm=float(state.mu.float().flatten(-2).norm(dim=-1).mean()) if used else 0.0,
+            oldest_age=state.n, tokens_per_slot=float(state.n),
+        )
+
+

@@ -1,0 +1,32 @@
+"""`none`: no memory, every segment alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import LayerStats, MemoryPolicy
+
+
+@dataclass
+class NoneState:
+    seen: int = 0
+
+
+class NoMemory(MemoryPolicy):
+    name = "none"
+    rule = "Mem = empty: every segment is read alone"
+
+    def capacity(self, segment_size):
+        return 0
+
+    def init_state(self, batch, heads, head_dim, *, device, dtype):
+        return NoneState()
+
+    def read(self, state, shift_keys):
+        return None
+
+    def update(self, state, k, v, k_raw=None):
+        return NoneState(state.seen + k.shape[2])
+
+    def stats(self, state):
+        return LayerStats(0, 0, 0, 0.0, 0.0, 0, 0.0)

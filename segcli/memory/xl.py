@@ -1,0 +1,39 @@
+"""`xl`: two-segment memory, Mem = the previous segment's pairs (Transformer-XL)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .base import KVRead, LayerStats, MemoryPolicy, mean_norm, tensor_bytes
+
+
+@dataclass
+class XLState:
+    k: Tensor | None = None  # (B, H, n_s, D) the previous segment
+    v: Tensor | None = None
+
+
+class XL(MemoryPolicy):
+    name = "xl"
+    rule = "Mem = the previous segment's pairs (equals fifo with memory_size = segment_size)"
+
+    def capacity(self, segment_size):
+        return segment_size
+
+    def init_state(self, batch, heads, head_dim, *, device, dtype):
+        return XLState()
+
+    def read(self, state, shift_keys):
+        return None if state.k is None else KVRead(state.k, state.v)
+
+    def update(self, state, k, v, k_raw=None):
+        return XLState(k, v)
+
+    def stats(self, state):
+        n = 0 if state.k is None else state.k.shape[2]
+        return LayerStats(
+            slots=n, capacity=n, bytes=tensor_bytes(state.k, state.v),
+            key_norm=mean_norm(state.k), value_norm=mean_norm(state.v), oldest_age=n, tokens_per_slot=1.0,
+        )

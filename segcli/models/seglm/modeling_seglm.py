@@ -1,0 +1,186 @@
+"""The native model: a pre-norm RoPE transformer whose attention reads [Mem; segment].
+
+    logits, memory = model(segment_ids, memory)   # memory is data, passed in and returned
+
+Positions. Tokens get their absolute position in the document; keys are rotated
+(RoPE) once, when their segment is computed, and stored rotated. Since RoPE
+scores depend only on the distance between query and key, every exact pair in
+memory (full, fifo, xl, the sink window) keeps its true distance to the query,
+which is what makes `full` equal one causal forward and `fifo` at n_s = 1 equal
+a sliding window. Summary slots (average, compressive) are means of rotated
+keys: they sit at the mean of their tokens' rotations. Sink pairs are re-rotated
+at read time to sit just before the window (StreamingLLM), so distances stay
+bounded. The linear memory is position-free (raw q, k). Angles are computed in
+float64, so positions in the millions stay exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from ...memory import MemoryPolicy, make_policy
+from ...memory.base import LayerStats
+from ...ops.attention import split_attention
+from ...ops.linear_attention import read_memory
+from ...ops.rope import apply_rope, inv_frequencies, rope_cos_sin, shift_rope
+from .configuration_seglm import SegLMConfig
+
+
+@dataclass
+class SegMemory:
+    """Per-layer memory states of one stream, plus the position of its next token."""
+
+    policy: MemoryPolicy
+    states: list[Any]
+    seen: int = 0  # tokens consumed = absolute position of the next token
+
+    def stats(self) -> list[LayerStats]:
+        return [self.policy.stats(s) for s in self.states]
+
+
+@dataclass
+class SegLMOutput:
+    logits: Tensor  # (B, T, V)
+    memory: SegMemory
+    loss: Tensor | None = None  # mean cross-entropy when labels were given
+    memory_mass: Tensor | None = None  # (L,) mean attention mass on memory per layer
+    extras: dict = field(default_factory=dict)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(d, 2 * hidden, bias=False)  # fused gate and up projections
+        self.down = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        g, u = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(g) * u)
+
+
+class SegLMAttention(nn.Module):
+    def __init__(self, cfg: SegLMConfig):
+        super().__init__()
+        self.h, self.d = cfg.num_attention_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)  # fused Q, K, V
+        self.o = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.memory_gate = nn.Parameter(torch.zeros(self.h))  # linear memory: sigmoid mix per head
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, policy: MemoryPolicy, state: Any, shift_keys):
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.h, self.d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D)
+        qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if policy.kind == "linear":
+            out = F.scaled_dot_product_attention(qr, kr, v, is_causal=True)  # (B, H, T, D)
+            g = torch.sigmoid(self.memory_gate).view(1, self.h, 1, 1)
+            if state.n:  # an empty memory has nothing to mix in
+                out = g * read_memory(q, state) + (1 - g) * out
+                mass = g.mean().expand(1)
+            else:
+                mass = None
+        else:
+            mem = policy.read(state, shift_keys)
+            out, mass = split_attention(qr, None if mem is None else mem.k, None if mem is None else mem.v, kr, v)
+        # Memory never carries gradient across segments (Transformer-XL's stop-gradient).
+        state = policy.update(state, kr.detach(), v.detach(), k.detach())
+        y = self.o(out.transpose(1, 2).reshape(b, t, c))
+        return y, state, (None if mass is None else mass.mean())
+
+
+class SegLMBlock(nn.Module):
+    def __init__(self, cfg: SegLMConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.attn = SegLMAttention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, policy, state, shift_keys):
+        a, state, mass = self.attn(self.attn_norm(x), cos, sin, policy, state, shift_keys)
+        x = x + self.drop(a)
+        x = x + self.drop(self.mlp(self.mlp_norm(x)))
+        return x, state, mass
+
+
+class SegLMPreTrainedModel(PreTrainedModel):
+    config_class = SegLMConfig
+    config: SegLMConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["SegLMBlock"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, SegLMAttention):
+            nn.init.zeros_(module.memory_gate)
+
+
+class SegLMModel(SegLMPreTrainedModel):
+    def __init__(self, config: SegLMConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(SegLMBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self._inv_freq: dict[torch.device, Tensor] = {}  # per device; not a buffer, so loading never leaves it uninitialised
+        self.post_init()
+
+    def inv_freq(self, device: torch.device) -> Tensor:
+        if device not in self._inv_freq:
+            self._inv_freq[device] = inv_frequencies(self.config.head_dim, self.config.rope_theta, device)
+        return self._inv_freq[device]
+
+    def shift_keys(self, k: Tensor, delta: int) -> Tensor:
+        return shift_rope(k, delta, self.inv_freq(k.device))
+
+    def forward(self, input_ids: Tensor, memory: SegMemory):
+        b, t = input_ids.shape
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        positions = torch.arange(memory.seen, memory.seen + t, device=input_ids.device)
+        cos, sin = rope_cos_sin(positions, self.inv_freq(input_ids.device), x.dtype)  # (T, D)
+        states, masses = [], []
+        for layer, state in zip(self.layers, memory.states):
+            x, state, mass = layer(x, cos, sin, memory.policy, state, self.shift_keys)
+            states.append(state)
+            masses.append(mass)
+        mem = SegMemory(memory.policy, states, memory.seen + t)
+        mass = None if any(m is None for m in masses) else torch.stack(masses)
+        return self.norm(x), mem, mass
+
+
+class SegLMForCausalLM(SegLMPreTrainedModel):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: SegLMConfig):
+        super().__init__(config)
+        self.model = SegLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def new_memory(self, policy: MemoryPolicy | str, batch: int = 1, dtype: torch.dtype | None = None, **sizes) -> SegMemory:
+        """An empty memory for `batch` streams under `policy` (dtype: the activations' dtype)."""
+        if isinstance(policy, str):
+            policy = make_policy(policy, **sizes)
+        p = next(self.parameters())
+        cfg = self.config
+        states = [
+            policy.init_state(batch, cfg.num_attention_heads, cfg.head_dim, device=p.device, dtype=dtype or p.dtype)
+            for _ in range(cfg.num_hidden_layers)
+        ]
+        return SegMemory(policy, states, 0)
+
+    def forward(self, input_ids: Tensor, memory: SegMemory | None = None, labels: Tensor | None = None, **_):
+        """input_ids (B, T): one segment. Returns logits (B, T, V) and the updated memory."""
+        if memory is None:
+            memory = self.new_memory("none", input_ids.shape[0])
+        h, memory, mass = self.model(input_ids, memory)
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return SegLMOutput(logits=logits, memory=memory, loss=loss, memory_mass=mass)

@@ -1,0 +1,1 @@
+"""Pure tensor math: rotary positions, attention over [memory; segment], linear memory."""

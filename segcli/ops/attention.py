@@ -1,0 +1,51 @@
+"""Softmax attention of a segment over [memory; segment so far].
+
+`split_attention` never concatenates memory and segment: it scores both blocks,
+normalises them jointly with one log-sum-exp, and returns the fraction of the
+attention mass that went to memory as a by-product. `reference_attention` is the
+plain concatenate-and-mask form the tests compare it with.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def causal_mask(t: int, device) -> Tensor:
+    """(T, T) bool, True where a query may attend (key index <= query index)."""
+    return torch.ones(t, t, dtype=torch.bool, device=device).tril()
+
+
+def split_attention(
+    q: Tensor, k_mem: Tensor | None, v_mem: Tensor | None, k: Tensor, v: Tensor, scale: float | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """q, k, v (B, H, T, D) for the segment; k_mem, v_mem (B, H, M, D) or None.
+
+    Every query sees all M memory slots and, causally, its own segment.
+    Returns out (B, H, T, D) and mass (B, H, T): attention probability on memory
+    (None when there is no memory).
+    """
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    t = q.shape[-2]
+    s_seg = (q @ k.transpose(-1, -2)) * scale  # (B, H, T, T)
+    s_seg = s_seg.masked_fill(~causal_mask(t, q.device), float("-inf"))
+    if k_mem is None or k_mem.shape[-2] == 0:
+        return torch.softmax(s_seg, dim=-1) @ v, None
+    s_mem = (q @ k_mem.transpose(-1, -2)) * scale  # (B, H, T, M)
+    m = torch.maximum(s_mem.amax(-1, keepdim=True), s_seg.amax(-1, keepdim=True))  # (B, H, T, 1)
+    p_mem = torch.exp(s_mem - m)
+    p_seg = torch.exp(s_seg - m)
+    z_mem = p_mem.sum(-1, keepdim=True)
+    z = z_mem + p_seg.sum(-1, keepdim=True)  # (B, H, T, 1)
+    out = (p_mem @ v_mem + p_seg @ v) / z  # (B, H, T, D)
+    return out, (z_mem / z).squeeze(-1)
+
+
+def reference_attention(q: Tensor, k_all: Tensor, v_all: Tensor, allowed: Tensor) -> Tensor:
+    """Plain masked softmax attention: q (B,H,T,D), k_all/v_all (B,H,S,D), allowed (T,S) bool."""
+    s = (q @ k_all.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v_all

@@ -1,0 +1,237 @@
+"""The segment loop: stream a tokenized document through a backend's memory.
+
+`stream` yields one `SegmentResult` per segment as soon as it is computed;
+`Totals` folds them into the token-weighted summary (DESIGN §3). Nothing here
+prints.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .backends import Backend
+from .config import RunConfig
+from .documents import TokenizedDocument
+from .errors import RunError
+
+LN2 = math.log(2.0)
+MAX_PROFILE_BUCKETS = 32
+
+
+@dataclass
+class MemoryReport:
+    policy: str
+    slots: int  # slots in use (per layer)
+    capacity: int | None  # slot capacity (per layer); None = unbounded
+    bytes: int  # bytes held, all layers
+    key_norm: float  # mean L2 norm of remembered keys, averaged over layers
+    value_norm: float
+    attn_mass_memory: float | None  # fraction of attention on memory (linear: the memory gate)
+    oldest_age: int  # tokens back to the oldest token the memory still represents
+    tokens_per_slot: float
+
+
+@dataclass
+class SegmentResult:
+    type: str
+    document: str
+    segment: int
+    token_start: int  # scored-token range [start, end)
+    token_end: int
+    tokens: int
+    bytes: int
+    nll: float  # summed negative log-likelihood, nats
+    loss: float  # mean nll per token
+    ppl: float
+    bits_per_byte: float
+    cum_ppl: float  # running perplexity up to this segment
+    seconds: float
+    tokens_per_s: float
+    memory: MemoryReport
+    token_nll: list[float] = field(default_factory=list, repr=False)  # per-token nats (not serialised)
+    token_ids: list[int] = field(default_factory=list, repr=False)
+
+    def record(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("token_nll")
+        d.pop("token_ids")
+        return d
+
+
+def safe_exp(x: float) -> float:
+    return math.exp(x) if x < 700 else float("inf")
+
+
+def memory_report(backend: Backend, memory, policy: str, mass: float | None) -> MemoryReport:
+    stats = backend.memory_stats(memory)
+    n = max(len(stats), 1)
+    s0 = stats[0]
+    return MemoryReport(
+        policy=policy,
+        slots=s0.slots,
+        capacity=s0.capacity,
+        bytes=sum(s.bytes for s in stats),
+        key_norm=sum(s.key_norm for s in stats) / n,
+        value_norm=sum(s.value_norm for s in stats) / n,
+        attn_mass_memory=mass,
+        oldest_age=s0.oldest_age,
+        tokens_per_slot=s0.tokens_per_slot,
+    )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stream:
+    """One stream through a backend's memory; `memory` holds the state after the last segment."""
+
+    def __init__(self, backend: Backend, cfg: RunConfig, memory=None):
+        self.backend, self.cfg = backend, cfg
+        self.memory = backend.new_memory(cfg) if memory is None else memory
+
+    def segments(self, doc: TokenizedDocument, should_stop: Callable[[], bool] | None = None) -> Iterator[SegmentResult]:
+        """Yield one result per segment of `doc`, continuing the current memory."""
+        backend, ns = self.backend, self.cfg.segment_size
+        inputs = torch.tensor(doc.input_ids, dtype=torch.long)
+        targets = torch.tensor(doc.target_ids, dtype=torch.long)
+        cum_nll, cum_tokens = 0.0, 0
+        for index, start in enumerate(range(0, len(doc), ns)):
+            if should_stop is not None and should_stop():
+                return
+            end = min(start + ns, len(doc))
+            with torch.inference_mode():
+                ids = inputs[start:end].to(backend.device)[None]  # (1, T)
+                sync(backend.device)
+                t0 = time.perf_counter()
+                logits, self.memory, mass = backend.step(ids, self.memory)
+                nll_t = F.cross_entropy(logits[0].float(), targets[start:end].to(backend.device), reduction="none")
+                token_nll = nll_t.cpu()
+                seconds = time.perf_counter() - t0
+                report = memory_report(backend, self.memory, self.cfg.memory, mass)
+            nll = float(token_nll.sum())
+            if not math.isfinite(nll):
+                raise RunError(f"segment {index} (tokens {start}-{end}) produced a non-finite loss; try --dtype float32")
+            tokens = end - start
+            n_bytes = doc.segment_bytes(start, end)
+            cum_nll += nll
+            cum_tokens += tokens
+            yield SegmentResult(
+                type="segment",
+                document=doc.name,
+                segment=index,
+                token_start=start,
+                token_end=end,
+                tokens=tokens,
+                bytes=n_bytes,
+                nll=nll,
+                loss=nll / tokens,
+                ppl=safe_exp(nll / tokens),
+                bits_per_byte=nll / LN2 / max(n_bytes, 1),
+                cum_ppl=safe_exp(cum_nll / cum_tokens),
+                seconds=seconds,
+                tokens_per_s=tokens / seconds if seconds > 0 else float("inf"),
+                memory=report,
+                token_nll=token_nll.tolist(),
+                token_ids=doc.target_ids[start:end],
+            )
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Totals:
+    """Token-weighted totals, updated one segment at a time."""
+
+    def __init__(self, segment_size: int):
+        self.ns = segment_size
+        self.tokens = self.bytes = self.segments = 0
+        self.nll = self.nll_sq = self.seconds = 0.0
+        self.words = 0
+        self.max_memory_bytes = 0
+        self.mass_sum, self.mass_n = 0.0, 0
+        n_buckets = min(segment_size, MAX_PROFILE_BUCKETS)
+        self.bucket = math.ceil(segment_size / n_buckets)
+        self.pos_nll = [0.0] * math.ceil(segment_size / self.bucket)
+        self.pos_n = [0] * len(self.pos_nll)
+        self.k = max(1, segment_size // 8)  # "first tokens of a segment" for the boundary gap
+        self.first_nll = self.rest_nll = 0.0
+        self.first_n = self.rest_n = 0
+
+    def add_document(self, doc: TokenizedDocument) -> None:
+        self.words += doc.n_words
+
+    def add(self, r: SegmentResult) -> None:
+        self.segments += 1
+        self.tokens += r.tokens
+        self.bytes += r.bytes
+        self.nll += r.nll
+        self.seconds += r.seconds
+        self.max_memory_bytes = max(self.max_memory_bytes, r.memory.bytes)
+        if r.memory.attn_mass_memory is not None:
+            self.mass_sum += r.memory.attn_mass_memory * r.tokens
+            self.mass_n += r.tokens
+        for i, x in enumerate(r.token_nll):
+            self.nll_sq += x * x
+            b = i // self.bucket
+            self.pos_nll[b] += x
+            self.pos_n[b] += 1
+            if i < self.k:
+                self.first_nll += x
+                self.first_n += 1
+            else:
+                self.rest_nll += x
+                self.rest_n += 1
+
+    def summary(self) -> dict[str, Any]:
+        n = max(self.tokens, 1)
+        loss = self.nll / n
+        var = max(self.nll_sq / n - loss * loss, 0.0)
+        stderr = math.sqrt(var / n)
+        ppl = safe_exp(loss)
+        first = self.first_nll / self.first_n if self.first_n else None
+        rest = self.rest_nll / self.rest_n if self.rest_n else None
+        return {
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "words": self.words,
+            "segments": self.segments,
+            "nll": self.nll,
+            "loss": loss,
+            "loss_stderr": stderr,
+            "ppl": ppl,
+            "ppl_stderr": ppl * stderr,
+            "bits_per_byte": self.nll / LN2 / max(self.bytes, 1),
+            "word_ppl": safe_exp(self.nll / self.words) if self.words else None,
+            "boundary": {
+                "first_tokens": self.k,
+                "loss_first": first,
+                "loss_rest": rest,
+                "gap": (first - rest) if first is not None and rest is not None else None,
+            },
+            "loss_by_position": {
+                "bucket_tokens": self.bucket,
+                "loss": [s / c if c else None for s, c in zip(self.pos_nll, self.pos_n)],
+            },
+            "attn_mass_memory": self.mass_sum / self.mass_n if self.mass_n else None,
+            "seconds": self.seconds,
+            "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else None,
+            "memory_updates": self.segments,
+            "max_memory_bytes": self.max_memory_bytes,
+        }
+
+
+def resource_report(device: torch.device) -> dict[str, Any]:
+    out = {"peak_rss_bytes": peak_rss_bytes()}
+    if device.type == "cuda":
+        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out

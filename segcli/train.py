@@ -1,0 +1,271 @@
+"""Training the native model with segment-level recurrence (`segcli train`).
+
+Each step draws a memory policy, a segment size and a memory size, cuts a batch
+of sequences into segments, and carries the memory across them, detached between
+segments as in Transformer-XL (one backward per segment, one optimizer step per
+batch). Drawing policies keeps every policy, the linear memory's gate included,
+in distribution at inference. Library code: yields progress events, never prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .config import from_mapping, load_yaml
+from .errors import UsageError
+from .memory import POLICY_NAMES, make_policy
+from .models.seglm import SegLMConfig, SegLMForCausalLM
+
+
+@dataclass
+class TrainConfig:
+    corpus: str = "corpus/train"  # folder of UTF-8 .txt files (searched recursively)
+    tokenizer: str = "segcli/bundled/tokenizer.json"  # tokenizer.json to use
+    out_dir: str = "runs/seglm"  # checkpoints and the final model
+    model: dict = field(default_factory=dict)  # SegLMConfig fields
+    seq_len: int = 1024  # tokens per training sequence (memory is carried inside it)
+    batch_size: int = 32  # sequences per step
+    steps: int = 1000  # optimizer steps
+    lr: float = 2e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of lr
+    warmup_steps: int = 100  # linear warm-up
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    policies: dict = field(default_factory=lambda: {"fifo": 1.0})  # policy -> sampling weight
+    segment_sizes: list = field(default_factory=lambda: [128])  # drawn uniformly per step
+    memory_sizes: list = field(default_factory=lambda: [512])  # drawn uniformly per step (n_c)
+    sink_tokens: int = 4
+    compress_rate: int = 4
+    val_fraction: float = 0.01  # share of 4096-token blocks held out for validation
+    val_every: int = 200  # steps between validation losses
+    val_batches: int = 8
+    checkpoint_every: int = 200  # steps between resumable checkpoints
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # bfloat16 autocast on CUDA (CPU always float32)
+    max_minutes: float | None = None  # if set, steps are reduced to fit after timing the first steps
+    keep_best: bool = True  # save the weights with the best validation loss (early stopping)
+
+
+def load_train_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    data = load_yaml(path) if path else {}
+    cfg = from_mapping(TrainConfig, data, str(path or "train config"))
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    for p in cfg.policies:
+        if p not in POLICY_NAMES:
+            raise UsageError(f"train config: unknown policy {p!r} in policies")
+    try:
+        SegLMConfig(**cfg.model)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"train config: bad model settings ({e})") from None
+    return cfg
+
+
+# -- data ---------------------------------------------------------------------
+def corpus_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*.txt") if p.is_file())
+    if not files:
+        raise UsageError(f"corpus {folder}: no .txt files found")
+    return files
+
+
+def tokenize_corpus(cfg: TrainConfig, out_dir: Path) -> np.ndarray:
+    """All corpus files tokenized and joined with EOS (id 0); cached by content hash."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(cfg.tokenizer)
+    files = corpus_files(Path(cfg.corpus))
+    h = hashlib.sha256(Path(cfg.tokenizer).read_bytes())
+    for f in files:
+        h.update(f.name.encode() + f.read_bytes())
+    cache = out_dir / f"tokens-{h.hexdigest()[:16]}.npy"
+    if cache.exists():
+        return np.load(cache)
+    texts = [f.read_text(encoding="utf-8") for f in files]
+    encs = tok.encode_batch(texts, add_special_tokens=False)
+    eos = tok.token_to_id("<|endoftext|>") or 0
+    arr = np.concatenate([np.array(e.ids + [eos], dtype=np.int32) for e in encs])
+    np.save(cache, arr)
+    return arr
+
+
+def split_blocks(n_tokens: int, block: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block starts for training and validation (a deterministic random subset of blocks)."""
+    starts = np.arange(0, n_tokens - block - 1, block)
+    rng = np.random.default_rng(seed + 1)
+    is_val = rng.random(len(starts)) < val_fraction
+    return starts[~is_val], starts[is_val]
+
+
+def sample_batch(tokens: np.ndarray, starts: np.ndarray, block: int, length: int, batch: int, rng: np.random.Generator) -> torch.Tensor:
+    """(batch, length + 1) windows, each inside one training block."""
+    picks = rng.choice(starts, size=batch)
+    offs = rng.integers(0, block - length, size=batch) if block > length else np.zeros(batch, dtype=np.int64)
+    return torch.from_numpy(np.stack([tokens[s + o : s + o + length + 1] for s, o in zip(picks, offs)]).astype(np.int64))
+
+
+# -- steps --------------------------------------------------------------------
+def lr_at(step: int, cfg: TrainConfig, steps: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def draw_setting(cfg: TrainConfig, rng: random.Random) -> tuple[str, int, int]:
+    names = list(cfg.policies)
+    policy = rng.choices(names, weights=[cfg.policies[n] for n in names])[0]
+    return policy, rng.choice(cfg.segment_sizes), rng.choice(cfg.memory_sizes)
+
+
+def sequence_loss(model, x: torch.Tensor, policy_name: str, ns: int, nc: int, cfg: TrainConfig, amp_dtype, backward: bool) -> float:
+    """Stream x (B, L+1) through the memory in segments; backward per segment. Returns mean loss."""
+    policy = make_policy(policy_name, memory_size=nc, sink_tokens=cfg.sink_tokens,
+                         compress_rate=cfg.compress_rate, compressed_size=max(1, nc // cfg.compress_rate))
+    length = x.shape[1] - 1
+    mem = model.new_memory(policy, x.shape[0], dtype=amp_dtype)
+    total = 0.0
+    for s in range(0, length, ns):
+        inp, tgt = x[:, s : s + ns], x[:, s + 1 : s + ns + 1]
+        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            out = model(inp, mem, labels=tgt)
+        mem = out.memory
+        w = inp.shape[1] / length
+        if backward:
+            (out.loss * w).backward()
+        total += float(out.loss.detach()) * w
+    return total
+
+
+@dataclass
+class Event:
+    kind: str  # "start" | "step" | "val" | "checkpoint" | "done"
+    step: int
+    data: dict
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Iterator[Event]:
+    """Train; yields events for the CLI to show. The final model lands in out_dir/model."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    amp_dtype = torch.bfloat16 if (cfg.amp and device.type == "cuda") else torch.float32
+    torch.manual_seed(cfg.seed)
+    tokens = tokenize_corpus(cfg, out)
+    block = 4096 if cfg.seq_len < 4096 else cfg.seq_len + 1
+    train_starts, val_starts = split_blocks(len(tokens), block, cfg.val_fraction, cfg.seed)
+    if len(train_starts) == 0:
+        raise UsageError(f"corpus {cfg.corpus} is too small: fewer than {block} tokens")
+    mcfg = SegLMConfig(**cfg.model)
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(cfg.tokenizer).get_vocab_size()
+    if mcfg.vocab_size != vocab:
+        mcfg = SegLMConfig(**{**cfg.model, "vocab_size": vocab})
+    model = SegLMForCausalLM(mcfg).to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    np_rng = np.random.default_rng(cfg.seed)
+    py_rng = random.Random(cfg.seed)
+    step, steps, log = 0, cfg.steps, []
+    ckpt = out / "checkpoint.pt"
+    if resume:
+        if not ckpt.exists():
+            raise UsageError(f"--resume: no checkpoint at {ckpt}")
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, steps, log = state["step"], state["steps"], state["log"]
+        np_rng.bit_generator.state = state["np_rng"]
+        py_rng.setstate(state["py_rng"])
+        torch.set_rng_state(state["torch_rng"])
+    n_params = sum(p.numel() for p in model.parameters())
+    yield Event("start", step, {"params": n_params, "tokens": len(tokens), "device": str(device), "steps": steps,
+                                "train_blocks": len(train_starts), "val_blocks": len(val_starts)})
+    t_start = time.perf_counter()
+    t_ref, step_ref = t_start, step
+    best_val, best_state = math.inf, None
+    model.train()
+    while step < steps:
+        policy, ns, nc = draw_setting(cfg, py_rng)
+        x = sample_batch(tokens, train_starts, block, cfg.seq_len, cfg.batch_size, np_rng).to(device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg, steps)
+        opt.zero_grad(set_to_none=True)
+        loss = sequence_loss(model, x, policy, ns, nc, cfg, amp_dtype, backward=True)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        opt.step()
+        step += 1
+        elapsed = time.perf_counter() - t_start
+        if step == step_ref + 10:  # time steps 10..40: past start-up and allocator warm-up
+            t_ref = time.perf_counter()
+        if cfg.max_minutes and step == step_ref + 40 and not resume:
+            per_step = (time.perf_counter() - t_ref) / 30 * 1.03  # ~3% for validation and checkpoints
+            steps = min(steps, max(step + 1, int((cfg.max_minutes * 60 - (t_ref - t_start)) / per_step) + 10))
+        rec = {"step": step, "loss": loss, "lr": lr_at(step - 1, cfg, steps), "policy": policy, "segment_size": ns,
+               "memory_size": nc, "grad_norm": grad_norm, "elapsed_s": elapsed, "steps": steps}
+        log.append(rec)
+        yield Event("step", step, rec)
+        if (step % cfg.val_every == 0 or step == steps) and len(val_starts):
+            v = validate(model, tokens, val_starts, block, cfg, device, amp_dtype)
+            log[-1]["val"] = v
+            if cfg.keep_best and v["val_fifo"] < best_val:
+                best_val = v["val_fifo"]
+                best_state = {k: t.detach().to("cpu", copy=True) for k, t in model.state_dict().items()}
+                v = {**v, "best_step": step}
+            yield Event("val", step, v)
+        if step % cfg.checkpoint_every == 0 or step == steps:
+            save_checkpoint(ckpt, model, opt, step, steps, log, np_rng, py_rng)
+            yield Event("checkpoint", step, {"path": str(ckpt)})
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    final = save_final(model, cfg, out, log, time.perf_counter() - t_start)
+    yield Event("done", step, {"model_dir": str(final), "seconds": time.perf_counter() - t_start})
+
+
+@torch.no_grad()
+def validate(model, tokens, val_starts, block, cfg, device, amp_dtype) -> dict[str, float]:
+    """Validation loss of the held-out training blocks under fifo and none (fixed draws)."""
+    model.eval()
+    rng = np.random.default_rng(12345)
+    x = sample_batch(tokens, val_starts, block, cfg.seq_len, cfg.val_batches * 4, rng).to(device)
+    out = {}
+    for policy in ("fifo", "none"):
+        out[f"val_{policy}"] = sequence_loss(model, x, policy, 128, 512, cfg, amp_dtype, backward=False)
+    model.train()
+    return out
+
+
+def save_checkpoint(path: Path, model, opt, step, steps, log, np_rng, py_rng) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "steps": steps, "log": log,
+                "np_rng": np_rng.bit_generator.state, "py_rng": py_rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
+    tmp.replace(path)
+
+
+def save_final(model, cfg: TrainConfig, out: Path, log: list, seconds: float) -> Path:
+    final = out / "model"
+    model.eval()
+    # float16 storage halves the file (the bundled model must stay <= 25 MB); runs upcast to float32.
+    model.to("cpu").to(torch.float16).save_pretrained(final)
+    shutil.copy(cfg.tokenizer, final / "tokenizer.json")
+    (final / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+        "model_max_length": 1000000000}, indent=1))
+    (final / "training.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "seconds": seconds,
+                                                     "steps": log[-1]["step"] if log else 0, "log": log[-50:]}, indent=1))
+    return final
