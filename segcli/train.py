@@ -189,7 +189,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Iterator[Event]:
         state = torch.load(ckpt, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        step, steps, log = state["step"], state["steps"], state["log"]
+        step, log = state["step"], state["log"]  # steps: the current config (may extend the run)
         np_rng.bit_generator.state = state["np_rng"]
         py_rng.setstate(state["py_rng"])
         torch.set_rng_state(state["torch_rng"])

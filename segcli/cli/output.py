@@ -120,7 +120,8 @@ class Writer:
                 json.dump(group(self.records), self.stream, ensure_ascii=False, indent=1)
                 self.stream.write("\n")
             elif ok and self.fmt == "table" and render_table is not None:
-                console = Console(file=self.stream, width=None if self.stream is sys.stdout else 160)
+                tty = self.stream.isatty() if hasattr(self.stream, "isatty") else False
+                console = Console(file=self.stream, width=None if tty else 200)  # files and pipes: no wrapping
                 render_table(console, self.records)
             self.stream.flush()
         finally:

@@ -20,10 +20,8 @@ def policies(format: Annotated[Optional[Format], typer.Option("--format", "-f", 
     defaults = RunConfig().sizes()
     rows = []
     for name, cls in REGISTRY.items():
-        p = cls(**defaults)
-        bound = {"full": "grows with the document", "xl": "segment_size", "linear": "d_k x d_v per head"}.get(
-            name, " + ".join(cls.parameters) if cls.parameters else str(p.capacity(1)))
-        rows.append({"type": "policy", "name": name, "rule": cls.rule, "parameters": list(cls.parameters), "bound": bound})
+        rows.append({"type": "policy", "name": name, "rule": cls.rule, "parameters": list(cls.parameters),
+                     "defaults": {k: defaults[k] for k in cls.parameters}, "bound": cls.size_rule})
     fmt = (format.value if format else None) or ("table" if sys.stdout.isatty() else "jsonl")
     if fmt == "table":
         table = new_table("memory policies", [("policy", "left"), ("update rule", "left"), ("parameters", "left"), ("size", "left")])

@@ -31,6 +31,7 @@ def running_mean(mean: Tensor, n: int, x: Tensor) -> Tensor:
 class Average(MemoryPolicy):
     name = "average"
     rule = "one slot: the cumulative average of all past pairs"
+    size_rule = "1 slot"
 
     def capacity(self, segment_size):
         return 1

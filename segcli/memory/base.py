@@ -78,6 +78,7 @@ class MemoryPolicy(ABC):
 
     name: ClassVar[str]
     rule: ClassVar[str]  # the update rule, one line
+    size_rule: ClassVar[str]  # how many slots it holds
     parameters: ClassVar[tuple[str, ...]] = ()  # config fields this policy uses
     kind: ClassVar[str] = "kv"  # "kv": softmax over slots; "linear": fast-weight memory
     bounded: ClassVar[bool] = True

@@ -37,6 +37,7 @@ def mean_pool(x: Tensor, rate: int) -> Tensor:
 class Compressive(MemoryPolicy):
     name = "compressive"
     rule = "FIFO of memory_size; dropped pairs mean-pooled compress_rate:1 into a FIFO of compressed_size"
+    size_rule = "memory_size + compressed_size"
     parameters = ("memory_size", "compress_rate", "compressed_size")
 
     def capacity(self, segment_size):

@@ -17,6 +17,7 @@ class FifoState:
 class Fifo(MemoryPolicy):
     name = "fifo"
     rule = "append, then drop the oldest beyond memory_size pairs"
+    size_rule = "memory_size"
     parameters = ("memory_size",)
 
     def capacity(self, segment_size):

@@ -20,6 +20,7 @@ class FullState:
 class Full(MemoryPolicy):
     name = "full"
     rule = "append: Mem = all past pairs (grows without bound)"
+    size_rule = "grows with the document"
     bounded = False
 
     def init_state(self, batch, heads, head_dim, *, device, dtype):

@@ -17,6 +17,7 @@ from .base import LayerStats, MemoryPolicy, tensor_bytes
 class Linear(MemoryPolicy):
     name = "linear"
     rule = "fast-weight matrix mu += phi(K)^T V, nu += sum phi(k); read phi(q)mu/phi(q)nu, gated with the segment"
+    size_rule = "d_k x d_v (+ d_k) per head"
     kind = "linear"
 
     def capacity(self, segment_size):

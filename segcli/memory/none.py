@@ -15,6 +15,7 @@ class NoneState:
 class NoMemory(MemoryPolicy):
     name = "none"
     rule = "Mem = empty: every segment is read alone"
+    size_rule = "0"
 
     def capacity(self, segment_size):
         return 0

@@ -27,6 +27,7 @@ class SinkState:
 class Sink(MemoryPolicy):
     name = "sink"
     rule = "keep the first sink_tokens pairs for ever + FIFO of memory_size pairs"
+    size_rule = "sink_tokens + memory_size"
     parameters = ("memory_size", "sink_tokens")
 
     def capacity(self, segment_size):

@@ -13,11 +13,13 @@ from .base import KVRead, LayerStats, MemoryPolicy, mean_norm, tensor_bytes
 class XLState:
     k: Tensor | None = None  # (B, H, n_s, D) the previous segment
     v: Tensor | None = None
+    capacity: int = 0  # the segment size (largest segment seen)
 
 
 class XL(MemoryPolicy):
     name = "xl"
     rule = "Mem = the previous segment's pairs (equals fifo with memory_size = segment_size)"
+    size_rule = "segment_size"
 
     def capacity(self, segment_size):
         return segment_size
@@ -29,11 +31,11 @@ class XL(MemoryPolicy):
         return None if state.k is None else KVRead(state.k, state.v)
 
     def update(self, state, k, v, k_raw=None):
-        return XLState(k, v)
+        return XLState(k, v, max(state.capacity, k.shape[2]))
 
     def stats(self, state):
         n = 0 if state.k is None else state.k.shape[2]
         return LayerStats(
-            slots=n, capacity=n, bytes=tensor_bytes(state.k, state.v),
+            slots=n, capacity=state.capacity, bytes=tensor_bytes(state.k, state.v),
             key_norm=mean_norm(state.k), value_norm=mean_norm(state.v), oldest_age=n, tokens_per_slot=1.0,
         )

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random-initialised native models (no downloads), saved with the bundled tokenizer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from segcli.models.seglm import SegLMConfig, SegLMForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_TOKENIZER = ROOT / "segcli" / "bundled" / "tokenizer.json"
+SAMPLE = ROOT / "sample_docs"
+
+TINY = dict(vocab_size=8192, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def tiny_model(seed: int = 0, **overrides) -> SegLMForCausalLM:
+    torch.manual_seed(seed)
+    model = SegLMForCausalLM(SegLMConfig(**{**TINY, **overrides})).eval()
+    # A random init with std 0.02 makes attention nearly uniform; sharpen it so tests can see positions.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.attn.qkv.weight.mul_(8.0)
+    return model
+
+
+def save_with_tokenizer(model: SegLMForCausalLM, path: Path) -> Path:
+    model.save_pretrained(path)
+    shutil.copy(BUNDLED_TOKENIZER, path / "tokenizer.json")
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                            "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_with_tokenizer(tiny_model(), tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def doc_path(tmp_path_factory) -> Path:
+    """A ~1,500-token excerpt of a held-out sample document."""
+    text = (SAMPLE / "hamlet.txt").read_text(encoding="utf-8")[:5000]
+    p = tmp_path_factory.mktemp("docs") / "excerpt.txt"
+    p.write_text(text, encoding="utf-8")
+    return p
