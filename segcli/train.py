@@ -186,13 +186,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Iterator[Event]:
     if resume:
         if not ckpt.exists():
             raise UsageError(f"--resume: no checkpoint at {ckpt}")
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, log = state["step"], state["log"]  # steps: the current config (may extend the run)
         np_rng.bit_generator.state = state["np_rng"]
         py_rng.setstate(state["py_rng"])
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
     n_params = sum(p.numel() for p in model.parameters())
     yield Event("start", step, {"params": n_params, "tokens": len(tokens), "device": str(device), "steps": steps,
                                 "train_blocks": len(train_starts), "val_blocks": len(val_starts)})
@@ -253,7 +255,8 @@ def validate(model, tokens, val_starts, block, cfg, device, amp_dtype) -> dict[s
 def save_checkpoint(path: Path, model, opt, step, steps, log, np_rng, py_rng) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "steps": steps, "log": log,
-                "np_rng": np_rng.bit_generator.state, "py_rng": py_rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
+                "np_rng": np_rng.bit_generator.state, "py_rng": py_rng.getstate(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp)
     tmp.replace(path)
 
 
