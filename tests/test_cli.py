@@ -72,6 +72,8 @@ def test_per_token_records(base, doc_path):
     assert len(toks) == 50 and [t["index"] for t in toks] == list(range(50))
     assert math.isclose(sum(t["nll"] for t in toks), sum(s["nll"] for s in segs), rel_tol=1e-6)
     assert all(math.isclose(t["bits"], t["nll"] / math.log(2)) for t in toks)
+    raw = doc_path.read_bytes()
+    assert b"".join(raw[t["byte_start"] : t["byte_end"]] for t in toks) == raw[: toks[-1]["byte_end"]]
 
 
 def test_formats_json_csv_table(base, doc_path, tmp_path):

@@ -121,7 +121,7 @@ def _run(docs, model, memory, segment_size, memory_size, sink_tokens, compress_r
                     totals.add(r)
                     writer.write(r.record())
                     if per_token:
-                        for rec in token_records(backend, r):
+                        for rec in token_records(backend, r, doc):
                             writer.write(rec)
                     progress.update(task, advance=1, rate=f"{totals.tokens / max(totals.seconds, 1e-9):,.0f} tok/s")
         summary = {"type": "summary", "documents": [d.name for d in tdocs], **totals.summary(),
@@ -132,13 +132,16 @@ def _run(docs, model, memory, segment_size, memory_size, sink_tokens, compress_r
         writer.close(ok, render_table=render_run_table)
 
 
-def token_records(backend: Backend, r) -> list[dict[str, Any]]:
+def token_records(backend: Backend, r, doc: TokenizedDocument) -> list[dict[str, Any]]:
+    """One record per scored token, with its UTF-8 byte span in the document."""
     out = []
     for i, (tid, nll) in enumerate(zip(r.token_ids, r.token_nll)):
+        index = r.token_start + i
         out.append({
-            "type": "token", "document": r.document, "segment": r.segment, "index": r.token_start + i,
-            "position": i, "token_id": tid, "text": backend.tokenizer.decode([tid], skip_special_tokens=False),
-            "nll": nll, "bits": nll / 0.6931471805599453,
+            "type": "token", "document": r.document, "segment": r.segment, "index": index, "position": i,
+            "token_id": tid, "text": backend.tokenizer.decode([tid], skip_special_tokens=False),
+            "byte_start": doc.first_byte if index == 0 else int(doc.target_end_bytes[index - 1]),
+            "byte_end": int(doc.target_end_bytes[index]), "nll": nll, "bits": nll / 0.6931471805599453,
         })
     return out
 
