@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ class Backend:
         return memory.stats()
 
 
-def resolve_model_dir(model: str | None) -> Path:
+def resolve_model_dir(model: str | None, revision: str | None = None) -> Path:
     if model is None:
         if not (BUNDLED_DIR / "model.safetensors").exists():
             raise UsageError("the bundled model is not installed in this copy of segcli; pass --model DIR")
@@ -99,7 +100,25 @@ def resolve_model_dir(model: str | None) -> Path:
         if not p.is_dir() or not (p / "config.json").exists():
             raise UsageError(f"{model}: not a model directory (no config.json); pass a saved checkpoint folder")
         return p
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        return hub_snapshot(model, revision)
     raise UsageError(f"{model}: no such model directory")
+
+
+def hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """A hub model from the local cache, or downloaded when the network allows it."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached: try the network below
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise UsageError(f"{repo_id}: not a local folder and not in the Hugging Face cache (HF_HUB_OFFLINE is set)")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision))
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"{repo_id}: not a local folder and the hub could not provide it ({type(e).__name__})") from None
 
 
 def load_tokenizer(path: Path):
@@ -136,7 +155,7 @@ def load_backend(cfg: RunConfig) -> Backend:
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    path = resolve_model_dir(cfg.model)
+    path = resolve_model_dir(cfg.model, cfg.revision)
     try:
         model_cfg = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001

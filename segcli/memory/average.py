@@ -49,6 +49,9 @@ class Average(MemoryPolicy):
             return state
         return AverageState(running_mean(state.k, state.n, k), running_mean(state.v, state.n, v), state.n + t)
 
+    def slots(self, state) -> int:
+        return int(state.n > 0)
+
     def stats(self, state):
         used = int(state.n > 0)
         return LayerStats(

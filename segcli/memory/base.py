@@ -106,6 +106,10 @@ class MemoryPolicy(ABC):
     def update(self, state: Any, k: Tensor, v: Tensor, k_raw: Tensor | None = None) -> Any: ...
 
     @abstractmethod
+    def slots(self, state: Any) -> int:
+        """How many key-value slots `read` returns (0 for the linear memory)."""
+
+    @abstractmethod
     def stats(self, state: Any) -> LayerStats: ...
 
     def __repr__(self) -> str:

@@ -82,6 +82,9 @@ class Compressive(MemoryPolicy):
                 ck, cv = ck[:, :, ck.shape[2] - room :], cv[:, :, cv.shape[2] - room :]
         return CompressiveState(ck, cv, pk, pv, ring, state.seen + k.shape[2], compressed_tokens)
 
+    def slots(self, state) -> int:
+        return state.ck.shape[2] + int(state.pk.shape[2] > 0) + state.ring.filled
+
     def stats(self, state):
         ck, cv = self._compressed(state)
         k, v = state.ring.view()

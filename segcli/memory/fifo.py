@@ -35,6 +35,9 @@ class Fifo(MemoryPolicy):
         ring, _, _ = state.ring.push(k, v)
         return FifoState(ring, state.seen + k.shape[2])
 
+    def slots(self, state) -> int:
+        return state.ring.filled
+
     def stats(self, state):
         k, v = state.ring.view()
         return LayerStats(

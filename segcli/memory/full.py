@@ -45,6 +45,9 @@ class Full(MemoryPolicy):
         state.n = n + t
         return state
 
+    def slots(self, state) -> int:
+        return state.n
+
     def stats(self, state):
         return LayerStats(
             slots=state.n, capacity=None, bytes=tensor_bytes(state.k, state.v),

@@ -32,6 +32,9 @@ class Linear(MemoryPolicy):
     def update(self, state, k, v, k_raw=None):
         return update_state(state, k if k_raw is None else k_raw, v)
 
+    def slots(self, state) -> int:
+        return 0  # nothing is prepended to the keys: the linear memory is read separately
+
     def stats(self, state: LinearState):
         used = int(state.n > 0)
         return LayerStats(

@@ -29,5 +29,8 @@ class NoMemory(MemoryPolicy):
     def update(self, state, k, v, k_raw=None):
         return NoneState(state.seen + k.shape[2])
 
+    def slots(self, state) -> int:
+        return 0
+
     def stats(self, state):
         return LayerStats(0, 0, 0, 0.0, 0.0, 0, 0.0)

@@ -55,6 +55,9 @@ class Sink(MemoryPolicy):
         ring, _, _ = state.ring.push(k[:, :, take:], v[:, :, take:])
         return SinkState(sink_k, sink_v, ring, state.seen + k.shape[2])
 
+    def slots(self, state) -> int:
+        return state.sink_k.shape[2] + state.ring.filled
+
     def stats(self, state):
         k, v = state.ring.view()
         k_all, v_all = torch.cat([state.sink_k, k], 2), torch.cat([state.sink_v, v], 2)

@@ -33,6 +33,9 @@ class XL(MemoryPolicy):
     def update(self, state, k, v, k_raw=None):
         return XLState(k, v, max(state.capacity, k.shape[2]))
 
+    def slots(self, state) -> int:
+        return 0 if state.k is None else state.k.shape[2]
+
     def stats(self, state):
         n = 0 if state.k is None else state.k.shape[2]
         return LayerStats(
