@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from .compare import compare
+from .generate import generate
 from .policies import policies
 from .run import run
 from .train import train
@@ -21,6 +22,7 @@ app.command()(run)
 app.command()(compare)
 app.command()(policies)
 app.command()(train)
+app.command()(generate)
 
 
 def main() -> None:

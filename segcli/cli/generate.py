@@ -1,0 +1,82 @@
+"""`segcli generate`: stream a document through the memory, then continue it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from ..generate import GenerateSettings, generate as run_generate
+from .common import (
+    CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, MemorySizeOpt, ModelOpt, Policy, QuietOpt,
+    RateOpt, RevisionOpt, SeedOpt, SegmentSizeOpt, SinkOpt, TrustOpt, handle_errors, value,
+)
+from ..documents import read_document, tokenize
+from ..backends import load_backend
+from ..errors import UsageError
+from .run import build_config, config_block
+
+
+def generate(
+    doc: Annotated[str, typer.Argument(help="Document to continue; '-' reads stdin.", show_default=False)],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
+    format: Annotated[str, typer.Option("--format", "-f", help="text or json.")] = "text",
+    model: ModelOpt = None,
+    memory: Annotated[Optional[Policy], typer.Option(help="Memory policy.")] = None,
+    segment_size: SegmentSizeOpt = None,
+    memory_size: MemorySizeOpt = None,
+    sink_tokens: SinkOpt = None,
+    compress_rate: RateOpt = None,
+    compressed_size: CompressedOpt = None,
+    device: DeviceOpt = None,
+    dtype: DTypeOpt = None,
+    config: ConfigOpt = None,
+    seed: SeedOpt = None,
+    errors: ErrorsOpt = None,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Stream DOC through the memory, then continue it by sampling; the text goes to stdout."""
+    _generate(**locals())
+
+
+@handle_errors
+def _generate(doc, max_new_tokens, temperature, top_p, format, model, memory, segment_size, memory_size, sink_tokens,
+              compress_rate, compressed_size, device, dtype, config, seed, errors, revision, trust_remote_code, quiet, debug):
+    if format not in ("text", "json"):
+        raise UsageError(f"--format must be text or json, got {format!r}")
+    if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
+        raise UsageError("--max-new-tokens and --temperature must be >= 0 and --top-p in (0, 1]")
+    cfg = build_config(
+        config, model=model, memory=memory, segment_size=segment_size, memory_size=memory_size,
+        sink_tokens=sink_tokens, compress_rate=compress_rate, compressed_size=compressed_size, device=device,
+        dtype=dtype, seed=seed, errors=errors, revision=revision, trust_remote_code=trust_remote_code,
+    )
+    text = read_document(doc, cfg.errors)
+    backend = load_backend(cfg)
+    tdoc = tokenize(text, backend.tokenizer, backend.bos_id)
+    prompt = tdoc.input_ids + [tdoc.target_ids[-1]]
+    settings = GenerateSettings(max_new_tokens, temperature, top_p, cfg.seed)
+    out: list[int] = []
+    shown = ""
+    for tid in run_generate(backend, prompt, cfg, settings):
+        out.append(tid)
+        if format == "text":
+            full = backend.tokenizer.decode(out)
+            if not full.endswith("\ufffd"):  # wait for the rest of a split UTF-8 character
+                sys.stdout.write(full[len(shown):])
+                sys.stdout.flush()
+                shown = full
+    full = backend.tokenizer.decode(out)
+    if format == "text":
+        sys.stdout.write(full[len(shown):] + "\n")
+    else:
+        print(json.dumps({"type": "generation", "prompt_tokens": len(prompt), "generated_tokens": len(out),
+                          "token_ids": out, "text": full, "temperature": temperature, "top_p": top_p,
+                          "config": config_block(cfg, backend)}, ensure_ascii=False))
