@@ -88,14 +88,11 @@ class PolicyLayer(CacheLayerMixin):
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        mem = self.policy.read(self.state, self.shift_keys)
         if self.policy.kind == "linear":
-            self.read_state, keys, values = mem, key_states, value_states
-        elif mem is None:
-            keys, values = key_states, value_states
-        else:
-            keys, values = torch.cat([mem.k, key_states], 2), torch.cat([mem.v, value_states], 2)
-        self.state = self.policy.update(self.state, key_states, value_states, key_states)
+            self.read_state, keys, values = self.state, key_states, value_states
+            self.state = self.policy.update(self.state, key_states, value_states, key_states)
+        else:  # [memory; segment], a view of the policy's buffer where it can be
+            self.state, keys, values, _ = self.policy.extend(self.state, key_states, value_states, key_states, self.shift_keys)
         self.seen += key_states.shape[2]
         self.n_slots = self.policy.slots(self.state)
         return keys, values

@@ -7,6 +7,8 @@ per-layer *state* that is passed in and returned, never hidden in a module:
     mem   = policy.read(state, shift_keys)      # what the next segment attends to
     state = policy.update(state, k, v, k_raw)   # fold in a segment's key-value pairs
     stats = policy.stats(state)                 # slots, bytes, norms, ages
+    state, k_all, v_all, m = policy.extend(state, k, v, k_raw, shift_keys)
+                                                # read + update in one: [memory; segment]
 
 Keys handed to `update` are already rotated to their absolute positions (RoPE);
 `k_raw` are the same keys before rotation (used by the linear memory, whose
@@ -54,6 +56,11 @@ def tensor_bytes(*tensors: Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def mean_of(x: Tensor) -> float:
+    """Mean of stored per-slot norms (B, H, M); 0 when empty."""
+    return float(x.mean()) if x.numel() else 0.0
+
+
 def mean_norm(x: Tensor | None) -> float:
     """Mean L2 norm over the last dim of x (..., M, D); 0 when empty."""
     if x is None or x.numel() == 0:
@@ -64,13 +71,6 @@ def mean_norm(x: Tensor | None) -> float:
 def state_bytes(state: Any) -> int:
     """Bytes of every tensor field of a dataclass state."""
     return tensor_bytes(*(getattr(state, f.name) for f in fields(state) if isinstance(getattr(state, f.name), Tensor)))
-
-
-def write_slots(buf: Tensor, idx: Tensor, x: Tensor) -> Tensor:
-    """buf[:, :, idx] = x, in place without autograd, out of place with it."""
-    if torch.is_grad_enabled():
-        return buf.index_copy(2, idx, x)
-    return buf.index_copy_(2, idx, x)
 
 
 class MemoryPolicy(ABC):
@@ -104,6 +104,19 @@ class MemoryPolicy(ABC):
 
     @abstractmethod
     def update(self, state: Any, k: Tensor, v: Tensor, k_raw: Tensor | None = None) -> Any: ...
+
+    def extend(self, state: Any, k: Tensor, v: Tensor, k_raw: Tensor | None, shift_keys: ShiftFn):
+        """Fold a segment in and return what its attention reads.
+
+        Returns (state, k_all, v_all, m): k_all/v_all (B, H, m + T, D) are the m memory
+        slots as they were *before* this segment, followed by the segment itself.
+        This default copies; policies that store pairs contiguously return a view.
+        """
+        mem = self.read(state, shift_keys)
+        state = self.update(state, k, v, k_raw)
+        if mem is None:
+            return state, k, v, 0
+        return state, torch.cat([mem.k, k], 2), torch.cat([mem.v, v], 2), mem.k.shape[2]
 
     @abstractmethod
     def slots(self, state: Any) -> int:

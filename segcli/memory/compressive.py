@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import KVRead, LayerStats, MemoryPolicy, mean_norm, tensor_bytes
-from .ring import Ring
+from .base import KVRead, LayerStats, MemoryPolicy, tensor_bytes
+from .window import Window
 
 
 @dataclass
@@ -23,7 +23,7 @@ class CompressiveState:
     cv: Tensor
     pk: Tensor  # (B, H, P, D) dropped pairs not yet pooled, P < c
     pv: Tensor
-    ring: Ring
+    window: Window
     seen: int = 0
     compressed_tokens: int = 0  # tokens represented by ck/cv
 
@@ -31,7 +31,7 @@ class CompressiveState:
 def mean_pool(x: Tensor, rate: int) -> Tensor:
     """x (B, H, G*rate, D) -> (B, H, G, D), mean of each run of `rate` pairs."""
     b, h, n, d = x.shape
-    return x.view(b, h, n // rate, rate, d).mean(3)
+    return x.reshape(b, h, n // rate, rate, d).mean(3)
 
 
 class Compressive(MemoryPolicy):
@@ -45,10 +45,11 @@ class Compressive(MemoryPolicy):
 
     def init_state(self, batch, heads, head_dim, *, device, dtype):
         z = torch.zeros(batch, heads, 0, head_dim, device=device, dtype=dtype)
-        ring = Ring.empty(batch, heads, self.memory_size, head_dim, device, dtype)
-        return CompressiveState(z, z.clone(), z.clone(), z.clone(), ring)
+        window = Window.empty(batch, heads, self.memory_size, head_dim, device, dtype, front=self.compressed_size)
+        return CompressiveState(z, z.clone(), z.clone(), z.clone(), window)
 
     def _compressed(self, state) -> tuple[Tensor, Tensor]:
+        """The compressed slots as read: full groups, then the partial group's mean."""
         if state.pk.shape[2] == 0:
             return state.ck, state.cv
         pk, pv = state.pk.mean(2, keepdim=True), state.pv.mean(2, keepdim=True)
@@ -56,20 +57,31 @@ class Compressive(MemoryPolicy):
 
     def read(self, state, shift_keys):
         ck, cv = self._compressed(state)
-        k, v = state.ring.view()
+        k, v = state.window.view()
         if ck.shape[2] + k.shape[2] == 0:
             return None
         if ck.shape[2] == 0:
             return KVRead(k, v)
         return KVRead(torch.cat([ck, k], 2), torch.cat([cv, v], 2))
 
+    def extend(self, state, k, v, k_raw, shift_keys):
+        m = self.slots(state)
+        prefix = self._compressed(state)
+        ev, (k_all, v_all) = state.window.push(k, v, prefix=prefix)
+        return self._fold(state, ev, k.shape[2]), k_all, v_all, m
+
     def update(self, state, k, v, k_raw=None):
-        ring, ev_k, ev_v = state.ring.push(k, v)
+        ev, _ = state.window.push(k, v)
+        return self._fold(state, ev, k.shape[2])
+
+    def _fold(self, state, evicted: tuple[Tensor, Tensor], t: int) -> CompressiveState:
+        """Pool the pairs the FIFO dropped into the compressed memory."""
+        ev_k, ev_v = evicted
         ck, cv, pk, pv = state.ck, state.cv, state.pk, state.pv
         compressed_tokens = state.compressed_tokens
         if ev_k.shape[2]:
             rate = self.compress_rate
-            all_k, all_v = torch.cat([pk, ev_k], 2), torch.cat([pv, ev_v], 2)
+            all_k, all_v = torch.cat([pk, ev_k], 2), torch.cat([pv, ev_v], 2)  # copies: evicted are views
             full = (all_k.shape[2] // rate) * rate
             if full:
                 ck = torch.cat([ck, mean_pool(all_k[:, :, :full], rate)], 2)
@@ -80,19 +92,26 @@ class Compressive(MemoryPolicy):
             if ck.shape[2] > room:  # the oldest compressed slots leave for good
                 compressed_tokens -= (ck.shape[2] - room) * rate
                 ck, cv = ck[:, :, ck.shape[2] - room :], cv[:, :, cv.shape[2] - room :]
-        return CompressiveState(ck, cv, pk, pv, ring, state.seen + k.shape[2], compressed_tokens)
+        return CompressiveState(ck, cv, pk, pv, state.window, state.seen + t, compressed_tokens)
 
     def slots(self, state) -> int:
-        return state.ck.shape[2] + int(state.pk.shape[2] > 0) + state.ring.filled
+        return state.ck.shape[2] + int(state.pk.shape[2] > 0) + state.window.filled
 
     def stats(self, state):
         ck, cv = self._compressed(state)
-        k, v = state.ring.view()
-        slots = ck.shape[2] + k.shape[2]
-        tokens = state.compressed_tokens + state.pk.shape[2] + k.shape[2]
+        w = state.window
+        kn, vn = w.norms()
+        slots = ck.shape[2] + w.filled
+        tokens = state.compressed_tokens + state.pk.shape[2] + w.filled
+        cells = max(slots, 1) * ck.shape[0] * ck.shape[1]
+        ckn = float(ck.float().norm(dim=-1).sum()) if ck.shape[2] else 0.0
+        cvn = float(cv.float().norm(dim=-1).sum()) if ck.shape[2] else 0.0
         return LayerStats(
             slots=slots, capacity=self.capacity(0),
-            bytes=tensor_bytes(state.ck, state.cv, state.pk, state.pv, state.ring.k, state.ring.v),
-            key_norm=mean_norm(torch.cat([ck, k], 2)), value_norm=mean_norm(torch.cat([cv, v], 2)),
+            bytes=tensor_bytes(state.ck, state.cv, state.pk, state.pv, w.k, w.v, w.kn, w.vn),
+            key_norm=(ckn + float(kn.sum())) / cells if slots else 0.0,
+            value_norm=(cvn + float(vn.sum())) / cells if slots else 0.0,
             oldest_age=tokens, tokens_per_slot=tokens / slots if slots else 0.0,
         )
+
+

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import KVRead, LayerStats, MemoryPolicy, mean_norm, tensor_bytes
-from .ring import Ring
+from .base import KVRead, LayerStats, MemoryPolicy, mean_of, tensor_bytes
+from .window import Window
 
 
 @dataclass
 class FifoState:
-    ring: Ring
+    window: Window
     seen: int = 0
 
 
@@ -24,23 +24,26 @@ class Fifo(MemoryPolicy):
         return self.memory_size
 
     def init_state(self, batch, heads, head_dim, *, device, dtype):
-        return FifoState(Ring.empty(batch, heads, self.memory_size, head_dim, device, dtype))
+        return FifoState(Window.empty(batch, heads, self.memory_size, head_dim, device, dtype))
 
     def read(self, state, shift_keys):
-        if state.ring.filled == 0:
-            return None
-        return KVRead(*state.ring.view())
+        return KVRead(*state.window.view()) if state.window.filled else None
+
+    def extend(self, state, k, v, k_raw, shift_keys):
+        m = state.window.filled
+        _, (k_all, v_all) = state.window.push(k, v)
+        return FifoState(state.window, state.seen + k.shape[2]), k_all, v_all, m
 
     def update(self, state, k, v, k_raw=None):
-        ring, _, _ = state.ring.push(k, v)
-        return FifoState(ring, state.seen + k.shape[2])
+        return self.extend(state, k, v, k_raw, None)[0]
 
     def slots(self, state) -> int:
-        return state.ring.filled
+        return state.window.filled
 
     def stats(self, state):
-        k, v = state.ring.view()
+        w = state.window
+        kn, vn = w.norms()
         return LayerStats(
-            slots=state.ring.filled, capacity=self.memory_size, bytes=tensor_bytes(state.ring.k, state.ring.v),
-            key_norm=mean_norm(k), value_norm=mean_norm(v), oldest_age=state.ring.filled, tokens_per_slot=1.0,
+            slots=w.filled, capacity=self.memory_size, bytes=tensor_bytes(w.k, w.v, w.kn, w.vn),
+            key_norm=mean_of(kn), value_norm=mean_of(vn), oldest_age=w.filled, tokens_per_slot=1.0,
         )

@@ -12,15 +12,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import KVRead, LayerStats, MemoryPolicy, mean_norm, tensor_bytes
-from .ring import Ring
+from .base import KVRead, LayerStats, MemoryPolicy, tensor_bytes
+from .window import Window
 
 
 @dataclass
 class SinkState:
     sink_k: Tensor  # (B, H, <=n_sink, D), rotated at their true positions 0..n_sink-1
     sink_v: Tensor
-    ring: Ring
+    window: Window
     seen: int = 0
 
 
@@ -35,16 +35,29 @@ class Sink(MemoryPolicy):
 
     def init_state(self, batch, heads, head_dim, *, device, dtype):
         z = torch.zeros(batch, heads, 0, head_dim, device=device, dtype=dtype)
-        return SinkState(z, z.clone(), Ring.empty(batch, heads, self.memory_size, head_dim, device, dtype))
+        window = Window.empty(batch, heads, self.memory_size, head_dim, device, dtype, front=self.sink_tokens)
+        return SinkState(z, z.clone(), window)
+
+    def _sinks(self, state, shift_keys) -> tuple[Tensor, Tensor]:
+        """Sink pairs re-rotated to sit just before the oldest window pair."""
+        n_sink = state.sink_k.shape[2]
+        window_start = state.seen - state.window.filled  # absolute position of the oldest window pair
+        return shift_keys(state.sink_k, window_start - n_sink), state.sink_v
 
     def read(self, state, shift_keys):
-        k_win, v_win = state.ring.view()
-        n_sink = state.sink_k.shape[2]
-        if n_sink + state.ring.filled == 0:
+        if state.sink_k.shape[2] + state.window.filled == 0:
             return None
-        window_start = state.seen - state.ring.filled  # absolute position of the oldest window pair
-        sink_k = shift_keys(state.sink_k, window_start - n_sink)
-        return KVRead(torch.cat([sink_k, k_win], 2), torch.cat([state.sink_v, v_win], 2))
+        sk, sv = self._sinks(state, shift_keys)
+        wk, wv = state.window.view()
+        return KVRead(torch.cat([sk, wk], 2), torch.cat([sv, wv], 2))
+
+    def extend(self, state, k, v, k_raw, shift_keys):
+        if state.sink_k.shape[2] < self.sink_tokens:  # sinks still filling: the plain path
+            return super().extend(state, k, v, k_raw, shift_keys)
+        m = self.slots(state)
+        sinks = self._sinks(state, shift_keys)
+        _, (k_all, v_all) = state.window.push(k, v, prefix=sinks)
+        return SinkState(state.sink_k, state.sink_v, state.window, state.seen + k.shape[2]), k_all, v_all, m
 
     def update(self, state, k, v, k_raw=None):
         take = max(0, min(self.sink_tokens - state.sink_k.shape[2], k.shape[2]))
@@ -52,17 +65,26 @@ class Sink(MemoryPolicy):
         if take:
             sink_k = torch.cat([sink_k, k[:, :, :take]], 2)
             sink_v = torch.cat([sink_v, v[:, :, :take]], 2)
-        ring, _, _ = state.ring.push(k[:, :, take:], v[:, :, take:])
-        return SinkState(sink_k, sink_v, ring, state.seen + k.shape[2])
+        state.window.push(k[:, :, take:], v[:, :, take:])
+        return SinkState(sink_k, sink_v, state.window, state.seen + k.shape[2])
 
     def slots(self, state) -> int:
-        return state.sink_k.shape[2] + state.ring.filled
+        return state.sink_k.shape[2] + state.window.filled
 
     def stats(self, state):
-        k, v = state.ring.view()
-        k_all, v_all = torch.cat([state.sink_k, k], 2), torch.cat([state.sink_v, v], 2)
+        w = state.window
+        kn, vn = w.norms()
+        n_sink = state.sink_k.shape[2]
+        slots = n_sink + w.filled
+        sk = state.sink_k.float().norm(dim=-1).sum() if n_sink else 0.0
+        sv = state.sink_v.float().norm(dim=-1).sum() if n_sink else 0.0
+        denom = max(slots, 1) * state.sink_k.shape[0] * state.sink_k.shape[1]
         return LayerStats(
-            slots=k_all.shape[2], capacity=self.capacity(0),
-            bytes=tensor_bytes(state.sink_k, state.sink_v, state.ring.k, state.ring.v),
-            key_norm=mean_norm(k_all), value_norm=mean_norm(v_all), oldest_age=state.seen, tokens_per_slot=1.0,
+            slots=slots, capacity=self.capacity(0),
+            bytes=tensor_bytes(state.sink_k, state.sink_v, w.k, w.v, w.kn, w.vn),
+            key_norm=float(kn.sum() + sk) / denom if slots else 0.0,
+            value_norm=float(vn.sum() + sv) / denom if slots else 0.0,
+            oldest_age=state.seen, tokens_per_slot=1.0,
         )
+
+

@@ -84,11 +84,13 @@ class SegLMAttention(nn.Module):
                 mass = g.mean().expand(1)
             else:
                 mass = None
+            # Memory never carries gradient across segments (Transformer-XL's stop-gradient).
+            state = policy.update(state, kr.detach(), v.detach(), k.detach())
         else:
-            mem = policy.read(state, shift_keys)
-            out, mass = split_attention(qr, None if mem is None else mem.k, None if mem is None else mem.v, kr, v)
-        # Memory never carries gradient across segments (Transformer-XL's stop-gradient).
-        state = policy.update(state, kr.detach(), v.detach(), k.detach())
+            state, k_all, v_all, m = policy.extend(state, kr.detach(), v.detach(), k.detach(), shift_keys)
+            # k_all = [memory before this segment; segment] (a view for window policies); the segment
+            # part is taken from kr/v themselves so gradients flow within the segment.
+            out, mass = split_attention(qr, k_all[:, :, :m], v_all[:, :, :m], kr, v)
         y = self.o(out.transpose(1, 2).reshape(b, t, c))
         return y, state, (None if mass is None else mass.mean())
 
