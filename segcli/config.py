@@ -17,11 +17,13 @@ from typing import Any
 import yaml
 
 from .errors import UsageError
-from .memory import POLICY_NAMES
+from .memory import POLICY_NAMES, REGISTRY
 
 FORMATS = ("table", "jsonl", "json", "csv")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+MAX_SIZE = 1 << 24  # largest segment or memory size accepted (16M pairs): larger is a typo, not a plan
+SIZE_OPTIONS = ("memory_size", "sink_tokens", "compress_rate", "compressed_size")  # policy-specific options
 
 
 @dataclass
@@ -52,17 +54,28 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         if self.memory not in POLICY_NAMES:
             raise UsageError(f"unknown memory policy {self.memory!r}; choose one of: {', '.join(POLICY_NAMES)}")
-        for name in ("segment_size", "memory_size", "compress_rate", "compressed_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        if self.sink_tokens < 0:
-            raise UsageError(f"--sink-tokens must be >= 0, got {self.sink_tokens}")
+        for name in ("segment_size", "memory_size", "compress_rate", "compressed_size", "sink_tokens"):
+            low = 0 if name == "sink_tokens" else 1
+            n = getattr(self, name)
+            if not low <= n <= MAX_SIZE:
+                raise UsageError(f"--{name.replace('_', '-')} must be an integer from {low} to {MAX_SIZE}, got {n}")
         if self.device not in DEVICES:
             raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.errors not in ("strict", "replace"):
             raise UsageError(f"--errors must be strict or replace, got {self.errors!r}")
+        return self
+
+    def check_options_apply(self, explicit: set[str]) -> "RunConfig":
+        """Refuse policy options the user set that the chosen policy does not use
+        (e.g. --sink-tokens with --memory fifo): they would be silently ignored."""
+        uses = REGISTRY[self.memory].parameters
+        stray = [k for k in SIZE_OPTIONS if k in explicit and k not in uses]
+        if stray:
+            names = ", ".join(f"--{k.replace('_', '-')}" for k in stray)
+            used = ", ".join(f"--{k.replace('_', '-')}" for k in uses) or "no size options"
+            raise UsageError(f"{names} does not apply to --memory {self.memory} (it uses {used}); remove it")
         return self
 
 
@@ -125,6 +138,19 @@ def resolve(cls, config_file: str | Path | None, overrides: dict[str, Any]):
     base = from_mapping(cls, load_yaml(config_file), str(config_file)) if config_file else cls()
     given = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(base, **given)
+
+
+def explicit_keys(cls, config_file: str | Path | None, overrides: dict[str, Any]) -> set[str]:
+    """Options the user set: CLI options given, and YAML keys whose value differs from the
+    built-in default (restating a default, as configs/default.yaml does, sets nothing)."""
+    given = {k for k, v in overrides.items() if v is not None}
+    if config_file:
+        defaults = cls()
+        for raw_key, value in load_yaml(config_file).items():
+            key = str(raw_key).replace("-", "_")
+            if getattr(defaults, key, object()) != value:
+                given.add(key)
+    return given
 
 
 def to_dict(obj) -> dict[str, Any]:
