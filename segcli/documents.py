@@ -9,9 +9,11 @@ excluded from bits per byte.
 
 from __future__ import annotations
 
+import codecs
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -42,6 +44,42 @@ class TokenizedDocument:
         """UTF-8 bytes of scored tokens [start, end)."""
         lo = self.first_byte if start == 0 else int(self.target_end_bytes[start - 1])
         return int(self.target_end_bytes[end - 1]) - lo
+
+    def windows(self, size: int) -> Iterator["Window"]:
+        """Consecutive windows of `size` scored tokens (the last may be shorter)."""
+        for start in range(0, len(self), size):
+            end = min(start + size, len(self))
+            yield Window(
+                start, self.input_ids[start:end], self.target_ids[start:end],
+                self.first_byte if start == 0 else int(self.target_end_bytes[start - 1]),
+                self.target_end_bytes[start:end],
+            )
+
+    def truncated(self, max_tokens: int, text: str) -> "TokenizedDocument":
+        """The first `max_tokens` scored tokens (words counted over their bytes)."""
+        if len(self) <= max_tokens:
+            return self
+        end = int(self.target_end_bytes[max_tokens - 1])
+        return TokenizedDocument(
+            self.name, self.input_ids[:max_tokens], self.target_ids[:max_tokens],
+            self.target_end_bytes[:max_tokens], self.first_byte, end - self.first_byte,
+            len(text.encode("utf-8")[self.first_byte : end].decode("utf-8", "ignore").split()),
+        )
+
+
+@dataclass
+class Window:
+    """One segment's worth of scored tokens."""
+
+    start: int  # index of the first scored token in the document
+    input_ids: list[int]
+    target_ids: list[int]
+    byte_start: int  # UTF-8 offset where the first target token starts
+    end_bytes: np.ndarray  # (T,) UTF-8 offset where each target token ends
+
+    @property
+    def n_bytes(self) -> int:
+        return int(self.end_bytes[-1]) - self.byte_start
 
 
 def decode(data: bytes, name: str, errors: str = "strict") -> Document:
@@ -97,3 +135,209 @@ def tokenize(doc: Document, backend_tokenizer, bos_id: int | None) -> TokenizedD
         return TokenizedDocument(doc.name, [bos_id] + ids[:-1], ids, ends, 0, int(ends[-1]), n_words)
     first = int(ends[0])
     return TokenizedDocument(doc.name, ids[:-1], ids[1:], ends[1:], first, int(ends[-1]) - first, n_words)
+
+
+# -- streaming: stdin read and tokenized incrementally ---------------------------------------------------------------
+
+CHUNK_BYTES = 1 << 16  # bytes per read
+BINARY_PROBE_BYTES = 65536  # NUL bytes in this prefix mean binary data (as `decode`)
+MAX_TAIL_CHARS = 1 << 20  # a single pre-token longer than this is cut anyway (see `stream_tokens`)
+
+
+def decode_stream(read: Callable[[int], bytes], name: str, errors: str = "strict",
+                  chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+    """Decode a byte stream as UTF-8, piece by piece, with the same checks as `decode`.
+
+    `read(n)` returns up to n bytes, b"" at the end (e.g. `sys.stdin.buffer.read1`).
+    Errors name the absolute byte offset, so they read the same as for a file.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    consumed = 0
+    while True:
+        data = read(chunk_bytes)
+        if not data:
+            break
+        if consumed < BINARY_PROBE_BYTES and b"\x00" in data[: BINARY_PROBE_BYTES - consumed]:
+            raise UsageError(f"{name}: looks like binary data (NUL bytes); segcli reads UTF-8 text")
+        pending = len(decoder.getstate()[0])
+        try:
+            text = decoder.decode(data)
+        except UnicodeDecodeError as e:
+            raise UsageError(
+                f"{name}: invalid UTF-8 at byte {consumed - pending + e.start}; pass --errors replace to substitute U+FFFD"
+            ) from None
+        consumed += len(data)
+        if text:
+            yield text
+    if consumed == 0:
+        raise UsageError(f"{name}: the document is empty")
+    pending = len(decoder.getstate()[0])
+    try:
+        text = decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"{name}: invalid UTF-8 at byte {consumed - pending + e.start} (truncated character at the end); "
+            "pass --errors replace to substitute U+FFFD"
+        ) from None
+    if text:
+        yield text
+
+
+def can_stream(tokenizer) -> bool:
+    """Incremental tokenization is exact for tokenizers that split text into pre-tokens and
+    normalise nothing (byte-level BPE, the bundled tokenizer); others read the whole text."""
+    return tokenizer.normalizer is None and tokenizer.pre_tokenizer is not None
+
+
+@dataclass
+class TokenPiece:
+    ids: list[int]  # tokens of `text`
+    ends: np.ndarray  # (len(ids),) int64: absolute UTF-8 offset where each token ends
+    text: str  # the text these tokens cover (consecutive pieces concatenate to the whole text)
+    byte_start: int  # absolute UTF-8 offset of text[0]
+
+
+def stream_tokens(pieces: Iterable[str], tokenizer) -> Iterator[TokenPiece]:
+    """Tokenize text arriving in pieces, yielding the tokens of the whole text in order.
+
+    Pre-tokenizers split text into words (GPT-2's regex: letters, digits, punctuation
+    runs, whitespace runs) and BPE never merges across words. Every word of the
+    buffer except the last is decided by characters inside the buffer (its end is
+    where the character class changed), so the tokens of all words before the
+    buffer's last word are final; the last word (which may continue) waits for
+    more text. A margin of the longest added (special) token keeps a special token
+    that straddles a read from being split. Result: the same ids and offsets as
+    tokenizing the whole text at once, except when a single word exceeds
+    MAX_TAIL_CHARS characters (a megabyte with no space or class change), which is
+    cut at a token boundary to keep memory bounded.
+    """
+    added = [t.content for t in tokenizer.get_added_tokens_decoder().values()]
+    margin = max((len(t) for t in added), default=0)
+    buf, byte_base, run_max = "", 0, 0
+
+    def emit(enc, n_tok: int, n_chars: int) -> TokenPiece:
+        nonlocal buf, byte_base, run_max
+        text = buf[:n_chars]
+        byte_at = char_to_byte_offsets(text)
+        char_ends = np.array([e for _, e in enc.offsets[:n_tok]], dtype=np.int64)
+        ends = byte_base + byte_at[np.minimum(char_ends, n_chars)]
+        if len(ends):
+            ends = np.maximum.accumulate(np.maximum(ends, run_max))
+            run_max = int(ends[-1])
+        piece = TokenPiece(list(enc.ids[:n_tok]), ends, text, byte_base)
+        byte_base += int(byte_at[-1])
+        buf = buf[n_chars:]
+        return piece
+
+    for text in pieces:
+        buf += text
+        enc = tokenizer.encode(buf, add_special_tokens=False)
+        cut = safe_cut(enc, len(buf), margin)
+        if cut is None and len(buf) > MAX_TAIL_CHARS:
+            cut = forced_cut(enc, len(buf) - max(margin, 1))
+        if cut is not None:
+            n_tok, n_chars = cut
+            yield emit(enc, n_tok, n_chars)
+    enc = tokenizer.encode(buf, add_special_tokens=False)
+    if buf or len(enc.ids):
+        yield emit(enc, len(enc.ids), len(buf))
+
+
+def safe_cut(enc, n_chars: int, margin: int) -> tuple[int, int] | None:
+    """(tokens, chars) before the start of the last word that starts at least `margin`
+    characters before the buffer end and after its first word; None if there is none."""
+    words = enc.word_ids
+    offsets = enc.offsets
+    limit = n_chars - max(margin, 1)
+    for i in range(len(words) - 1, 0, -1):
+        w, prev = words[i], words[i - 1]
+        if w is None or prev is None or w == prev:
+            continue
+        start = offsets[i][0]
+        if start > limit:
+            continue
+        if offsets[i - 1][1] != start:  # offsets not contiguous here: not a clean word boundary
+            continue
+        return (i, start) if start > 0 else None
+    return None
+
+
+def forced_cut(enc, limit: int) -> tuple[int, int] | None:
+    """The last token boundary at or before `limit` characters (may split a huge word)."""
+    for i in range(len(enc.ids) - 1, 0, -1):
+        start = enc.offsets[i][0]
+        if start <= limit and enc.offsets[i - 1][1] == start and start > 0:
+            return i, start
+    return None
+
+
+def count_words(text: str, after_word: bool) -> tuple[int, bool]:
+    """Whitespace-separated words in `text`, not counting one continued from the previous piece."""
+    n = len(text.split())
+    if n and after_word and not text[0].isspace():
+        n -= 1
+    return n, (not text[-1].isspace()) if text else after_word
+
+
+@dataclass
+class StreamedDocument:
+    """A document tokenized as it is read (stdin): the same windows, bytes and words as
+    `tokenize` (and `TokenizedDocument.truncated`) on the whole text, in bounded memory.
+    The counts are final once `windows` is exhausted."""
+
+    name: str
+    pieces: Iterable[TokenPiece]
+    bos_id: int | None
+    max_tokens: int | None = None
+    n_tokens: int = 0  # scored tokens so far
+    first_byte: int = 0  # where the first scored token starts
+    n_bytes: int = 0  # bytes of the scored tokens so far
+    n_words: int = 0  # whitespace-separated words (final after iteration)
+
+    def windows(self, size: int) -> Iterator[Window]:
+        ids: list[int] = []  # document tokens read, not yet scored
+        ends = np.zeros(0, dtype=np.int64)
+        prev_id, prev_end = self.bos_id, 0  # model input and start byte of the next target
+        started = self.bos_id is not None
+        words_all, after_all = 0, False  # words of the whole text
+        words_scored, after_scored = 0, False  # words from first_byte on
+        truncated = False
+        for piece in self.pieces:
+            new_ids, new_ends = piece.ids, piece.ends
+            if not started and new_ids:  # no BOS: the first token is context only
+                prev_id, prev_end, started = new_ids[0], int(new_ends[0]), True
+                self.first_byte = prev_end
+                new_ids, new_ends = new_ids[1:], new_ends[1:]
+            scored_from = max(self.first_byte - piece.byte_start, 0) if started else None
+            n, after_all = count_words(piece.text, after_all)
+            words_all += n
+            limit = self.max_tokens
+            if limit is not None and self.n_tokens + len(ids) + len(new_ids) >= limit:
+                keep = limit - self.n_tokens - len(ids)
+                new_ids, new_ends = new_ids[:keep], new_ends[:keep]
+                truncated = True
+            if scored_from is not None:
+                raw = piece.text.encode("utf-8")
+                upto = int(new_ends[-1]) - piece.byte_start if truncated and len(new_ends) else len(raw)
+                text = raw[scored_from:upto].decode("utf-8", "ignore") if truncated or scored_from else piece.text
+                n, after_scored = count_words(text, after_scored)
+                words_scored += n
+            ids.extend(new_ids)
+            ends = np.concatenate([ends, new_ends])
+            while len(ids) >= size:
+                yield self._window(ids, ends, size, prev_id, prev_end)
+                prev_id, prev_end = ids[size - 1], int(ends[size - 1])
+                ids, ends = ids[size:], ends[size:]
+            if truncated:
+                break
+        if ids:
+            yield self._window(ids, ends, len(ids), prev_id, prev_end)
+        if self.n_tokens == 0:
+            raise UsageError(f"{self.name}: the document is shorter than one scored token")
+        self.n_words = words_scored if truncated else words_all
+
+    def _window(self, ids: list[int], ends: np.ndarray, take: int, prev_id: int, prev_end: int) -> Window:
+        window = Window(self.n_tokens, [prev_id] + ids[: take - 1], ids[:take], prev_end, ends[:take].copy())
+        self.n_tokens += take
+        self.n_bytes = int(ends[take - 1]) - self.first_byte
+        return window

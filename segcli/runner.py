@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .backends import Backend
 from .config import RunConfig
-from .documents import TokenizedDocument
+from .documents import StreamedDocument, TokenizedDocument
 from .errors import RunError
 
 LN2 = math.log(2.0)
@@ -57,11 +57,13 @@ class SegmentResult:
     memory: MemoryReport
     token_nll: list[float] = field(default_factory=list, repr=False)  # per-token nats (not serialised)
     token_ids: list[int] = field(default_factory=list, repr=False)
+    byte_start: int = field(default=0, repr=False)  # UTF-8 offset where the first token starts (not serialised)
+    token_end_bytes: list[int] = field(default_factory=list, repr=False)  # UTF-8 offset where each token ends
 
     def record(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("token_nll")
-        d.pop("token_ids")
+        for private in ("token_nll", "token_ids", "byte_start", "token_end_bytes"):
+            d.pop(private)
         return d
 
 
@@ -98,30 +100,35 @@ class Stream:
         self.backend, self.cfg = backend, cfg
         self.memory = backend.new_memory(cfg) if memory is None else memory
 
-    def segments(self, doc: TokenizedDocument, should_stop: Callable[[], bool] | None = None) -> Iterator[SegmentResult]:
-        """Yield one result per segment of `doc`, continuing the current memory."""
-        backend, ns = self.backend, self.cfg.segment_size
-        inputs = torch.tensor(doc.input_ids, dtype=torch.long)
-        targets = torch.tensor(doc.target_ids, dtype=torch.long)
+    def segments(self, doc: TokenizedDocument | StreamedDocument,
+                 should_stop: Callable[[], bool] | None = None) -> Iterator[SegmentResult]:
+        """Yield one result per segment of `doc`, continuing the current memory.
+
+        `should_stop` is polled between segments (signal handlers set it), so a stop
+        never leaves a segment half-done.
+        """
+        backend = self.backend
         cum_nll, cum_tokens = 0.0, 0
-        for index, start in enumerate(range(0, len(doc), ns)):
+        for index, w in enumerate(doc.windows(self.cfg.segment_size)):
             if should_stop is not None and should_stop():
                 return
-            end = min(start + ns, len(doc))
+            start, end = w.start, w.start + len(w.target_ids)
             with torch.inference_mode():
-                ids = inputs[start:end].to(backend.device)[None]  # (1, T)
+                ids = torch.tensor(w.input_ids, dtype=torch.long).to(backend.device)[None]  # (1, T)
+                targets = torch.tensor(w.target_ids, dtype=torch.long).to(backend.device)  # (T,)
                 sync(backend.device)
                 t0 = time.perf_counter()
                 logits, self.memory, mass = backend.step(ids, self.memory)
-                nll_t = F.cross_entropy(logits[0].float(), targets[start:end].to(backend.device), reduction="none")
+                nll_t = F.cross_entropy(logits[0].float(), targets, reduction="none")
                 token_nll = nll_t.cpu()
                 seconds = time.perf_counter() - t0
                 report = memory_report(backend, self.memory, self.cfg.memory, mass)
             nll = float(token_nll.sum())
             if not math.isfinite(nll):
-                raise RunError(f"segment {index} (tokens {start}-{end}) produced a non-finite loss; try --dtype float32")
+                raise RunError(f"{doc.name}: segment {index} (tokens {start}-{end}) produced a non-finite loss "
+                               f"({nll}); try --dtype float32")
             tokens = end - start
-            n_bytes = doc.segment_bytes(start, end)
+            n_bytes = w.n_bytes
             cum_nll += nll
             cum_tokens += tokens
             yield SegmentResult(
@@ -141,7 +148,9 @@ class Stream:
                 tokens_per_s=tokens / seconds if seconds > 0 else float("inf"),
                 memory=report,
                 token_nll=token_nll.tolist(),
-                token_ids=doc.target_ids[start:end],
+                token_ids=list(w.target_ids),
+                byte_start=w.byte_start,
+                token_end_bytes=[int(x) for x in w.end_bytes],
             )
 
 
@@ -167,7 +176,8 @@ class Totals:
         self.first_nll = self.rest_nll = 0.0
         self.first_n = self.rest_n = 0
 
-    def add_document(self, doc: TokenizedDocument) -> None:
+    def add_document(self, doc: TokenizedDocument | StreamedDocument) -> None:
+        """Count a document's words (a streamed document: after its segments)."""
         self.words += doc.n_words
 
     def add(self, r: SegmentResult) -> None:
