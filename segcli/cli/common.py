@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import platform
+import signal
 import sys
-from typing import Annotated, Any, Callable, Optional
+import threading
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -65,6 +68,79 @@ RevisionOpt = Annotated[Optional[str], typer.Option(help="Hub revision (Hugging 
 TrustOpt = Annotated[Optional[bool], typer.Option("--trust-remote-code/--no-trust-remote-code", help="Allow a hub model's own code (off by default).")]
 
 
+class Interrupted(Exception):
+    """A SIGINT or SIGTERM stopped the run; exits 128 + the signal number (130, 143)."""
+
+    def __init__(self, signum: int, detail: str = ""):
+        super().__init__(signum)
+        self.signum, self.detail = signum, detail
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def message(self) -> str:
+        name = signal.Signals(self.signum).name
+        return f"segcli: interrupted by {name}{'; ' + self.detail if self.detail else ''}"
+
+
+class StopSignals:
+    """SIGINT and SIGTERM handling for a run.
+
+    Outside `deferred()` a signal raises `Interrupted` at once (model loading,
+    reading files). Inside it, the first signal only sets a flag that the segment
+    loop polls between segments (`stop = StopSignals(); stream.segments(doc, stop)`),
+    so the current segment and its records are written whole; `immediate()` marks
+    blocking waits (reading stdin) where a signal must still stop at once. A second
+    signal always stops at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._defer = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame) -> None:
+        first = self.signum is None
+        self.signum = signum
+        if not self._defer or not first:
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        old, self._defer = self._defer, True
+        try:
+            yield
+        finally:
+            self._defer = old
+
+    @contextlib.contextmanager
+    def immediate(self) -> Iterator[None]:
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+        old, self._defer = self._defer, False
+        try:
+            yield
+        finally:
+            self._defer = old
+
+
 def value(x: Any) -> Any:
     return x.value if isinstance(x, enum.Enum) else x
 
@@ -84,6 +160,11 @@ def handle_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
+        except Interrupted as e:
+            if debug:
+                raise
+            err_console.print(e.message(), markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
         except SegcliError as e:
             if debug:
                 raise

@@ -124,6 +124,9 @@ class Writer:
                 console = Console(file=self.stream, width=None if tty else 200)  # files and pipes: no wrapping
                 render_table(console, self.records)
             self.stream.flush()
+        except BrokenPipeError:
+            if ok:
+                raise
         finally:
             if self._tmp:
                 self.stream.close()
