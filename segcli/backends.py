@@ -164,11 +164,12 @@ def load_backend(cfg: RunConfig) -> Backend:
         from .hf import load_hf_backend
 
         return load_hf_backend(cfg, path, device, dtype)
+    with torch.device("meta"):  # shapes only, no memory: name a missing or misshapen tensor before loading
+        _check_weights(path, SegLMForCausalLM(model_cfg))
     try:
         model = SegLMForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"{path}: cannot load the checkpoint ({str(e).splitlines()[0]})") from None
-    _check_weights(path, model)
     model.to(device).eval()
     tok = load_tokenizer(path)
     bos = model_cfg.bos_token_id

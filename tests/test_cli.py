@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from segcli.cli import app
-from segcli.memory import POLICY_NAMES
+from segcli.memory import POLICY_NAMES, REGISTRY
 
 runner = CliRunner()
 
@@ -55,8 +55,9 @@ def test_stdin_and_file_give_the_same_numbers(base, doc_path):
 
 @pytest.mark.parametrize("policy", POLICY_NAMES)
 def test_every_policy_runs(base, doc_path, policy):
-    recs = jsonl(invoke("run", doc_path, *base, "--memory", policy, "--segment-size", 32, "--memory-size", 40,
-                        "--sink-tokens", 2, "--compress-rate", 3, "--compressed-size", 5, "--format", "jsonl"))
+    sizes = {"memory_size": 40, "sink_tokens": 2, "compress_rate": 3, "compressed_size": 5}
+    opts = [x for k in REGISTRY[policy].parameters for x in (f"--{k.replace('_', '-')}", sizes[k])]
+    recs = jsonl(invoke("run", doc_path, *base, "--memory", policy, "--segment-size", 32, *opts, "--format", "jsonl"))
     segs = [r for r in recs if r["type"] == "segment"]
     assert all(r["memory"]["policy"] == policy for r in segs)
     cap = segs[-1]["memory"]["capacity"]

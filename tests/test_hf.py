@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from conftest import BUNDLED_TOKENIZER, SAMPLE
 from segcli.cli import app
 from segcli.hf import make_cache
-from segcli.memory import POLICY_NAMES
+from segcli.memory import POLICY_NAMES, REGISTRY
 
 V = 8192
 CONFIGS = {
@@ -111,8 +111,9 @@ def test_xl_equals_fifo_with_memory_size_segment_size(hf_dir, doc):
 @pytest.mark.parametrize("policy", POLICY_NAMES)
 def test_every_policy_bounded_over_3000_tokens(hf_dir, policy):
     arch, d = hf_dir
-    recs = run(d, SAMPLE / "hamlet.txt", "--memory", policy, "--segment-size", 100, "--memory-size", 64,
-               "--compressed-size", 16, "--max-tokens", 3000)
+    sizes = {"memory_size": 64, "sink_tokens": 4, "compress_rate": 4, "compressed_size": 16}
+    opts = [x for k in REGISTRY[policy].parameters for x in (f"--{k.replace('_', '-')}", sizes[k])]
+    recs = run(d, SAMPLE / "hamlet.txt", "--memory", policy, "--segment-size", 100, *opts, "--max-tokens", 3000)
     segs = [r for r in recs if r["type"] == "segment"]
     assert recs[-1]["tokens"] == 3000 and all(math.isfinite(s["loss"]) for s in segs)
     if policy == "full":

@@ -125,7 +125,7 @@ BAD_INPUT = [
     ("not-a-model", ["run", "{doc}", "--model", "{bad}/notmodel"], "notmodel"),
     ("model-dir-missing", ["run", "{doc}", "--model", "{bad}/nomodel"], "no such model"),
     ("checkpoint-missing-tensor", ["run", "{doc}", "--model", "{bad}/missing"], "model.norm.weight"),
-    ("checkpoint-wrong-shape", ["run", "{doc}", "--model", "{bad}/wrongshape"], "wrongshape: cannot load the checkpoint"),
+    ("checkpoint-wrong-shape", ["run", "{doc}", "--model", "{bad}/wrongshape"], "tensor model.norm.weight has shape [7], the config expects [32]"),
     ("output-missing-folder", ["run", "{doc}", "--output", "{bad}/no/out.jsonl"], "does not exist"),
     ("save-memory-missing-folder", ["run", "{doc}", "--save-memory", "{bad}/no/m.safetensors"], "does not exist"),
     ("load-memory-missing", ["run", "{doc}", "--load-memory", "{bad}/no.safetensors"], "no such file"),

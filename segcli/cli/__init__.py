@@ -26,4 +26,20 @@ app.command()(generate)
 
 
 def main() -> None:
-    app()
+    """Entry point: Typer's usage errors become one `segcli: error:` line with exit code 2."""
+    import sys
+
+    try:
+        rc = app(standalone_mode=False)
+    except typer.Exit as e:  # --help and explicit exits
+        sys.exit(getattr(e, "exit_code", 0))
+    except typer.Abort:
+        sys.stderr.write("segcli: interrupted\n")
+        sys.exit(130)
+    except typer.TyperException as e:  # usage errors: bad option values, unknown options, missing arguments
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `segcli`: the help, as a usage error
+            sys.stderr.write(e.format_message() + "\n")
+        else:
+            sys.stderr.write(f"segcli: error: {' '.join(e.format_message().split())}\n")
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..backends import Backend, load_backend
-from ..config import RunConfig, resolve
+from ..config import RunConfig, explicit_keys, resolve
 from ..documents import (
     CHUNK_BYTES, StreamedDocument, TokenizedDocument, can_stream, decode_stream, read_document, stream_tokens, tokenize,
 )
@@ -177,9 +177,7 @@ def _run(docs, model, memory, segment_size, memory_size, sink_tokens, compress_r
         dtype=dtype, seed=seed, errors=errors, revision=revision, trust_remote_code=trust_remote_code,
     )
     cfg = build_config(config, **options)
-    # Refusing options the policy ignores (--sink-tokens with --memory fifo) is `check_options_apply`;
-    # it is not switched on here yet because tests/test_cli.py::test_every_policy_runs passes every
-    # size option to every policy (see the report for issue 6).
+    cfg.check_options_apply(explicit_keys(RunConfig, config, options))  # e.g. --sink-tokens with --memory fifo
     if save_memory_:
         check_target(save_memory_)
     fmt = default_format(value(format), output)

@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..train import load_train_config, train as run_training
 from .common import DebugOpt, QuietOpt, err_console, handle_errors
 
 
@@ -31,6 +30,8 @@ def train(
 
 @handle_errors
 def _train(config, corpus, out_dir, steps, seed, device, resume, log_jsonl, quiet, debug):
+    from ..train import load_train_config, train as run_training  # heavy imports only when training
+
     cfg = load_train_config(config, {"corpus": corpus, "out_dir": out_dir, "steps": steps, "seed": seed, "device": device})
     log = open(log_jsonl, "a", encoding="utf-8") if log_jsonl else None
     progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
