@@ -40,7 +40,7 @@ from .config import RunConfig
 from .errors import UsageError
 from .memory import MemoryPolicy, make_policy
 from .memory.base import LayerStats
-from .ops.attention import split_attention
+from .ops.attention import attend
 from .ops.linear_attention import read_memory
 from .ops.rope import rope_cos_sin, apply_rope
 
@@ -149,7 +149,7 @@ def segcli_attention(module, query: Tensor, key: Tensor, value: Tensor, attentio
     n_rep = query.shape[1] // key.shape[1]
     k, v = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
     m = k.shape[2] - t
-    out, mass = split_attention(query, k[:, :, :m], v[:, :, :m], k[:, :, m:], v[:, :, m:], scale=scaling)
+    out, mass = attend(query, k[:, :, :m], v[:, :, :m], k[:, :, m:], v[:, :, m:], scale=scaling)
     layer = getattr(module, "_segcli_layer", None)
     if layer is not None and layer.policy.kind == "linear" and layer.read_state is not None and layer.read_state.n:
         st = layer.read_state

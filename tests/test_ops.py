@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from segcli.ops.attention import reference_attention, split_attention
+from segcli.ops.attention import fused_split_attention, reference_attention, split_attention
 from segcli.ops.linear_attention import (
     chunk_linear_memory, empty_state, naive_linear_memory, recurrent_linear_memory,
 )
@@ -68,3 +68,14 @@ def test_linear_read_equals_explicit_linear_attention_over_earlier_segments():
         assert (out - naive_linear_memory(q, past_k, past_v)).abs().max() < 1e-5
         ks.append(k)
         vs.append(v)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("t", [1, 8, 33], ids=lambda t: f"seg{t}")
+def test_fused_split_attention_matches_reference(t):
+    g = torch.Generator().manual_seed(t)
+    q, k, v = (torch.randn(1, 4, t, 16, generator=g) * 2 for _ in range(3))
+    km, vm = (torch.randn(1, 4, 50, 16, generator=g) * 2 for _ in range(2))
+    out, mass = fused_split_attention(q, km, vm, k, v)
+    ref_out, ref_mass = split_attention(q, km, vm, k, v)
+    assert (out - ref_out).abs().max() < 1e-5 and (mass - ref_mass).abs().max() < 1e-5

@@ -2,8 +2,12 @@
 
 `split_attention` never concatenates memory and segment: it scores both blocks,
 normalises them jointly with one log-sum-exp, and returns the fraction of the
-attention mass that went to memory as a by-product. `reference_attention` is the
-plain concatenate-and-mask form the tests compare it with.
+attention mass that went to memory as a by-product. `fused_split_attention` is
+the same computation with a fused attention kernel per block (memory: no mask;
+segment: causal), merged through the two blocks' log-sum-exps: no score matrix
+in memory and the memory mass still exact. `attend` picks the fast form where it
+applies. `reference_attention` is the plain concatenate-and-mask form the tests
+compare both with.
 """
 
 from __future__ import annotations
@@ -42,6 +46,39 @@ def split_attention(
     z = z_mem + p_seg.sum(-1, keepdim=True)  # (B, H, T, 1)
     out = (p_mem @ v_mem + p_seg @ v) / z  # (B, H, T, D)
     return out, (z_mem / z).squeeze(-1)
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+FUSED_MIN_QUERIES = 8  # below this the two kernel launches cost more than the plain form
+
+
+def _flash_cpu(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """(out (B, H, T, D), logsumexp (B, H, T)) from PyTorch's fused CPU attention kernel."""
+    out, lse = _FLASH_CPU(q, k, v, 0.0, causal, scale=scale)[:2]
+    return out, lse
+
+
+def fused_split_attention(
+    q: Tensor, k_mem: Tensor, v_mem: Tensor, k: Tensor, v: Tensor, scale: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Same contract as `split_attention` with M > 0, on fused kernels (CPU, no autograd)."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    o_mem, lse_mem = _flash_cpu(q, k_mem, v_mem, False, scale)
+    o_seg, lse_seg = _flash_cpu(q, k, v, True, scale)
+    w_mem = torch.sigmoid(lse_mem - lse_seg)  # = exp(lse_mem - logaddexp(lse_mem, lse_seg))
+    out = o_seg + w_mem[..., None].to(o_seg.dtype) * (o_mem - o_seg)
+    return out, w_mem
+
+
+def attend(q: Tensor, k_mem: Tensor | None, v_mem: Tensor | None, k: Tensor, v: Tensor, scale: float | None = None):
+    """[memory; segment] attention, fused where it applies (CPU inference, float32, >= 8 queries)."""
+    m = 0 if k_mem is None else k_mem.shape[-2]
+    if (
+        _FLASH_CPU is not None and m > 0 and q.device.type == "cpu" and q.dtype == torch.float32
+        and q.shape[-2] >= FUSED_MIN_QUERIES and not torch.is_grad_enabled()
+    ):
+        return fused_split_attention(q, k_mem, v_mem, k, v, scale)
+    return split_attention(q, k_mem, v_mem, k, v, scale)
 
 
 def reference_attention(q: Tensor, k_all: Tensor, v_all: Tensor, allowed: Tensor) -> Tensor:

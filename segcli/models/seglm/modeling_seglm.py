@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 
 from ...memory import MemoryPolicy, make_policy
 from ...memory.base import LayerStats
-from ...ops.attention import split_attention
+from ...ops.attention import attend
 from ...ops.linear_attention import read_memory
 from ...ops.rope import apply_rope, inv_frequencies, rope_cos_sin, shift_rope
 from .configuration_seglm import SegLMConfig
@@ -90,7 +90,7 @@ class SegLMAttention(nn.Module):
             state, k_all, v_all, m = policy.extend(state, kr.detach(), v.detach(), k.detach(), shift_keys)
             # k_all = [memory before this segment; segment] (a view for window policies); the segment
             # part is taken from kr/v themselves so gradients flow within the segment.
-            out, mass = split_attention(qr, k_all[:, :, :m], v_all[:, :, :m], kr, v)
+            out, mass = attend(qr, k_all[:, :, :m], v_all[:, :, :m], kr, v)
         y = self.o(out.transpose(1, 2).reshape(b, t, c))
         return y, state, (None if mass is None else mass.mean())
 
@@ -130,7 +130,22 @@ class SegLMModel(SegLMPreTrainedModel):
         self.layers = nn.ModuleList(SegLMBlock(config) for _ in range(config.num_hidden_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self._inv_freq: dict[torch.device, Tensor] = {}  # per device; not a buffer, so loading never leaves it uninitialised
+        self._rope_block: dict = {}  # (device, dtype) -> (first position, cos, sin)
         self.post_init()
+
+    ROPE_BLOCK = 4096  # positions whose cos/sin are computed at once (float64, then cast)
+
+    def rope_tables(self, start: int, t: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin (T, D) for positions start .. start+T-1, sliced from a cached block."""
+        key = (device, dtype)
+        block = self._rope_block.get(key)
+        if block is None or not (block[0] <= start and start + t <= block[0] + block[1].shape[0]):
+            n = max(self.ROPE_BLOCK, t)
+            cos, sin = rope_cos_sin(torch.arange(start, start + n, device=device), self.inv_freq(device), dtype)
+            block = (start, cos, sin)
+            self._rope_block[key] = block
+        lo = start - block[0]
+        return block[1][lo : lo + t], block[2][lo : lo + t]
 
     def inv_freq(self, device: torch.device) -> Tensor:
         if device not in self._inv_freq:
@@ -143,8 +158,7 @@ class SegLMModel(SegLMPreTrainedModel):
     def forward(self, input_ids: Tensor, memory: SegMemory):
         b, t = input_ids.shape
         x = self.embed_tokens(input_ids)  # (B, T, C)
-        positions = torch.arange(memory.seen, memory.seen + t, device=input_ids.device)
-        cos, sin = rope_cos_sin(positions, self.inv_freq(input_ids.device), x.dtype)  # (T, D)
+        cos, sin = self.rope_tables(memory.seen, t, input_ids.device, x.dtype)  # (T, D)
         states, masses = [], []
         for layer, state in zip(self.layers, memory.states):
             x, state, mass = layer(x, cos, sin, memory.policy, state, self.shift_keys)
