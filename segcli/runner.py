@@ -43,6 +43,7 @@ class SegmentResult:
     type: str
     document: str
     segment: int
+    segment_size: int  # n_s of the run (the last segment of a document may hold fewer tokens)
     token_start: int  # scored-token range [start, end)
     token_end: int
     tokens: int
@@ -135,6 +136,7 @@ class Stream:
                 type="segment",
                 document=doc.name,
                 segment=index,
+                segment_size=self.cfg.segment_size,
                 token_start=start,
                 token_end=end,
                 tokens=tokens,
@@ -201,6 +203,22 @@ class Totals:
             else:
                 self.rest_nll += x
                 self.rest_n += 1
+
+    def merge(self, other: "Totals") -> "Totals":
+        """Add another stream's totals (same segment size), e.g. one document's into the corpus's.
+
+        A corpus summary is always the documents' totals merged in document order, so a run
+        sharded over processes adds the same numbers in the same order as one process.
+        """
+        if other.ns != self.ns:
+            raise ValueError(f"cannot merge totals of segment size {other.ns} into {self.ns}")
+        for name in ("tokens", "bytes", "segments", "nll", "nll_sq", "seconds", "words", "mass_sum", "mass_n",
+                     "first_nll", "rest_nll", "first_n", "rest_n"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.max_memory_bytes = max(self.max_memory_bytes, other.max_memory_bytes)
+        self.pos_nll = [a + b for a, b in zip(self.pos_nll, other.pos_nll)]
+        self.pos_n = [a + b for a, b in zip(self.pos_n, other.pos_n)]
+        return self
 
     def summary(self) -> dict[str, Any]:
         n = max(self.tokens, 1)

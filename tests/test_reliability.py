@@ -105,7 +105,7 @@ def bad_files(tmp_path_factory, tiny_model_dir):
 BAD_INPUT = [
     # (id, args, needle)
     ("missing-file", ["run", "{bad}/nope.txt"], "no such file"),
-    ("directory", ["run", "{bad}"], "is a directory"),
+    ("directory-without-documents", ["run", "{bad}", "--glob", "*.nothing"], "no files match"),  # a folder is a corpus
     ("empty-document", ["run", "{bad}/empty.txt"], "empty"),
     ("binary-data", ["run", "{bad}/binary.bin"], "binary"),
     ("invalid-utf8", ["run", "{bad}/latin1.txt"], "invalid UTF-8 at byte 3"),

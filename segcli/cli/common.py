@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from .. import __version__
+from ..distributed import PeerFailure
 from ..errors import SegcliError
 from ..memory import POLICY_NAMES
 
@@ -164,6 +165,8 @@ def handle_errors(fn: Callable) -> Callable:
             if debug:
                 raise
             err_console.print(e.message(), markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except PeerFailure as e:  # another rank of a torchrun run failed; rank 0 prints the error
             raise typer.Exit(e.exit_code) from None
         except SegcliError as e:
             if debug:

@@ -151,6 +151,75 @@ def group(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+BLOCKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float | None], lo: float | None = None, hi: float | None = None) -> str:
+    """One block character per value, scaled from lo (▁) to hi (█); None is a space."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return ""
+    lo = min(finite) if lo is None else lo
+    hi = max(finite) if hi is None else hi
+    span = hi - lo
+    out = []
+    for v in values:
+        if v is None or not math.isfinite(v):
+            out.append(" ")
+        else:
+            level = 0 if span <= 0 else int((v - lo) / span * len(BLOCKS))
+            out.append(BLOCKS[min(max(level, 0), len(BLOCKS) - 1)])
+    return "".join(out)
+
+
+class SparkBins:
+    """Per-segment loss for a sparkline in bounded memory: at most `width` bins of consecutive
+    segments, each the token-weighted mean loss of its segments; when the bins are full,
+    neighbours merge pairwise (each bin then holds twice as many segments)."""
+
+    def __init__(self, width: int = 48):
+        self.width = width
+        self.per_bin = 1  # segments per bin
+        self.nll: list[float] = []
+        self.tokens: list[int] = []
+        self.counts: list[int] = []
+
+    def add(self, nll: float, tokens: int) -> None:
+        if not self.counts or self.counts[-1] >= self.per_bin:
+            if len(self.counts) == self.width:
+                self._halve()
+            if not self.counts or self.counts[-1] >= self.per_bin:
+                self.nll.append(0.0), self.tokens.append(0), self.counts.append(0)
+        self.nll[-1] += nll
+        self.tokens[-1] += tokens
+        self.counts[-1] += 1
+
+    def _halve(self) -> None:
+        pairs = range(0, len(self.counts), 2)
+        self.nll = [sum(self.nll[i:i + 2]) for i in pairs]
+        self.tokens = [sum(self.tokens[i:i + 2]) for i in pairs]
+        self.counts = [sum(self.counts[i:i + 2]) for i in pairs]
+        self.per_bin *= 2
+
+    @property
+    def segments(self) -> int:
+        return sum(self.counts)
+
+    def values(self) -> list[float | None]:
+        return [n / t if t else None for n, t in zip(self.nll, self.tokens)]
+
+    def render(self, lo: float | None = None, hi: float | None = None) -> str:
+        return sparkline(self.values(), lo, hi)
+
+    def caption(self) -> str:
+        """e.g. `3.12 ▇▅▃▂▁ 4.80 (loss, 512 segments, 16 per mark)`."""
+        vals = [v for v in self.values() if v is not None and math.isfinite(v)]
+        if not vals:
+            return ""
+        per = f", {self.per_bin} per mark" if self.per_bin > 1 else ""
+        return f"{min(vals):.2f} {self.render()} {max(vals):.2f}  (loss per segment, {self.segments} segments{per})"
+
+
 def new_table(title: str, columns: list[tuple[str, str]]) -> Table:
     table = Table(title=title, title_justify="left", header_style="bold")
     for name, justify in columns:

@@ -1,0 +1,138 @@
+"""Many documents in one run: files, folders and JSON Lines corpora, in a fixed order.
+
+`expand` turns the command line's inputs into a list of `Source`s (one per document,
+in document order: the order given, folders sorted by path, JSON Lines files line by
+line). A source is read only when needed (`Source.read`), so a corpus of any size is
+listed in memory, not held there. Every process of a distributed run expands the same
+inputs to the same list; documents are then addressed by their index in it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .documents import Document, read_document
+from .errors import UsageError
+
+STDIN = "-"
+JSONL_SUFFIXES = (".jsonl",)  # files read record by record
+
+
+@dataclass(frozen=True)
+class Source:
+    """One document of a run: a file, stdin, or one record of a JSON Lines file."""
+
+    id: str  # the `document` field of its records
+    path: str  # file path ('-' for stdin)
+    line: int | None = None  # JSON Lines: 1-based line number of the record
+    offset: int = 0  # JSON Lines: byte offset of that line
+
+    @property
+    def is_stdin(self) -> bool:
+        return self.path == STDIN
+
+    @property
+    def where(self) -> str:
+        """Where to look when something is wrong with it (for error messages)."""
+        if self.line is None:
+            return self.path
+        here = f"{self.path}:{self.line}"
+        return here if self.id == here else f"{here} (id {self.id})"
+
+    def read(self, errors: str = "strict", field: str = "text") -> Document:
+        """The document's text (a file: checked as `read_document` checks it)."""
+        if self.line is None:
+            doc = read_document(self.path, errors)
+            return Document(self.id, doc.text, doc.n_bytes)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            raw = f.readline()
+        text = parse_record(raw, self.path, self.line, field, errors)[1]
+        return Document(self.id, text, len(text.encode("utf-8")))
+
+
+def parse_record(raw: bytes, path: str, line: int, field: str, errors: str) -> tuple[object, str]:
+    """(`id` value or None, text) of one JSON Lines record, with one clear error per problem."""
+    where = f"{path}:{line}"
+    try:
+        record = json.loads(raw.decode("utf-8", errors))
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{where}: invalid UTF-8 at byte {e.start} of the line; "
+                         "pass --errors replace to substitute U+FFFD") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise UsageError(f"{where}: expected a JSON object per line, got {type(record).__name__}")
+    if field not in record:
+        keys = ", ".join(list(record)[:8]) or "none"
+        raise UsageError(f"{where}: no field {field!r} (keys: {keys}); choose the text field with --jsonl-field")
+    text = record[field]
+    if not isinstance(text, str):
+        raise UsageError(f"{where}: field {field!r} must be a string, got {type(text).__name__}")
+    if not text:
+        raise UsageError(f"{where}: the document is empty (field {field!r})")
+    return record.get("id"), text
+
+
+def scan_jsonl(path: Path, field: str, errors: str) -> list[Source]:
+    """One source per non-blank line; every record is parsed and checked now."""
+    out: list[Source] = []
+    name = str(path)
+    try:
+        f = open(path, "rb")
+    except PermissionError:
+        raise UsageError(f"{name}: permission denied") from None
+    except OSError as e:
+        raise UsageError(f"{name}: cannot read ({e.strerror})") from None
+    with f:
+        offset = 0
+        for line, raw in enumerate(f, start=1):
+            if raw.strip():
+                rid, _ = parse_record(raw, name, line, field, errors)
+                out.append(Source(f"{name}:{line}" if rid is None else str(rid), name, line, offset))
+            offset += len(raw)
+    if not out:
+        raise UsageError(f"{name}: no records (an empty JSON Lines file)")
+    return out
+
+
+def expand_folder(folder: Path, pattern: str) -> list[Path]:
+    """Files under `folder` matching `pattern` (`**` recurses), sorted by their path inside it."""
+    try:
+        found = [p for p in folder.glob(pattern) if p.is_file()]
+    except ValueError as e:  # e.g. an empty or absolute pattern
+        raise UsageError(f"--glob {pattern!r}: {e}") from None
+    if not found:
+        raise UsageError(f"{folder}: no files match --glob {pattern!r} (use '**/*.txt' to search subfolders)")
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def expand(inputs: list[str], glob: str = "*.txt", jsonl_field: str = "text", errors: str = "strict") -> list[Source]:
+    """Documents in order: files as given, folders expanded with `glob`, .jsonl files record by record."""
+    out: list[Source] = []
+    for item in inputs:
+        if item == STDIN:
+            out.append(Source("<stdin>", STDIN))
+            continue
+        p = Path(item)
+        if p.is_dir():
+            files = expand_folder(p, glob)
+        elif p.exists():
+            files = [p]
+        else:
+            raise UsageError(f"{item}: no such file")
+        for f in files:
+            if f.suffix.lower() in JSONL_SUFFIXES:
+                out.extend(scan_jsonl(f, jsonl_field, errors))
+            else:
+                out.append(Source(item if f is p else str(f), item if f is p else str(f)))
+    if sum(s.is_stdin for s in out) > 1:
+        raise UsageError("stdin ('-') can be given only once")
+    return out
+
+
+def is_corpus(inputs: list[str]) -> bool:
+    """Whether the inputs name folders or JSON Lines files (not only plain documents)."""
+    return any(i != STDIN and (Path(i).is_dir() or Path(i).suffix.lower() in JSONL_SUFFIXES) for i in inputs)

@@ -1,0 +1,161 @@
+"""Corpus runs sharded over processes and machines with torch.distributed (launched by torchrun).
+
+torchrun sets WORLD_SIZE, RANK and LOCAL_RANK in every process it starts. Documents are
+dealt round-robin: in round r, rank k computes document r * world_size + k, with a memory
+of its own (fresh per document), then every rank reports its result and rank 0 receives
+them in document order. So rank 0 can write each round as soon as it is complete, and its
+output is the one a single process writes (the numbers of a document do not depend on
+which process computed it). A failure or a stop signal on any rank travels in the same
+exchange, so every rank stops at the same round with the same error.
+
+Process groups: gloo on CPU, nccl on GPU (each process on the GPU numbered by its
+LOCAL_RANK). Only Python objects are exchanged (`all_gather_object`, `gather_object`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .errors import SegcliError, UsageError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int  # this process, 0 .. size-1 (0 writes the output)
+    size: int  # processes in the run
+    local_rank: int  # this process on its machine (picks its GPU)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, n: int) -> range:
+        """Indices of the documents this process computes (round-robin)."""
+        return range(self.rank, n, self.size)
+
+
+def detect() -> World | None:
+    """The world torchrun set up, or None for a single process (WORLD_SIZE unset or 1)."""
+    try:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise UsageError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (they are set by torchrun)") from None
+    if size <= 1:
+        return None
+    if not 0 <= rank < size:
+        raise UsageError(f"RANK={rank} is outside WORLD_SIZE={size}")
+    return World(rank, size, local)
+
+
+def current_rank() -> int:
+    """This process's rank under torchrun (0 when not distributed)."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
+def init(world: World, device_type: str, timeout_s: float = 1800) -> None:
+    """Join the process group (MASTER_ADDR/MASTER_PORT come from torchrun)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise UsageError("this torch build has no torch.distributed; run without torchrun")
+    if device_type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise UsageError(f"LOCAL_RANK {world.local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
+                             "start at most that many processes per node (--nproc-per-node)")
+        torch.cuda.set_device(world.local_rank)  # torch.device('cuda') now means this process's GPU
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=world.rank, world_size=world.size,
+                                timeout=timedelta(seconds=timeout_s))
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclass
+class Failure:
+    """What stopped a rank: an error (message and exit code) or a signal, sent to every rank."""
+
+    message: str
+    exit_code: int
+    signum: int | None = None  # a stop signal (SIGINT/SIGTERM) rather than an error
+    index: int = -1  # the document it happened on
+
+
+class PeerFailure(SegcliError):
+    """Raised on ranks other than 0 when the run stops for a failure rank 0 reports:
+    they exit with the same code and write nothing (rank 0 writes the one error line)."""
+
+    def __init__(self, failure: Failure):
+        super().__init__(failure.message)
+        self.failure = failure
+        self.exit_code = failure.exit_code
+
+
+def all_gather(world: World, obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_main(world: World, obj: Any) -> list[Any] | None:
+    import torch.distributed as dist
+
+    out: list[Any] | None = [None] * world.size if world.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def first_failure(statuses: list[Any]) -> Failure | None:
+    failures = [s for s in statuses if isinstance(s, Failure)]
+    return min(failures, key=lambda f: f.index) if failures else None
+
+
+def agree(world: World, failure: Failure | None) -> Failure | None:
+    """Every rank learns the first failure (in document order) of any rank, or None."""
+    return first_failure(all_gather(world, failure))
+
+
+def rounds(world: World, n: int, work: Callable[[int], Any]) -> Iterator[tuple[int, Any]]:
+    """Compute documents round-robin; on rank 0 yield (index, result) in document order.
+
+    `work(i)` returns a picklable result or a `Failure`. Other ranks yield nothing. Every
+    rank stops at the round where any rank failed: rank 0 yields the results before the
+    failing document and then returns the failure via `StopRound`.
+    """
+    for start in range(0, n, world.size):
+        i = start + world.rank
+        result = work(i) if i < n else None
+        failure = agree(world, result if isinstance(result, Failure) else None)
+        results = gather_to_main(world, None if isinstance(result, Failure) else result)
+        if world.is_main:
+            for k, r in enumerate(results or []):
+                if start + k >= n or (failure is not None and start + k >= failure.index):
+                    break
+                yield start + k, r
+        if failure is not None:
+            raise StopRound(failure)
+
+
+class StopRound(Exception):
+    """A rank failed or was stopped; carries the agreed `Failure`."""
+
+    def __init__(self, failure: Failure):
+        super().__init__(failure.message)
+        self.failure = failure
