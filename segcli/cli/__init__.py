@@ -6,6 +6,7 @@ import typer
 
 from .compare import compare
 from .generate import generate
+from .plot import plot
 from .policies import policies
 from .run import run
 from .train import train
@@ -23,6 +24,7 @@ app.command()(compare)
 app.command()(policies)
 app.command()(train)
 app.command()(generate)
+app.command()(plot)
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Annotated, Any, Optional
 
 import typer
@@ -13,9 +14,9 @@ from ..memory import POLICY_NAMES
 from ..runner import Stream, Totals, resource_report
 from .common import (
     CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, FormatOpt, MaxTokensOpt, MemorySizeOpt,
-    ModelOpt, OutputOpt, QuietOpt, RateOpt, RevisionOpt, SeedOpt, SinkOpt, TrustOpt, handle_errors, value,
+    ModelOpt, OutputOpt, QuietOpt, RateOpt, RevisionOpt, SeedOpt, SinkOpt, TrustOpt, err_console, handle_errors, value,
 )
-from .output import Writer, default_format, fmt_bytes, fmt_num, new_table
+from .output import SparkBins, Writer, default_format, fmt_bytes, fmt_num, new_table
 from .run import build_config, config_block, make_progress, prepare
 
 
@@ -48,6 +49,8 @@ def compare(
     errors: ErrorsOpt = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = None,
+    plot: Annotated[Optional[str], typer.Option(
+        help="Also draw loss and tokens/s per setting as bars into FILE.png (.svg, .pdf); needs matplotlib.")] = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -58,7 +61,7 @@ def compare(
 
 @handle_errors
 def _compare(doc, segment_sizes, memory, model, memory_size, sink_tokens, compress_rate, compressed_size, device,
-             dtype, config, format, output, max_tokens, seed, errors, revision, trust_remote_code, quiet, debug):
+             dtype, config, format, output, max_tokens, seed, errors, revision, trust_remote_code, plot, quiet, debug):
     base = build_config(
         config, model=model, memory_size=memory_size, sink_tokens=sink_tokens, compress_rate=compress_rate,
         compressed_size=compressed_size, device=device, dtype=dtype, seed=seed, errors=errors, revision=revision,
@@ -67,7 +70,15 @@ def _compare(doc, segment_sizes, memory, model, memory_size, sink_tokens, compre
     sizes = parse_list(segment_sizes, "segment-sizes", int)
     policies = parse_list(memory, "memory") if memory else [base.memory]
     configs = [dataclasses.replace(base, memory=p, segment_size=n).validate() for p in policies for n in sizes]
-    writer = Writer(default_format(value(format), output), output)
+    if plot:  # before any model work: matplotlib there, the picture writable
+        from .. import plot as plots
+
+        plots.require_matplotlib()
+        plots.check_target(plot, "--plot")
+    fmt = default_format(value(format), output)
+    writer = Writer(fmt, output)
+    sparks: list[tuple[str, SparkBins]] = []
+    rows: list[dict[str, Any]] = []
     ok = False
     try:
         backend, (tdoc,) = prepare(base, [doc], max_tokens)
@@ -79,13 +90,16 @@ def _compare(doc, segment_sizes, memory, model, memory_size, sink_tokens, compre
                 progress.update(task, description=f"{cfg.memory} n_s={cfg.segment_size}")
                 totals = Totals(cfg.segment_size)
                 totals.add_document(tdoc)
+                spark = SparkBins(32)
                 for r in Stream(backend, cfg).segments(tdoc):
                     totals.add(r)
+                    spark.add(r.nll, r.tokens)
                     progress.update(task, advance=1)
+                sparks.append((f"{cfg.memory} n_s={cfg.segment_size}", spark))
                 s = totals.summary()
                 rate = s["tokens_per_s"]
                 first_rate = first_rate or rate
-                writer.write({
+                rows.append({
                     "type": "row", "policy": cfg.memory, "segment_size": cfg.segment_size, "tokens": s["tokens"],
                     "loss": s["loss"], "ppl": s["ppl"], "bits_per_byte": s["bits_per_byte"],
                     "boundary_gap": s["boundary"]["gap"], "tokens_per_s": rate,
@@ -94,18 +108,52 @@ def _compare(doc, segment_sizes, memory, model, memory_size, sink_tokens, compre
                     "attn_mass_memory": s["attn_mass_memory"], "seconds": s["seconds"],
                     "sizes": {k: v for k, v in cfg.sizes().items()},
                 })
+                writer.write(rows[-1])
         writer.write({"type": "summary", "document": tdoc.name, "rows": len(configs), **resource_report(backend.device),
                       "config": config_block(base, backend) | {"segment_sizes": sizes, "memory": policies}})
+        if plot:
+            plots.save(plots.compare_figure(rows, f"{tdoc.name}: what each setting costs and buys"), plot)
         ok = True
     finally:
-        writer.close(ok, render_table=render_compare_table)
+        writer.close(ok, render_table=lambda console, records: render_compare_table(console, records, sparks))
+    if not quiet and err_console.is_terminal:
+        if fmt != "table":
+            show_sparks(err_console, sparks)
+        if plot:
+            err_console.print(f"wrote {plot}", markup=False, highlight=False)
 
 
-def render_compare_table(console: Console, records: list[dict[str, Any]]) -> None:
-    table = new_table("compare", [(c, "right") for c in (
-        "policy", "n_s", "tokens", "loss", "ppl", "bits/byte", "boundary gap", "tok/s", "speed-up", "memory", "updates")])
-    for r in (r for r in records if r["type"] == "row"):
-        table.add_row(r["policy"], str(r["segment_size"]), str(r["tokens"]), fmt_num(r["loss"]), fmt_num(r["ppl"], 2),
-                      fmt_num(r["bits_per_byte"]), fmt_num(r["boundary_gap"]), fmt_num(r["tokens_per_s"], 0),
-                      f"{fmt_num(r['speedup'], 2)}×", fmt_bytes(r["memory_bytes"]), str(r["memory_updates"]))
+def spark_scale(sparks: list[tuple[str, SparkBins]]) -> tuple[float | None, float | None]:
+    """One loss scale for every row, so the sparklines compare."""
+    vals = [v for _, s in sparks for v in s.values() if v is not None and math.isfinite(v)]
+    return (min(vals), max(vals)) if vals else (None, None)
+
+
+def show_sparks(console: Console, sparks: list[tuple[str, SparkBins]]) -> None:
+    lo, hi = spark_scale(sparks)
+    if lo is None:
+        return
+    width = max(len(label) for label, _ in sparks)
+    console.print(f"loss per segment, {lo:.2f} (▁) to {hi:.2f} (█):", markup=False, highlight=False)
+    for label, spark in sparks:
+        console.print(f"  {label:<{width}}  {spark.render(lo, hi)}", markup=False, highlight=False)
+
+
+def render_compare_table(console: Console, records: list[dict[str, Any]],
+                         sparks: list[tuple[str, SparkBins]] | None = None) -> None:
+    lo, hi = spark_scale(sparks or [])
+    columns = ["policy", "n_s", "tokens", "loss", "ppl", "bits/byte", "boundary gap", "tok/s", "speed-up", "memory",
+               "updates"]
+    if lo is not None:
+        columns.append("loss per segment")
+    table = new_table("compare", [(c, "left" if c == "loss per segment" else "right") for c in columns])
+    for i, r in enumerate(r for r in records if r["type"] == "row"):
+        cells = [r["policy"], str(r["segment_size"]), str(r["tokens"]), fmt_num(r["loss"]), fmt_num(r["ppl"], 2),
+                 fmt_num(r["bits_per_byte"]), fmt_num(r["boundary_gap"]), fmt_num(r["tokens_per_s"], 0),
+                 f"{fmt_num(r['speedup'], 2)}×", fmt_bytes(r["memory_bytes"]), str(r["memory_updates"])]
+        if lo is not None and sparks is not None and i < len(sparks):
+            cells.append(sparks[i][1].render(lo, hi))
+        table.add_row(*cells)
     console.print(table)
+    if lo is not None:
+        console.print(f"loss per segment: {lo:.2f} (▁) to {hi:.2f} (█), same scale in every row", style="dim")

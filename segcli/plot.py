@@ -1,0 +1,267 @@
+"""Pictures of results: what the loss and the memory did along a document, and what each
+setting of `compare` cost and bought.
+
+Input is the records `segcli run` and `segcli compare` write (JSON Lines, or `--format json`).
+Segment records are grouped into one line per run and document (several runs' outputs can
+be concatenated into one file: a `summary` record ends each run). matplotlib is an optional
+dependency (`pip install 'segcli[plot]'`); figures are built with its object API (no pyplot
+state) and written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .errors import UsageError
+
+FORMATS = (".png", ".svg", ".pdf")
+MAX_SERIES = 12  # lines per panel; more are left out (named in the title)
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("plotting needs matplotlib, an optional dependency: pip install 'segcli[plot]' "
+                         "(or pip install matplotlib)") from None
+
+
+def check_target(path: str, option: str = "--output") -> None:
+    target = Path(path)
+    if target.suffix.lower() not in FORMATS:
+        raise UsageError(f"{option} {path}: the picture's name must end in {', '.join(FORMATS)}")
+    if not target.parent.exists():
+        raise UsageError(f"{option} {path}: folder {target.parent} does not exist")
+    if target.is_dir():
+        raise UsageError(f"{option} {path}: is a directory")
+
+
+# -- reading results ----------------------------------------------------------------------------------------------------
+
+def parse_records(text: str, name: str) -> list[dict[str, Any]]:
+    """Records from JSON Lines, or from `--format json` output (records grouped by type)."""
+    stripped = text.strip()
+    if not stripped:
+        raise UsageError(f"{name}: no records (empty file)")
+    try:
+        whole = json.loads(stripped)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, dict) and "type" not in whole:  # --format json: {"segments": [...], "summary": {...}}
+        out: list[dict[str, Any]] = []
+        for key in ("segments", "documents", "rows"):
+            out.extend(whole.get(key, []))
+        out.extend(whole.get("summaries", [whole["summary"]] if "summary" in whole else []))
+        return out
+    records = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{name}:{line_no}: not valid JSON ({e.msg}); plot reads the JSON Lines that "
+                             "`segcli run --format jsonl` and `segcli compare --format jsonl` write") from None
+        if not isinstance(r, dict) or "type" not in r:
+            raise UsageError(f"{name}:{line_no}: not a segcli record (no 'type' field)")
+        records.append(r)
+    return records
+
+
+@dataclass
+class Series:
+    """One line: the segments of one document in one run."""
+
+    run: int  # index of the run in the input (runs end with a summary record)
+    document: str
+    policy: str
+    segment_size: int | None
+    capacity: int | None
+    token_end: list[int] = field(default_factory=list)  # x: tokens into the document
+    tokens: list[int] = field(default_factory=list)
+    nll: list[float] = field(default_factory=list)
+    attn_mass: list[float | None] = field(default_factory=list)
+    memory_bytes: list[int] = field(default_factory=list)
+    label: str = ""
+
+
+def segment_series(records: Iterable[dict[str, Any]], document: str | None = None) -> list[Series]:
+    """Group segment records by (run, document), in the order they appear."""
+    groups: dict[tuple[int, str], Series] = {}
+    run = 0
+    for r in records:
+        t = r.get("type")
+        if t == "summary":
+            run += 1
+        if t != "segment" or (document is not None and r.get("document") != document):
+            continue
+        mem = r.get("memory") or {}
+        key = (run, str(r.get("document")))
+        s = groups.get(key)
+        if s is None:
+            s = groups[key] = Series(run, key[1], mem.get("policy", "?"), r.get("segment_size"), mem.get("capacity"))
+        s.token_end.append(int(r["token_end"]))
+        s.tokens.append(int(r["tokens"]))
+        s.nll.append(float(r["nll"]))
+        s.attn_mass.append(mem.get("attn_mass_memory"))
+        s.memory_bytes.append(int(mem.get("bytes") or 0))
+    series = list(groups.values())
+    label_series(series)
+    return series
+
+
+def label_series(series: list[Series]) -> None:
+    """Short labels, made longer only where they would otherwise collide."""
+    many_docs = len({s.document for s in series}) > 1
+    for s in series:
+        s.label = f"{s.policy} n_s={s.segment_size}" if s.segment_size is not None else s.policy
+        if many_docs:
+            s.label += f" · {Path(s.document).name}"
+    for extra in (lambda s: f" cap={'∞' if s.capacity is None else s.capacity}", lambda s: f" (run {s.run + 1})"):
+        labels = [s.label for s in series]
+        for s in series:
+            if labels.count(s.label) > 1:
+                s.label += extra(s)
+
+
+def rolling(series: Series, values: list[float | None], window: int) -> np.ndarray:
+    """Token-weighted mean of `values` over the segments that end within `window` tokens
+    before each segment's end (NaN where none has a value)."""
+    v = np.array([np.nan if x is None else float(x) for x in values])
+    w = np.array(series.tokens, dtype=float)
+    ok = np.isfinite(v)
+    num = np.concatenate([[0.0], np.cumsum(np.where(ok, v * w, 0.0))])
+    den = np.concatenate([[0.0], np.cumsum(np.where(ok, w, 0.0))])
+    ends = np.array(series.token_end)
+    first = np.searchsorted(ends, ends - window, side="right")  # first segment inside the window
+    idx = np.arange(len(ends)) + 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (num[idx] - num[first]) / (den[idx] - den[first])
+
+
+def byte_unit(n: float) -> tuple[float, str]:
+    for scale, unit in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if n >= scale:
+            return scale, unit
+    return 1, "bytes"
+
+
+# -- figures ------------------------------------------------------------------------------------------------------------
+
+def segments_figure(series: list[Series], smooth: int | None = None, title: str | None = None):
+    """Three panels along the document: loss, attention mass on memory, memory held."""
+    from matplotlib.figure import Figure
+
+    if not series:
+        raise UsageError("no segment records to plot (give the output of `segcli run --format jsonl`)")
+    shown, left_out = series[:MAX_SERIES], len(series) - MAX_SERIES
+    longest = max(s.token_end[-1] for s in shown)
+    ns = max((s.segment_size or 1) for s in shown)
+    window = smooth if smooth is not None else ns * max(1, round(longest / 64 / ns))  # whole segments
+    fig = Figure(figsize=(9, 7.5), layout="constrained")
+    ax_loss, ax_mass, ax_mem = fig.subplots(3, 1, sharex=True, height_ratios=[3, 2, 2])
+    held = [b for s in shown for b in s.memory_bytes if b > 0]
+    scale, unit = byte_unit(max(held, default=0))
+    log_memory = bool(held) and max(held) / min(held) > 50  # a growing cache next to bounded ones
+    for i, s in enumerate(shown):
+        color = f"C{i % 10}"
+        x = np.array(s.token_end)
+        ax_loss.plot(x, rolling(s, [n / t for n, t in zip(s.nll, s.tokens)], window), color=color, lw=1.4, label=s.label)
+        ax_mass.plot(x, rolling(s, s.attn_mass, window), color=color, lw=1.4)
+        ax_mem.step(x, np.array(s.memory_bytes) / scale, where="post", color=color, lw=1.4)
+    mean = f"mean over {window:,} tokens" if window > ns else "per segment"
+    ax_loss.set_ylabel(f"loss, nats/token\n({mean})")
+    ax_mass.set_ylabel("attention on memory\n(fraction)")
+    ax_mem.set_ylabel(f"memory held\n({unit}, all layers{', log' if log_memory else ''})")
+    if log_memory:
+        ax_mem.set_yscale("log")  # an empty memory (0 bytes) is left off a log axis
+    ax_mem.set_xlabel("tokens into the document")
+    ax_mass.set_ylim(bottom=0)
+    if not log_memory:
+        ax_mem.set_ylim(bottom=0)
+    for ax in (ax_loss, ax_mass, ax_mem):
+        ax.grid(True, alpha=0.3)
+    ax_loss.legend(loc="upper right", fontsize=8, ncols=2 if len(shown) > 4 else 1)
+    docs = sorted({s.document for s in shown})
+    heading = title or (f"{Path(docs[0]).name}: loss and memory per segment" if len(docs) == 1
+                        else f"{len(docs)} documents: loss and memory per segment")
+    if left_out > 0:
+        heading += f" (first {MAX_SERIES} of {len(series)} series)"
+    fig.suptitle(heading)
+    return fig
+
+
+def compare_figure(rows: list[dict[str, Any]], title: str | None = None):
+    """Bars of loss and of tokens/s, one per (policy, segment size) row of `compare`."""
+    from matplotlib.figure import Figure
+
+    if not rows:
+        raise UsageError("no compare rows to plot (give the output of `segcli compare --format jsonl`)")
+    labels = [f"{r['policy']} n_s={r['segment_size']}" for r in rows]
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    colors = [f"C{policies.index(r['policy']) % 10}" for r in rows]
+    y = np.arange(len(rows))[::-1]
+    fig = Figure(figsize=(9, 1.2 + 0.42 * len(rows)), layout="constrained")
+    ax_loss, ax_speed = fig.subplots(1, 2, sharey=True)
+    loss = [r["loss"] if r.get("loss") is not None else math.nan for r in rows]
+    speed = [r["tokens_per_s"] if r.get("tokens_per_s") is not None else math.nan for r in rows]
+    ax_loss.barh(y, loss, color=colors)
+    ax_speed.barh(y, speed, color=colors)
+    finite = [v for v in loss if math.isfinite(v)]
+    if finite:  # start near the smallest loss: differences between settings are small next to the loss
+        lo, hi = min(finite), max(finite)
+        ax_loss.set_xlim(max(0.0, lo - 0.6 * (hi - lo) - 0.05), hi + 0.1 * (hi - lo) + 0.02)
+    for yi, v in zip(y, loss):
+        if math.isfinite(v):
+            ax_loss.annotate(f"{v:.3f}", (v, yi), xytext=(-3, 0), textcoords="offset points", ha="right",
+                             va="center", fontsize=8, color="white")
+    for yi, v in zip(y, speed):
+        if math.isfinite(v):
+            ax_speed.annotate(f"{v:,.0f}", (v, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+    ax_loss.set_yticks(y, labels)
+    ax_loss.set_xlabel("loss, nats/token (lower is better)")
+    ax_speed.set_xlabel("tokens/s (higher is better)")
+    ax_speed.set_xlim(0, (max([v for v in speed if math.isfinite(v)], default=1) or 1) * 1.18)
+    for ax in (ax_loss, ax_speed):
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(title or "compare: what each setting costs and buys")
+    return fig
+
+
+def figure_for(records: list[dict[str, Any]], smooth: int | None = None, document: str | None = None,
+               title: str | None = None):
+    """Segment records: lines along the document; otherwise compare rows: bars."""
+    if any(r.get("type") == "segment" for r in records):
+        series = segment_series(records, document)
+        if not series:
+            raise UsageError(f"no segments of document {document!r} in the results")
+        return segments_figure(series, smooth, title)
+    rows = [r for r in records if r.get("type") == "row"]
+    if rows:
+        return compare_figure(rows, title)
+    raise UsageError("no segment or row records to plot (give the JSON Lines of `segcli run` or `segcli compare`)")
+
+
+def save(fig, path: str, dpi: int = 110) -> int:
+    """Write the figure atomically; returns its size in bytes."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, format=target.suffix.lstrip(".").lower())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a picture is an ordinary file
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target.stat().st_size
