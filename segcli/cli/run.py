@@ -468,7 +468,7 @@ def render_run_table(console: Console, records: list[dict[str, Any]], spark: Spa
         by_doc: dict[str, list[float | None]] = {}
         for r in segs:
             by_doc.setdefault(r["document"], []).append(r["loss"])
-        table = new_table("documents", [(c, "right") for c in (
+        table = new_table("documents", [(c, "left" if c in ("document", "loss per segment") else "right") for c in (
             "#", "document", "tokens", "loss", "ppl", "bits/byte", "attn→mem", "loss per segment")])
         for d in documents:
             bins = SparkBins(24)
