@@ -153,7 +153,3 @@ def explicit_keys(cls, config_file: str | Path | None, overrides: dict[str, Any]
     return given
 
 
-def to_dict(obj) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
-
-

@@ -24,7 +24,7 @@ build new tensors so the graph of the previous segment stays intact.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -66,11 +66,6 @@ def mean_norm(x: Tensor | None) -> float:
     if x is None or x.numel() == 0:
         return 0.0
     return float(x.float().norm(dim=-1).mean())
-
-
-def state_bytes(state: Any) -> int:
-    """Bytes of every tensor field of a dataclass state."""
-    return tensor_bytes(*(getattr(state, f.name) for f in fields(state) if isinstance(getattr(state, f.name), Tensor)))
 
 
 class MemoryPolicy(ABC):
