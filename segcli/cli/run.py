@@ -237,7 +237,8 @@ class Corpus:
         if self.sources[i].is_stdin:
             assert self.stdin_reader is not None
             return self.stdin_reader.document(backend, self.cfg.errors, self.max_tokens)
-        return self.kept.pop(i, None) or self._tokenize(i, backend)
+        kept = self.kept.pop(i, None)
+        return kept if kept is not None else self._tokenize(i, backend)
 
 
 def document_records(stream: Stream, backend: Backend, doc: Document, index: int, totals: Totals,
@@ -372,8 +373,9 @@ def run_corpus(cfg: RunConfig, world: distributed.World | None, docs: list[str],
             totals = Totals(cfg.segment_size)
             spark = SparkBins()
             stream = Stream(backend, cfg, memory_state)
-            with make_progress(quiet, n_segments if corpus.sized else None) as progress, signals.deferred():
-                task = progress.add_task(f"{cfg.memory} n_s={cfg.segment_size}", total=n_segments, rate="")
+            total = n_segments if corpus.sized else None  # a stdin stream's length is unknown
+            with make_progress(quiet, total) as progress, signals.deferred():
+                task = progress.add_task(f"{cfg.memory} n_s={cfg.segment_size}", total=total, rate="")
 
                 done = {"tokens": 0, "seconds": 0.0}
 
