@@ -132,7 +132,3 @@ def expand(inputs: list[str], glob: str = "*.txt", jsonl_field: str = "text", er
         raise UsageError("stdin ('-') can be given only once")
     return out
 
-
-def is_corpus(inputs: list[str]) -> bool:
-    """Whether the inputs name folders or JSON Lines files (not only plain documents)."""
-    return any(i != STDIN and (Path(i).is_dir() or Path(i).suffix.lower() in JSONL_SUFFIXES) for i in inputs)
