@@ -157,6 +157,15 @@ class Stream:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident set. VmHWM, not getrusage: ru_maxrss survives fork and exec,
+    so a segcli started by a large parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
