@@ -64,15 +64,19 @@ def test_none_equals_each_segment_alone(model, ids):
         assert (out[:, s : s + 10] - alone).abs().max() <= TOL
 
 
+def layer0_qkv(model, ids):
+    """Layer 0's raw q, k, v (B, H, N, D) from a plain forward (layer 0 sees only the embeddings)."""
+    layer = model.model.layers[0]
+    h = layer.attn_norm(model.model.embed_tokens(ids))
+    return layer.attn.qkv(h).view(1, ids.shape[1], 3, layer.attn.h, layer.attn.d).permute(2, 0, 3, 1, 4)
+
+
 @torch.no_grad()
 def test_linear_memory_state_is_the_token_by_token_accumulation(model, ids):
     from segcli.ops.linear_attention import recurrent_linear_memory
 
     _, mem = streamed(model, ids, "linear", 16)
-    # recompute layer 0's raw keys and values from a plain forward (layer 0 sees only embeddings)
-    layer = model.model.layers[0]
-    h = layer.attn_norm(model.model.embed_tokens(ids))
-    q, k, v = layer.attn.qkv(h).view(1, N, 3, layer.attn.h, layer.attn.d).permute(2, 0, 3, 1, 4)
+    q, k, v = layer0_qkv(model, ids)
     _, state = recurrent_linear_memory(q, k, v)
     got = mem.states[0]
     assert got.n == state.n == N
@@ -85,9 +89,7 @@ def test_average_memory_is_the_plain_mean_of_rotated_pairs(model, ids):
     from segcli.ops.rope import apply_rope, inv_frequencies, rope_cos_sin
 
     _, mem = streamed(model, ids, "average", 13)
-    layer = model.model.layers[0]
-    h = layer.attn_norm(model.model.embed_tokens(ids))
-    q, k, v = layer.attn.qkv(h).view(1, N, 3, layer.attn.h, layer.attn.d).permute(2, 0, 3, 1, 4)
+    q, k, v = layer0_qkv(model, ids)
     cos, sin = rope_cos_sin(torch.arange(N), inv_frequencies(model.config.head_dim, model.config.rope_theta), k.dtype)
     kr = apply_rope(k, cos, sin)
     assert (mem.states[0].k[:, :, 0] - kr.mean(2)).abs().max() <= TOL

@@ -203,9 +203,8 @@ def test_document_shorter_than_one_token(tokenizer):
         list(streamed.windows(4))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_device_cuda_without_gpu(base, doc_path):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
     args = [a for a in base if a not in ("--device", "cpu")]
     assert_one_error_line(invoke("run", doc_path, *args, "--device", "cuda"), 2, "no CUDA GPU")
 
