@@ -63,6 +63,8 @@ def load_train_config(path: str | None, overrides: dict[str, Any]) -> TrainConfi
     data = load_yaml(path) if path else {}
     cfg = from_mapping(TrainConfig, data, str(path or "train config"))
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("steps") is not None:  # an explicit step count is the schedule: no time fitting
+        cfg = dataclasses.replace(cfg, max_minutes=None)
     for p in cfg.policies:
         if p not in POLICY_NAMES:
             raise UsageError(f"train config: unknown policy {p!r} in policies")

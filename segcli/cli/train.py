@@ -15,7 +15,7 @@ def train(
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="Training YAML (see configs/train-bundled.yaml).")] = None,
     corpus: Annotated[Optional[str], typer.Option(help="Folder of .txt files (overrides the YAML).")] = None,
     out_dir: Annotated[Optional[str], typer.Option(help="Where checkpoints and the final model go.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides the YAML).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides the YAML and turns off max_minutes time fitting).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from out_dir/checkpoint.pt.")] = False,
