@@ -12,12 +12,12 @@ from __future__ import annotations
 import codecs
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from .errors import UsageError
+from .files import require_file
 
 
 @dataclass
@@ -100,11 +100,7 @@ def read_document(path: str, errors: str = "strict") -> Document:
     """Read a file (or '-' for stdin) as UTF-8 text, with one clear error per bad input."""
     if path == "-":
         return decode(sys.stdin.buffer.read(), "<stdin>", errors)
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"{path}: no such file")
-    if p.is_dir():
-        raise UsageError(f"{path}: is a directory, not a document")
+    p = require_file(path, path, "document")
     try:
         data = p.read_bytes()
     except PermissionError:

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .errors import UsageError
+from .files import require_writable
 
 FORMATS = (".png", ".svg", ".pdf")
 MAX_SERIES = 12  # lines per panel; more are left out (named in the title)
@@ -35,13 +36,9 @@ def require_matplotlib() -> None:
 
 
 def check_target(path: str, option: str = "--output") -> None:
-    target = Path(path)
-    if target.suffix.lower() not in FORMATS:
+    if Path(path).suffix.lower() not in FORMATS:
         raise UsageError(f"{option} {path}: the picture's name must end in {', '.join(FORMATS)}")
-    if not target.parent.exists():
-        raise UsageError(f"{option} {path}: folder {target.parent} does not exist")
-    if target.is_dir():
-        raise UsageError(f"{option} {path}: is a directory")
+    require_writable(path, option)
 
 
 # -- reading results ----------------------------------------------------------------------------------------------------

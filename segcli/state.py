@@ -28,6 +28,7 @@ from torch import Tensor
 
 from . import __version__
 from .errors import UsageError
+from .files import require_file, require_writable
 
 FORMAT = 1
 META_KEY = "segcli"
@@ -73,11 +74,7 @@ def rebuild_state(desc: dict[str, Any], tensors: dict[str, Tensor], device: torc
 
 def check_target(path: str) -> None:
     """Fail before any work when the file could not be written."""
-    target = Path(path)
-    if not target.parent.exists():
-        raise UsageError(f"--save-memory {path}: folder {target.parent} does not exist")
-    if target.is_dir():
-        raise UsageError(f"--save-memory {path}: is a directory")
+    require_writable(path, "--save-memory")
 
 
 def save_memory(path: str, memory, backend, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -119,11 +116,7 @@ def save_memory(path: str, memory, backend, extra: dict[str, Any] | None = None)
 def read_memory_file(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
     from safetensors import safe_open
 
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"--load-memory {path}: no such file")
-    if p.is_dir():
-        raise UsageError(f"--load-memory {path}: is a directory")
+    p = require_file(path, f"--load-memory {path}")
     try:
         with safe_open(str(p), "pt") as f:
             meta_text = (f.metadata() or {}).get(META_KEY)

@@ -8,14 +8,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..backends import load_backend
+from ..documents import read_document, tokenize
+from ..errors import UsageError
 from ..generate import GenerateSettings, generate as run_generate
 from .common import (
     CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, MemorySizeOpt, ModelOpt, Policy, QuietOpt,
-    RateOpt, RevisionOpt, SeedOpt, SegmentSizeOpt, SinkOpt, TrustOpt, handle_errors, value,
+    RateOpt, RevisionOpt, SeedOpt, SegmentSizeOpt, SinkOpt, TrustOpt, handle_errors,
 )
-from ..documents import read_document, tokenize
-from ..backends import load_backend
-from ..errors import UsageError
 from .run import build_config, config_block
 
 

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import UsageError
+from ..files import require_writable
 
 
 def clean(x: Any) -> Any:
@@ -80,11 +80,7 @@ class Writer:
         self.output = output
         self._tmp: str | None = None
         if output:
-            target = Path(output)
-            if not target.parent.exists():
-                raise UsageError(f"--output {output}: folder {target.parent} does not exist")
-            if target.is_dir():
-                raise UsageError(f"--output {output}: is a directory")
+            target = require_writable(output, "--output")
             fd, self._tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
             self.stream: TextIO = os.fdopen(fd, "w", encoding="utf-8", newline="")
         else:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ..errors import UsageError
+from ..files import require_file
 from .common import DebugOpt, QuietOpt, err_console, handle_errors
 
 
@@ -50,11 +50,7 @@ def _plot(results, output, smooth, document, title, quiet, debug):
 def read_text(name: str) -> str:
     if name == "-":
         return sys.stdin.read()
-    p = Path(name)
-    if not p.exists():
-        raise UsageError(f"{name}: no such file")
-    if p.is_dir():
-        raise UsageError(f"{name}: is a directory, not a results file")
+    p = require_file(name, name, "results file")
     try:
         return p.read_text(encoding="utf-8")
     except PermissionError:
