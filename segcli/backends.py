@@ -20,6 +20,7 @@ from .config import RunConfig
 from .errors import UsageError
 from .memory import make_policy
 from .memory.base import LayerStats
+from .ops.layout import column_major_linears
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -171,6 +172,8 @@ def load_backend(cfg: RunConfig) -> Backend:
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"{path}: cannot load the checkpoint ({str(e).splitlines()[0]})") from None
     model.to(device).eval()
+    if device.type == "cpu":
+        column_major_linears(model)  # faster CPU matmuls, same values (segcli/ops/layout.py)
     tok = load_tokenizer(path)
     bos = model_cfg.bos_token_id
     identity = {

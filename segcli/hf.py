@@ -209,6 +209,10 @@ def load_hf_backend(cfg: RunConfig, path: Path, device: torch.device, dtype: tor
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"{path}: cannot load as a causal LM ({str(e).splitlines()[0]})") from None
     model.to(device).eval()
+    if device.type == "cpu":
+        from .ops.layout import column_major_linears
+
+        column_major_linears(model)  # faster CPU matmuls, same values (segcli/ops/layout.py)
     backend_tok = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
     if backend_tok is None:
         raise UsageError(f"{path}: segcli needs a fast tokenizer (tokenizer.json)")

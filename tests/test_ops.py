@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from segcli.ops.attention import fused_split_attention, reference_attention, split_attention
+from segcli.ops.attention import fused_split_attention, reference_attention, single_query_attention, split_attention
 from segcli.ops.linear_attention import (
     chunk_linear_memory, empty_state, naive_linear_memory, recurrent_linear_memory,
 )
@@ -79,3 +79,19 @@ def test_fused_split_attention_matches_reference(t):
     out, mass = fused_split_attention(q, km, vm, k, v)
     ref_out, ref_mass = split_attention(q, km, vm, k, v)
     assert (out - ref_out).abs().max() < 1e-5 and (mass - ref_mass).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("m", [0, 1, 37], ids=lambda m: f"mem{m}")
+def test_single_query_attention_matches_masked_reference(m):
+    g = torch.Generator().manual_seed(m)
+    q, k, v = (torch.randn(2, 3, 1, 8, generator=g) * 2 for _ in range(3))
+    km, vm = (torch.randn(2, 3, m, 8, generator=g) * 2 for _ in range(2))
+    k_all, v_all = torch.cat([km, k], 2), torch.cat([vm, v], 2)
+    out, mass = single_query_attention(q, k_all, v_all, m)
+    ref = reference_attention(q, k_all, v_all, torch.ones(1, m + 1, dtype=torch.bool))
+    assert (out - ref).abs().max() < 1e-5
+    if m:
+        p = torch.softmax((q @ k_all.transpose(-1, -2)) / 8**0.5, -1)
+        assert (mass - p[..., :m].sum(-1)).abs().max() < 1e-6
+    else:
+        assert mass is None

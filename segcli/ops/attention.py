@@ -81,6 +81,19 @@ def attend(q: Tensor, k_mem: Tensor | None, v_mem: Tensor | None, k: Tensor, v: 
     return split_attention(q, k_mem, v_mem, k, v, scale)
 
 
+def single_query_attention(q: Tensor, k_all: Tensor, v_all: Tensor, m: int, scale: float | None = None):
+    """One query per stream reading [memory; itself]: q (B, H, 1, D), k_all/v_all (B, H, m + 1, D).
+
+    With a single query there is nothing to mask (it sees every memory slot and itself), so this is
+    one softmax over the joined keys: a handful of kernels instead of the split form's two halves.
+    Returns out (B, H, 1, D) and mass (B, H, 1) on the m memory slots (None when m == 0).
+    """
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    p = torch.softmax((q * scale) @ k_all.transpose(-1, -2), dim=-1)  # (B, H, 1, m + 1)
+    out = p @ v_all  # (B, H, 1, D)
+    return out, (p[..., :m].sum(-1) if m else None)
+
+
 def reference_attention(q: Tensor, k_all: Tensor, v_all: Tensor, allowed: Tensor) -> Tensor:
     """Plain masked softmax attention: q (B,H,T,D), k_all/v_all (B,H,S,D), allowed (T,S) bool."""
     s = (q @ k_all.transpose(-1, -2)) / math.sqrt(q.shape[-1])

@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 
 from ...memory import MemoryPolicy, make_policy
 from ...memory.base import LayerStats
-from ...ops.attention import attend
+from ...ops.attention import attend, single_query_attention
 from ...ops.linear_attention import read_memory
 from ...ops.rope import apply_rope, inv_frequencies, rope_cos_sin, shift_rope
 from .configuration_seglm import SegLMConfig
@@ -74,8 +74,9 @@ class SegLMAttention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, policy: MemoryPolicy, state: Any, shift_keys):
         b, t, c = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.h, self.d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D)
-        qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv(x).view(b, t, 3, self.h, self.d).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+        q, k, v = qkv.unbind(0)
+        qr, kr = apply_rope(qkv[:2], cos, sin).unbind(0)  # q and k rotated together: one set of kernels
         if policy.kind == "linear":
             out = F.scaled_dot_product_attention(qr, kr, v, is_causal=True)  # (B, H, T, D)
             g = torch.sigmoid(self.memory_gate).view(1, self.h, 1, 1)
@@ -90,7 +91,10 @@ class SegLMAttention(nn.Module):
             state, k_all, v_all, m = policy.extend(state, kr.detach(), v.detach(), k.detach(), shift_keys)
             # k_all = [memory before this segment; segment] (a view for window policies); the segment
             # part is taken from kr/v themselves so gradients flow within the segment.
-            out, mass = attend(qr, k_all[:, :, :m], v_all[:, :, :m], kr, v)
+            if t == 1 and not torch.is_grad_enabled():  # token by token: one softmax over [memory; itself]
+                out, mass = single_query_attention(qr, k_all, v_all, m)
+            else:
+                out, mass = attend(qr, k_all[:, :, :m], v_all[:, :, :m], kr, v)
         y = self.o(out.transpose(1, 2).reshape(b, t, c))
         return y, state, (None if mass is None else mass.mean())
 
