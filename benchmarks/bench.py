@@ -37,6 +37,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from segcli.ops.layout import column_major
+
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS_FILES = ("hamlet.txt", "milton_areopagitica.txt", "python_docs.txt", "recall.txt")  # sample_docs/, in this order
 POLICIES = ("fifo", "xl", "sink", "average", "compressive", "linear", "none")
@@ -267,26 +269,34 @@ def roofline(args, device: torch.device, dtype: torch.dtype, cfg) -> dict[str, A
     # (name, in, out, times per token): nn.Linear weights (out, in), as in the model. Each shape is timed
     # alone, so its weights stay in cache: at T=1 this overstates what the whole model (27 MB of weights) gets.
     shapes = [("qkv", d, 3 * d, L), ("o", d, d, L), ("gate_up", d, 2 * i, L), ("down", i, d, L), ("lm_head", d, v, 1)]
-    rows, per_t = [], {}
+    rows, per_t, per_t_cm = [], {}, {}
     for t in args.segment_sizes:
-        total_flops = total_s = 0.0
+        total_flops = total_s = total_sc = 0.0
         for name, k, m, times in shapes:
             x = torch.randn(1, t, k, device=device, dtype=dtype)
             w = torch.randn(m, k, device=device, dtype=dtype)
             s = statistics.median(time_call(lambda: F.linear(x, w), device, args.reps, args.min_seconds / 4))
+            # segcli stores CPU weights column-major (segcli/ops/layout.py): the same product, other strides
+            wc = column_major(w)
+            sc = statistics.median(time_call(lambda: F.linear(x, wc), device, args.reps, args.min_seconds / 4))
             fl = 2 * t * k * m
             rows.append({"T": t, "name": name, "shape": f"({t} x {k}) . ({k} x {m})", "gflop_per_s": fl / s / 1e9,
-                         "gb_per_s_weights": k * m * w.element_size() / s / 1e9})
+                         "gb_per_s_weights": k * m * w.element_size() / s / 1e9,
+                         "gflop_per_s_column_major": fl / sc / 1e9})
             total_flops += fl * times
             total_s += s * times
+            total_sc += sc * times
         per_t[t] = total_flops / total_s / 1e9
-        log(f"roofline: model matmuls at T={t}: {per_t[t]:.1f} GFLOP/s")
+        per_t_cm[t] = total_flops / total_sc / 1e9
+        log(f"roofline: model matmuls at T={t}: {per_t[t]:.1f} GFLOP/s row-major (nn.Linear's), "
+            f"{per_t_cm[t]:.1f} column-major (segcli's)")
 
     reps = copy_gbps(args.copy_mb << 20, device, args.reps, args.min_seconds)
     bw = {"bytes_copied": args.copy_mb << 20, "gb_per_s": statistics.median(reps), "gb_per_s_reps": reps,
           "counts": "read + write bytes"}
     log(f"roofline: copy bandwidth {bw['gb_per_s']:.1f} GB/s ({args.copy_mb} MB, read + write)")
-    return {"large_matmul": big, "model_shapes": rows, "model_matmuls_gflop_per_s": per_t, "bandwidth": bw}
+    return {"large_matmul": big, "model_shapes": rows, "model_matmuls_gflop_per_s": per_t,
+            "model_matmuls_gflop_per_s_column_major": per_t_cm, "bandwidth": bw}
 
 
 # -- the tokens --------------------------------------------------------------------------------------------------------

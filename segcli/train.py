@@ -57,6 +57,13 @@ class TrainConfig:
     amp: bool = True  # bfloat16 autocast on CUDA (CPU always float32)
     max_minutes: float | None = None  # if set, steps are reduced to fit after timing the first steps
     keep_best: bool = True  # save the weights with the best validation loss (early stopping)
+    init_from: str | None = None  # a saved model folder to start from (fine-tuning); its config replaces `model`
+    # copy-rich data: in a share of the sequences, passages reappear verbatim later in the same sequence, so the
+    # model learns to retrieve from memory across long gaps (what the recall document measures)
+    copy_prob: float = 0.0  # share of training sequences that get copied passages
+    copy_passages: int = 3  # passages copied per such sequence
+    copy_len: list = field(default_factory=lambda: [32, 128])  # passage length in tokens, drawn uniformly [lo, hi]
+    copy_gap: list = field(default_factory=lambda: [16, 1536])  # tokens between a passage's end and its copy
 
 
 def load_train_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -72,6 +79,14 @@ def load_train_config(path: str | None, overrides: dict[str, Any]) -> TrainConfi
         SegLMConfig(**cfg.model)
     except (TypeError, ValueError) as e:
         raise UsageError(f"train config: bad model settings ({e})") from None
+    if not 0.0 <= cfg.copy_prob <= 1.0:
+        raise UsageError(f"train config: copy_prob must be in [0, 1], got {cfg.copy_prob}")
+    for name in ("copy_len", "copy_gap"):
+        lo_hi = getattr(cfg, name)
+        if len(lo_hi) != 2 or not all(isinstance(v, int) and v >= 1 for v in lo_hi) or lo_hi[0] > lo_hi[1]:
+            raise UsageError(f"train config: {name} must be [lo, hi] with 1 <= lo <= hi, got {lo_hi}")
+    if cfg.init_from is not None and not (Path(cfg.init_from) / "config.json").is_file():
+        raise UsageError(f"train config: init_from {cfg.init_from}: not a saved model folder (no config.json)")
     return cfg
 
 
@@ -116,6 +131,43 @@ def sample_batch(tokens: np.ndarray, starts: np.ndarray, block: int, length: int
     picks = rng.choice(starts, size=batch)
     offs = rng.integers(0, block - length, size=batch) if block > length else np.zeros(batch, dtype=np.int64)
     return torch.from_numpy(np.stack([tokens[s + o : s + o + length + 1] for s, o in zip(picks, offs)]).astype(np.int64))
+
+
+def insert_copies(x: np.ndarray, rng: np.random.Generator, passages: int, length: tuple[int, int],
+                  gap: tuple[int, int]) -> np.ndarray:
+    """Copy passages of x (B, N) verbatim further along the same row, in place.
+
+    Returns a (B, N) bool mask of the positions holding a copy. Passages are placed left to right
+    without overlapping each other or earlier copies, so every copy repeats text that is in the row.
+    """
+    mask = np.zeros(x.shape, dtype=bool)
+    n = x.shape[1]
+    for b in range(x.shape[0]):
+        pos = int(rng.integers(0, max(1, n // (2 * passages))))
+        for _ in range(passages):
+            m = int(rng.integers(length[0], length[1] + 1))
+            g = int(rng.integers(gap[0], gap[1] + 1))
+            dst = pos + m + g
+            if dst + m > n:
+                break
+            x[b, dst : dst + m] = x[b, pos : pos + m]
+            mask[b, dst : dst + m] = True
+            pos = dst + m + int(rng.integers(0, length[1] + 1))
+    return mask
+
+
+def draw_batch(tokens, starts, block, cfg: TrainConfig, batch: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch (batch, seq_len + 1) with copied passages in a `copy_prob` share of the rows,
+    and the bool mask of copied positions."""
+    x = sample_batch(tokens, starts, block, cfg.seq_len, batch, rng).numpy()
+    mask = np.zeros(x.shape, dtype=bool)
+    if cfg.copy_prob > 0:
+        rows = np.flatnonzero(rng.random(batch) < cfg.copy_prob)
+        if len(rows):
+            sub = x[rows]
+            mask[rows] = insert_copies(sub, rng, cfg.copy_passages, tuple(cfg.copy_len), tuple(cfg.copy_gap))
+            x[rows] = sub
+    return torch.from_numpy(x), torch.from_numpy(mask)
 
 
 # -- steps --------------------------------------------------------------------
@@ -176,7 +228,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Iterator[Event]:
     vocab = Tokenizer.from_file(cfg.tokenizer).get_vocab_size()
     if mcfg.vocab_size != vocab:
         mcfg = SegLMConfig(**{**cfg.model, "vocab_size": vocab})
-    model = SegLMForCausalLM(mcfg).to(device)
+    if cfg.init_from is not None:
+        model = SegLMForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32).to(device)
+        if model.config.vocab_size != vocab:
+            raise UsageError(f"init_from {cfg.init_from}: vocabulary {model.config.vocab_size} != tokenizer's {vocab}")
+    else:
+        model = SegLMForCausalLM(mcfg).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -206,7 +263,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Iterator[Event]:
     model.train()
     while step < steps:
         policy, ns, nc = draw_setting(cfg, py_rng)
-        x = sample_batch(tokens, train_starts, block, cfg.seq_len, cfg.batch_size, np_rng).to(device)
+        x, _ = draw_batch(tokens, train_starts, block, cfg, cfg.batch_size, np_rng)
+        x = x.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg, steps)
         opt.zero_grad(set_to_none=True)
@@ -243,15 +301,40 @@ def train(cfg: TrainConfig, resume: bool = False) -> Iterator[Event]:
 
 @torch.no_grad()
 def validate(model, tokens, val_starts, block, cfg, device, amp_dtype) -> dict[str, float]:
-    """Validation loss of the held-out training blocks under fifo and none (fixed draws)."""
+    """Validation loss of the held-out training blocks under fifo and none (fixed draws); with copy_prob,
+    also the loss on copied positions of copy-augmented validation rows (fifo with the largest memory vs none)."""
     model.eval()
     rng = np.random.default_rng(12345)
     x = sample_batch(tokens, val_starts, block, cfg.seq_len, cfg.val_batches * 4, rng).to(device)
     out = {}
     for policy in ("fifo", "none"):
         out[f"val_{policy}"] = sequence_loss(model, x, policy, 128, 512, cfg, amp_dtype, backward=False)
+    if cfg.copy_prob > 0:
+        xc, mask = draw_batch(tokens, val_starts, block, dataclasses.replace(cfg, copy_prob=1.0), cfg.val_batches, rng)
+        for policy in ("fifo", "none"):
+            out[f"val_copy_{policy}"] = masked_loss(model, xc.to(device), mask[:, 1:].to(device), policy, 128,
+                                                    max(cfg.memory_sizes), cfg, amp_dtype)
     model.train()
     return out
+
+
+@torch.no_grad()
+def masked_loss(model, x: torch.Tensor, mask: torch.Tensor, policy_name: str, ns: int, nc: int, cfg: TrainConfig, amp_dtype) -> float:
+    """Mean loss over the target positions where mask (B, L) is True, streaming x (B, L+1) in segments."""
+    labels = x[:, 1:].masked_fill(~mask, -100)
+    policy = make_policy(policy_name, memory_size=nc, sink_tokens=cfg.sink_tokens,
+                         compress_rate=cfg.compress_rate, compressed_size=max(1, nc // cfg.compress_rate))
+    mem = model.new_memory(policy, x.shape[0], dtype=amp_dtype)
+    nll, count = 0.0, 0
+    for s in range(0, x.shape[1] - 1, ns):
+        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            out = model(x[:, s : s + ns], mem)
+        mem = out.memory
+        lab = labels[:, s : s + ns]
+        nll += float(torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), lab.flatten(),
+                                                       ignore_index=-100, reduction="sum"))
+        count += int((lab != -100).sum())
+    return nll / max(1, count)
 
 
 def save_checkpoint(path: Path, model, opt, step, steps, log, np_rng, py_rng) -> None:

@@ -48,3 +48,48 @@ def test_bundled_model_is_the_default_and_memory_helps(doc_path):
         return summary["loss"]
 
     assert loss("fifo") < loss("none") - 0.2
+
+
+def test_insert_copies_repeats_passages_verbatim_within_bounds():
+    import numpy as np
+
+    from segcli.train import insert_copies
+
+    rng = np.random.default_rng(0)
+    x = np.arange(4 * 600).reshape(4, 600)  # distinct tokens: a copy is identifiable by its values
+    orig = x.copy()
+    mask = insert_copies(x, rng, passages=3, length=(10, 30), gap=(5, 100))
+    assert mask.any(axis=1).all(), "every row got at least one passage"
+    for b in range(4):
+        runs = np.flatnonzero(np.diff(np.concatenate([[0], mask[b].astype(int), [0]])))
+        for lo, hi in zip(runs[::2], runs[1::2]):
+            assert 10 <= hi - lo <= 30, "one run per passage (a gap of >= 5 separates copies)"
+            src = int(x[b, lo] - orig[b, 0])  # where the copied values came from
+            assert np.array_equal(x[b, lo:hi], orig[b, src : src + hi - lo]), "copies are verbatim"
+            assert src + (hi - lo) <= lo, "the source precedes its copy"
+        assert np.array_equal(x[b][~mask[b]], orig[b][~mask[b]]), "nothing else changes"
+
+
+def test_init_from_and_copy_data_train_from_a_saved_model(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text((SAMPLE / "milton_areopagitica.txt").read_text(encoding="utf-8")[:80000], encoding="utf-8")
+    base = (f"corpus: {corpus}\ntokenizer: {BUNDLED_TOKENIZER}\n"
+            "seq_len: 256\nbatch_size: 2\nsteps: 2\nwarmup_steps: 1\nval_every: 2\ncheckpoint_every: 2\nval_fraction: 0.3\n"
+            "policies: {fifo: 1}\nsegment_sizes: [64]\nmemory_sizes: [128]\n")
+    first = tmp_path / "first.yaml"
+    first.write_text(base + f"out_dir: {tmp_path / 'a'}\n"
+                     "model: {hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64}\n")
+    assert runner.invoke(app, ["train", "--config", str(first), "--quiet"]).exit_code == 0
+    second = tmp_path / "second.yaml"
+    second.write_text(base + f"out_dir: {tmp_path / 'b'}\ncopy_prob: 1.0\ncopy_passages: 2\ncopy_len: [8, 16]\ncopy_gap: [4, 64]\n")
+    log = tmp_path / "log.jsonl"
+    res = runner.invoke(app, ["train", "--config", str(second), "--quiet", "--init-from", str(tmp_path / "a" / "model"),
+                              "--log-jsonl", str(log)])
+    assert res.exit_code == 0, res.output
+    events = [json.loads(x) for x in log.read_text().splitlines()]
+    assert events[0]["params"] < 1_000_000, "the small saved model was loaded, not a default-sized one"
+    val = [e for e in events if e["event"] == "val"][-1]
+    assert {"val_copy_fifo", "val_copy_none"} <= set(val)
+    bad = runner.invoke(app, ["train", "--config", str(second), "--quiet", "--init-from", str(tmp_path)])
+    assert bad.exit_code == 2 and "init_from" in bad.output

@@ -18,6 +18,7 @@ def train(
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides the YAML and turns off max_minutes time fitting).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
+    init_from: Annotated[Optional[str], typer.Option(help="Start from this saved model folder (overrides the YAML).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from out_dir/checkpoint.pt.")] = False,
     log_jsonl: Annotated[Optional[str], typer.Option(help="Also append every step as JSON to this file.")] = None,
     quiet: QuietOpt = False,
@@ -29,10 +30,11 @@ def train(
 
 
 @handle_errors
-def _train(config, corpus, out_dir, steps, seed, device, resume, log_jsonl, quiet, debug):
+def _train(config, corpus, out_dir, steps, seed, device, init_from, resume, log_jsonl, quiet, debug):
     from ..train import load_train_config, train as run_training  # heavy imports only when training
 
-    cfg = load_train_config(config, {"corpus": corpus, "out_dir": out_dir, "steps": steps, "seed": seed, "device": device})
+    cfg = load_train_config(config, {"corpus": corpus, "out_dir": out_dir, "steps": steps, "seed": seed, "device": device,
+                                       "init_from": init_from})
     log = open(log_jsonl, "a", encoding="utf-8") if log_jsonl else None
     progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=quiet)

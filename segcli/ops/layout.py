@@ -8,7 +8,8 @@ case is a matrix-vector product bound by weight bandwidth), and no slower at
 values, same logical shape (out, in), only the strides change, so every caller
 (F.linear, tied embeddings, state_dict) sees the same tensor. Measured on the
 2-core CI machine, float32, the bundled model's 25 matmul shapes at T=1:
-5.2 ms -> 3.1 ms per token (`python benchmarks/bench.py --sections layout`).
+5.2 ms -> 3.1 ms per token; `python benchmarks/bench.py --sections roofline`
+prints both layouts for every shape.
 """
 
 from __future__ import annotations
