@@ -5,9 +5,13 @@
 1. `segcli run` with default settings on each held-out sample document and on all
    three together (bits per byte, the acceptance numbers);
 2. `segcli compare` of every policy at segment sizes 16 and 128 on the first
-   --excerpt tokens of each document, and at segment size 1 on the first
-   --excerpt-1 tokens (aggregated over the three documents: total bits / total bytes);
-3. the recall document: loss on the repeated passages (`segcli run --per-token`)
+   --excerpt tokens of each document (default 2,048: the training sequence length),
+   and at segment size 1 on the first --excerpt-1 tokens (aggregated over the three
+   documents: total bits / total bytes);
+3. `full`, `fifo` and `none` at segment size 128 on the first --long-excerpt tokens
+   (default 8,192), past the training length, where unbounded `full` memory meets
+   distances the model never saw;
+4. the recall document: loss on the repeated passages (`segcli run --per-token`)
    with `fifo` memory spanning the gap vs `none`.
 Writes the raw JSON Lines under --out and prints Markdown tables to stdout.
 """
@@ -24,10 +28,11 @@ from pathlib import Path
 
 DOCS = ["hamlet", "milton_areopagitica", "python_docs"]
 POLICIES = ["full", "none", "fifo", "xl", "sink", "average", "compressive", "linear"]
+MODEL: list[str] = []  # ["--model", DIR] to measure another checkpoint than the bundled one
 
 
 def segcli(*args: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "segcli", *args, "--format", "jsonl", "--quiet", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "segcli", *args, "--format", "jsonl", "--quiet", "--device", "cpu", *MODEL]
     print("$ segcli " + " ".join(args), file=sys.stderr)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return [json.loads(x) for x in out.splitlines() if x.strip()]
@@ -37,11 +42,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
     ap.add_argument("--samples", type=Path, default=Path("sample_docs"))
-    ap.add_argument("--excerpt", type=int, default=8192)
+    ap.add_argument("--model", help="model folder (default: the bundled model)")
+    ap.add_argument("--excerpt", type=int, default=2048)
     ap.add_argument("--excerpt-1", type=int, default=1024)
+    ap.add_argument("--long-excerpt", type=int, default=8192)
     ap.add_argument("--recall-memory", type=int, default=2048)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["heldout", "table", "recall"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["heldout", "table", "long", "recall"])
     args = ap.parse_args()
+    if args.model:
+        MODEL.extend(["--model", args.model])
     args.out.mkdir(parents=True, exist_ok=True)
     paths = [str(args.samples / f"{d}.txt") for d in DOCS]
 
@@ -85,6 +94,21 @@ def main() -> None:
                 gap = "-" if n_s == 1 else f"{a['gap'] / a['tokens']:+.3f}"
                 print(f"| {pol} | {n_s} | {a['tokens']:.0f} | {a['nll'] / a['tokens']:.4f} | {a['nll'] / math.log(2) / a['bytes']:.4f} "
                       f"| {gap} | {a['tokens'] / a['seconds']:.0f} | {a['memory_bytes'] / 2**20:.2f} MiB |")
+        print()
+
+    if "long" not in args.skip:
+        agg = defaultdict(lambda: [0.0, 0])
+        with open(args.out / "long.jsonl", "w") as f:
+            for name, p in zip(DOCS, paths):
+                for r in segcli("compare", p, "--segment-sizes", "128", "--memory", "full,fifo,none",
+                                "--max-tokens", str(args.long_excerpt)):
+                    if r["type"] == "row":
+                        f.write(json.dumps({"document": name, **r}) + "\n")
+                        agg[r["policy"]][0] += r["loss"] * r["tokens"]
+                        agg[r["policy"]][1] += r["tokens"]
+        print(f"| policy (n_s=128, first {args.long_excerpt} tokens) | tokens | loss |\n|---|---:|---:|")
+        for pol, (nll, n) in agg.items():
+            print(f"| {pol} | {n} | {nll / n:.4f} |")
         print()
 
     if "recall" not in args.skip:

@@ -64,6 +64,7 @@ class TrainConfig:
     copy_passages: int = 3  # passages copied per such sequence
     copy_len: list = field(default_factory=lambda: [32, 128])  # passage length in tokens, drawn uniformly [lo, hi]
     copy_gap: list = field(default_factory=lambda: [16, 1536])  # tokens between a passage's end and its copy
+    copy_gap_scale: str = "uniform"  # how gaps are drawn in copy_gap: uniform | log (log-uniform: short gaps as often as long)
 
 
 def load_train_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -85,6 +86,8 @@ def load_train_config(path: str | None, overrides: dict[str, Any]) -> TrainConfi
         lo_hi = getattr(cfg, name)
         if len(lo_hi) != 2 or not all(isinstance(v, int) and v >= 1 for v in lo_hi) or lo_hi[0] > lo_hi[1]:
             raise UsageError(f"train config: {name} must be [lo, hi] with 1 <= lo <= hi, got {lo_hi}")
+    if cfg.copy_gap_scale not in ("uniform", "log"):
+        raise UsageError(f"train config: copy_gap_scale must be uniform or log, got {cfg.copy_gap_scale!r}")
     if cfg.init_from is not None and not (Path(cfg.init_from) / "config.json").is_file():
         raise UsageError(f"train config: init_from {cfg.init_from}: not a saved model folder (no config.json)")
     return cfg
@@ -134,7 +137,7 @@ def sample_batch(tokens: np.ndarray, starts: np.ndarray, block: int, length: int
 
 
 def insert_copies(x: np.ndarray, rng: np.random.Generator, passages: int, length: tuple[int, int],
-                  gap: tuple[int, int]) -> np.ndarray:
+                  gap: tuple[int, int], log_gap: bool = False) -> np.ndarray:
     """Copy passages of x (B, N) verbatim further along the same row, in place.
 
     Returns a (B, N) bool mask of the positions holding a copy. Passages are placed left to right
@@ -146,7 +149,11 @@ def insert_copies(x: np.ndarray, rng: np.random.Generator, passages: int, length
         pos = int(rng.integers(0, max(1, n // (2 * passages))))
         for _ in range(passages):
             m = int(rng.integers(length[0], length[1] + 1))
-            g = int(rng.integers(gap[0], gap[1] + 1))
+            if log_gap:
+                g = int(round(math.exp(rng.uniform(math.log(gap[0]), math.log(gap[1] + 1)))))
+                g = min(max(g, gap[0]), gap[1])
+            else:
+                g = int(rng.integers(gap[0], gap[1] + 1))
             dst = pos + m + g
             if dst + m > n:
                 break
@@ -165,7 +172,8 @@ def draw_batch(tokens, starts, block, cfg: TrainConfig, batch: int, rng: np.rand
         rows = np.flatnonzero(rng.random(batch) < cfg.copy_prob)
         if len(rows):
             sub = x[rows]
-            mask[rows] = insert_copies(sub, rng, cfg.copy_passages, tuple(cfg.copy_len), tuple(cfg.copy_gap))
+            mask[rows] = insert_copies(sub, rng, cfg.copy_passages, tuple(cfg.copy_len), tuple(cfg.copy_gap),
+                                       log_gap=cfg.copy_gap_scale == "log")
             x[rows] = sub
     return torch.from_numpy(x), torch.from_numpy(mask)
 
