@@ -3,13 +3,13 @@
 `nn.Linear` keeps its weight as (out, in), row-major, and computes x @ W^T. On
 the CPU build segcli ships with (MKL), the product reads a weight whose storage
 is (in, out)-contiguous markedly faster when x has one row (the token-by-token
-case is a matrix-vector product bound by weight bandwidth), and no slower at
-128 rows. `column_major_linears` re-stores every Linear weight that way: same
-values, same logical shape (out, in), only the strides change, so every caller
-(F.linear, tied embeddings, state_dict) sees the same tensor. Measured on the
-2-core CI machine, float32, the bundled model's 25 matmul shapes at T=1:
-5.2 ms -> 3.1 ms per token; `python benchmarks/bench.py --sections roofline`
-prints both layouts for every shape.
+case is a matrix-vector product bound by weight bandwidth), and about as fast
+with more rows. `column_major_linears` re-stores every Linear weight that way:
+same values, same logical shape (out, in), only the strides change, so every
+caller (F.linear, tied embeddings, state_dict) sees the same tensor. Measured on
+the 2-core CI machine, float32, the bundled model's 25 matmuls of one token run
+back to back (`python benchmarks/layout.py`): 4.67 -> 2.87 ms at T = 1 (1.63x);
+1.08x at T = 4, 1.04x at 16, 0.96x at 128 (within run-to-run noise).
 """
 
 from __future__ import annotations
