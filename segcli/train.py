@@ -192,10 +192,15 @@ def draw_setting(cfg: TrainConfig, rng: random.Random) -> tuple[str, int, int]:
     return policy, rng.choice(cfg.segment_sizes), rng.choice(cfg.memory_sizes)
 
 
+def train_policy(name: str, nc: int, cfg: TrainConfig):
+    """The memory policy `name` with memory size nc and the config's other sizes (compressive: nc / rate slots)."""
+    return make_policy(name, memory_size=nc, sink_tokens=cfg.sink_tokens,
+                       compress_rate=cfg.compress_rate, compressed_size=max(1, nc // cfg.compress_rate))
+
+
 def sequence_loss(model, x: torch.Tensor, policy_name: str, ns: int, nc: int, cfg: TrainConfig, amp_dtype, backward: bool) -> float:
     """Stream x (B, L+1) through the memory in segments; backward per segment. Returns mean loss."""
-    policy = make_policy(policy_name, memory_size=nc, sink_tokens=cfg.sink_tokens,
-                         compress_rate=cfg.compress_rate, compressed_size=max(1, nc // cfg.compress_rate))
+    policy = train_policy(policy_name, nc, cfg)
     length = x.shape[1] - 1
     mem = model.new_memory(policy, x.shape[0], dtype=amp_dtype)
     total = 0.0
@@ -330,9 +335,7 @@ def validate(model, tokens, val_starts, block, cfg, device, amp_dtype) -> dict[s
 def masked_loss(model, x: torch.Tensor, mask: torch.Tensor, policy_name: str, ns: int, nc: int, cfg: TrainConfig, amp_dtype) -> float:
     """Mean loss over the target positions where mask (B, L) is True, streaming x (B, L+1) in segments."""
     labels = x[:, 1:].masked_fill(~mask, -100)
-    policy = make_policy(policy_name, memory_size=nc, sink_tokens=cfg.sink_tokens,
-                         compress_rate=cfg.compress_rate, compressed_size=max(1, nc // cfg.compress_rate))
-    mem = model.new_memory(policy, x.shape[0], dtype=amp_dtype)
+    mem = model.new_memory(train_policy(policy_name, nc, cfg), x.shape[0], dtype=amp_dtype)
     nll, count = 0.0, 0
     for s in range(0, x.shape[1] - 1, ns):
         with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
