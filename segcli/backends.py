@@ -152,7 +152,7 @@ def load_backend(cfg: RunConfig) -> Backend:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    from .models.seglm import SegLMForCausalLM  # registers the Auto classes
+    from .models import seglm  # noqa: F401  (registers the Auto classes)
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -161,10 +161,20 @@ def load_backend(cfg: RunConfig) -> Backend:
         model_cfg = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"{path}: config.json is not a model config ({str(e).splitlines()[0]})") from None
-    if model_cfg.model_type != "seglm":
+    if model_cfg.model_type == "seglm":
+        backend = _load_native(path, model_cfg, device, dtype)
+    else:
         from .hf import load_hf_backend
 
-        return load_hf_backend(cfg, path, device, dtype)
+        backend = load_hf_backend(cfg, path, device, dtype)
+    if device.type == "cpu":
+        column_major_linears(backend.model)  # faster CPU matmuls, same values (segcli/ops/layout.py)
+    return backend
+
+
+def _load_native(path: Path, model_cfg, device: torch.device, dtype: torch.dtype) -> Backend:
+    from .models.seglm import SegLMForCausalLM
+
     with torch.device("meta"):  # shapes only, no memory: name a missing or misshapen tensor before loading
         _check_weights(path, SegLMForCausalLM(model_cfg))
     try:
@@ -172,8 +182,6 @@ def load_backend(cfg: RunConfig) -> Backend:
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"{path}: cannot load the checkpoint ({str(e).splitlines()[0]})") from None
     model.to(device).eval()
-    if device.type == "cpu":
-        column_major_linears(model)  # faster CPU matmuls, same values (segcli/ops/layout.py)
     tok = load_tokenizer(path)
     bos = model_cfg.bos_token_id
     identity = {

@@ -149,7 +149,7 @@ def segcli_attention(module, query: Tensor, key: Tensor, value: Tensor, attentio
     n_rep = query.shape[1] // key.shape[1]
     k, v = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
     m = k.shape[2] - t
-    out, mass = attend(query, k[:, :, :m], v[:, :, :m], k[:, :, m:], v[:, :, m:], scale=scaling)
+    out, mass = attend(query, k, v, m, k[:, :, m:], v[:, :, m:], scale=scaling)
     layer = getattr(module, "_segcli_layer", None)
     if layer is not None and layer.policy.kind == "linear" and layer.read_state is not None and layer.read_state.n:
         st = layer.read_state
@@ -209,10 +209,6 @@ def load_hf_backend(cfg: RunConfig, path: Path, device: torch.device, dtype: tor
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"{path}: cannot load as a causal LM ({str(e).splitlines()[0]})") from None
     model.to(device).eval()
-    if device.type == "cpu":
-        from .ops.layout import column_major_linears
-
-        column_major_linears(model)  # faster CPU matmuls, same values (segcli/ops/layout.py)
     backend_tok = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
     if backend_tok is None:
         raise UsageError(f"{path}: segcli needs a fast tokenizer (tokenizer.json)")

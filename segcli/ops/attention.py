@@ -70,9 +70,16 @@ def fused_split_attention(
     return out, w_mem
 
 
-def attend(q: Tensor, k_mem: Tensor | None, v_mem: Tensor | None, k: Tensor, v: Tensor, scale: float | None = None):
-    """[memory; segment] attention, fused where it applies (CPU inference, float32, >= 8 queries)."""
-    m = 0 if k_mem is None else k_mem.shape[-2]
+def attend(q: Tensor, k_all: Tensor, v_all: Tensor, m: int, k: Tensor, v: Tensor, scale: float | None = None):
+    """[memory; segment] attention, on the fastest form that applies.
+
+    k_all/v_all (B, H, m + T, D): the m memory slots, then the segment; k, v (B, H, T, D): the segment
+    itself (the same values; the caller's may carry gradients that k_all's copy does not). One query at
+    inference reads k_all in one softmax; CPU float32 inference with >= 8 queries uses the fused kernels.
+    """
+    if q.shape[-2] == 1 and not torch.is_grad_enabled():
+        return single_query_attention(q, k_all, v_all, m, scale)
+    k_mem, v_mem = k_all[:, :, :m], v_all[:, :, :m]
     if (
         _FLASH_CPU is not None and m > 0 and q.device.type == "cpu" and q.dtype == torch.float32
         and q.shape[-2] >= FUSED_MIN_QUERIES and not torch.is_grad_enabled()

@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 
 from ...memory import MemoryPolicy, make_policy
 from ...memory.base import LayerStats
-from ...ops.attention import attend, single_query_attention
+from ...ops.attention import attend
 from ...ops.linear_attention import read_memory
 from ...ops.rope import apply_rope, inv_frequencies, rope_cos_sin, shift_rope
 from .configuration_seglm import SegLMConfig
@@ -91,12 +91,13 @@ class SegLMAttention(nn.Module):
             state, k_all, v_all, m = policy.extend(state, kr.detach(), v.detach(), k.detach(), shift_keys)
             # k_all = [memory before this segment; segment] (a view for window policies); the segment
             # part is taken from kr/v themselves so gradients flow within the segment.
-            if t == 1 and not torch.is_grad_enabled():  # token by token: one softmax over [memory; itself]
-                out, mass = single_query_attention(qr, k_all, v_all, m)
-            else:
-                out, mass = attend(qr, k_all[:, :, :m], v_all[:, :, :m], kr, v)
+            out, mass = attend(qr, k_all, v_all, m, kr, v)
         y = self.o(out.transpose(1, 2).reshape(b, t, c))
         return y, state, (None if mass is None else mass.mean())
+
+
+def _unchanged(x: Tensor) -> Tensor:
+    return x
 
 
 class SegLMBlock(nn.Module):
@@ -110,11 +111,9 @@ class SegLMBlock(nn.Module):
 
     def forward(self, x, cos, sin, policy, state, shift_keys):
         a, state, mass = self.attn(self.attn_norm(x), cos, sin, policy, state, shift_keys)
-        if self.training and self.drop.p > 0:
-            x = x + self.drop(a)
-            return x + self.drop(self.mlp(self.mlp_norm(x))), state, mass
-        x = x + a  # inference: no dropout calls (they cost ~5% of a single-token step)
-        return x + self.mlp(self.mlp_norm(x)), state, mass
+        drop = self.drop if self.training and self.drop.p > 0 else _unchanged  # no module calls at inference
+        x = x + drop(a)
+        return x + drop(self.mlp(self.mlp_norm(x))), state, mass
 
 
 class SegLMPreTrainedModel(PreTrainedModel):
