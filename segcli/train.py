@@ -65,6 +65,11 @@ class TrainConfig:
     copy_len: list = field(default_factory=lambda: [32, 128])  # passage length in tokens, drawn uniformly [lo, hi]
     copy_gap: list = field(default_factory=lambda: [16, 1536])  # tokens between a passage's end and its copy
     copy_gap_scale: str = "uniform"  # how gaps are drawn in copy_gap: uniform | log (log-uniform: short gaps as often as long)
+    # repeated random tokens: in a share of the sequences, a random token string is repeated to fill the row. Only
+    # copying predicts it (its first occurrence is not scored), which is the fastest known way to grow the
+    # induction heads that retrieval from memory needs; natural text alone took far longer than our budget
+    repeat_prob: float = 0.0  # share of training sequences replaced by a repeated random string
+    repeat_len: list = field(default_factory=lambda: [8, 128])  # string length (the repeat period), uniform [lo, hi]
 
 
 def load_train_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -82,7 +87,9 @@ def load_train_config(path: str | None, overrides: dict[str, Any]) -> TrainConfi
         raise UsageError(f"train config: bad model settings ({e})") from None
     if not 0.0 <= cfg.copy_prob <= 1.0:
         raise UsageError(f"train config: copy_prob must be in [0, 1], got {cfg.copy_prob}")
-    for name in ("copy_len", "copy_gap"):
+    if not 0.0 <= cfg.repeat_prob <= 1.0 or cfg.copy_prob + cfg.repeat_prob > 1.0:
+        raise UsageError(f"train config: repeat_prob must be in [0, 1 - copy_prob], got {cfg.repeat_prob}")
+    for name in ("copy_len", "copy_gap", "repeat_len"):
         lo_hi = getattr(cfg, name)
         if len(lo_hi) != 2 or not all(isinstance(v, int) and v >= 1 for v in lo_hi) or lo_hi[0] > lo_hi[1]:
             raise UsageError(f"train config: {name} must be [lo, hi] with 1 <= lo <= hi, got {lo_hi}")
@@ -163,19 +170,33 @@ def insert_copies(x: np.ndarray, rng: np.random.Generator, passages: int, length
     return mask
 
 
-def draw_batch(tokens, starts, block, cfg: TrainConfig, batch: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A training batch (batch, seq_len + 1) with copied passages in a `copy_prob` share of the rows,
-    and the bool mask of copied positions."""
+def repeat_random(n: int, rng: np.random.Generator, length: tuple[int, int], vocab: int) -> tuple[np.ndarray, int]:
+    """(n,) ids: a random string of ids in [1, vocab) with a length drawn from [lo, hi], repeated to fill n,
+    and that length (the first occurrence, positions 0..length-1, is unpredictable)."""
+    m = int(rng.integers(length[0], length[1] + 1))
+    return np.resize(rng.integers(1, vocab, size=m), n), m
+
+
+def draw_batch(tokens, starts, block, cfg: TrainConfig, batch: int, rng: np.random.Generator,
+               vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A training batch x (batch, seq_len + 1): copied passages in a `copy_prob` share of the rows, a repeated
+    random string in a `repeat_prob` share (needs `vocab`). Also returns the bool masks, over x's positions, of
+    copied positions and of scored positions (False where a token is unpredictable by construction)."""
     x = sample_batch(tokens, starts, block, cfg.seq_len, batch, rng).numpy()
     mask = np.zeros(x.shape, dtype=bool)
-    if cfg.copy_prob > 0:
-        rows = np.flatnonzero(rng.random(batch) < cfg.copy_prob)
-        if len(rows):
-            sub = x[rows]
-            mask[rows] = insert_copies(sub, rng, cfg.copy_passages, tuple(cfg.copy_len), tuple(cfg.copy_gap),
-                                       log_gap=cfg.copy_gap_scale == "log")
-            x[rows] = sub
-    return torch.from_numpy(x), torch.from_numpy(mask)
+    scored = np.ones(x.shape, dtype=bool)
+    kind = rng.random(batch) if cfg.copy_prob > 0 or cfg.repeat_prob > 0 else np.ones(batch)
+    rows = np.flatnonzero(kind < cfg.copy_prob)
+    if len(rows):
+        sub = x[rows]
+        mask[rows] = insert_copies(sub, rng, cfg.copy_passages, tuple(cfg.copy_len), tuple(cfg.copy_gap),
+                                   log_gap=cfg.copy_gap_scale == "log")
+        x[rows] = sub
+    for r in np.flatnonzero((kind >= cfg.copy_prob) & (kind < cfg.copy_prob + cfg.repeat_prob)):
+        x[r], m = repeat_random(x.shape[1], rng, tuple(cfg.repeat_len), vocab or int(tokens.max()) + 1)
+        scored[r, : m + 1] = False  # positions 0..m: the first string and the repeat's first token (after an unseen one)
+        mask[r, m + 1 :] = True
+    return torch.from_numpy(x), torch.from_numpy(mask), torch.from_numpy(scored)
 
 
 # -- steps --------------------------------------------------------------------
@@ -198,18 +219,25 @@ def train_policy(name: str, nc: int, cfg: TrainConfig):
                        compress_rate=cfg.compress_rate, compressed_size=max(1, nc // cfg.compress_rate))
 
 
-def sequence_loss(model, x: torch.Tensor, policy_name: str, ns: int, nc: int, cfg: TrainConfig, amp_dtype, backward: bool) -> float:
-    """Stream x (B, L+1) through the memory in segments; backward per segment. Returns mean loss."""
+def sequence_loss(model, x: torch.Tensor, policy_name: str, ns: int, nc: int, cfg: TrainConfig, amp_dtype, backward: bool,
+                  scored: torch.Tensor | None = None) -> float:
+    """Stream x (B, L+1) through the memory in segments; backward per segment. Returns mean loss over the
+    targets (scored (B, L+1), optional: only where True; a segment with none scored adds nothing)."""
     policy = train_policy(policy_name, nc, cfg)
     length = x.shape[1] - 1
+    labels = x if scored is None else x.masked_fill(~scored, -100)
+    n_scored = x.shape[0] * length if scored is None else int(scored[:, 1:].sum())
     mem = model.new_memory(policy, x.shape[0], dtype=amp_dtype)
     total = 0.0
     for s in range(0, length, ns):
-        inp, tgt = x[:, s : s + ns], x[:, s + 1 : s + ns + 1]
+        inp, tgt = x[:, s : s + ns], labels[:, s + 1 : s + ns + 1]
+        n = int((tgt != -100).sum())
         with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-            out = model(inp, mem, labels=tgt)
+            out = model(inp, mem, labels=tgt if n else None)
         mem = out.memory
-        w = inp.shape[1] / length
+        if not n:
+            continue
+        w = n / max(1, n_scored)
         if backward:
             (out.loss * w).backward()
         total += float(out.loss.detach()) * w
@@ -276,12 +304,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Iterator[Event]:
     model.train()
     while step < steps:
         policy, ns, nc = draw_setting(cfg, py_rng)
-        x, _ = draw_batch(tokens, train_starts, block, cfg, cfg.batch_size, np_rng)
-        x = x.to(device)
+        x, _, scored = draw_batch(tokens, train_starts, block, cfg, cfg.batch_size, np_rng, vocab)
+        x, scored = x.to(device), scored.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg, steps)
         opt.zero_grad(set_to_none=True)
-        loss = sequence_loss(model, x, policy, ns, nc, cfg, amp_dtype, backward=True)
+        loss = sequence_loss(model, x, policy, ns, nc, cfg, amp_dtype, backward=True, scored=scored)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         opt.step()
         step += 1
@@ -323,7 +351,8 @@ def validate(model, tokens, val_starts, block, cfg, device, amp_dtype) -> dict[s
     for policy in ("fifo", "none"):
         out[f"val_{policy}"] = sequence_loss(model, x, policy, 128, 512, cfg, amp_dtype, backward=False)
     if cfg.copy_prob > 0:
-        xc, mask = draw_batch(tokens, val_starts, block, dataclasses.replace(cfg, copy_prob=1.0), cfg.val_batches, rng)
+        xc, mask, _ = draw_batch(tokens, val_starts, block, dataclasses.replace(cfg, copy_prob=1.0, repeat_prob=0.0),
+                                 cfg.val_batches, rng)
         for policy in ("fifo", "none"):
             out[f"val_copy_{policy}"] = masked_loss(model, xc.to(device), mask[:, 1:].to(device), policy, 128,
                                                     max(cfg.memory_sizes), cfg, amp_dtype)

@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from typer.testing import CliRunner
 
 from conftest import BUNDLED_TOKENIZER, SAMPLE
@@ -70,6 +72,43 @@ def test_insert_copies_repeats_passages_verbatim_within_bounds():
         assert np.array_equal(x[b][~mask[b]], orig[b][~mask[b]]), "nothing else changes"
 
 
+def test_repeat_rows_are_periodic_and_their_first_string_unscored():
+    import numpy as np
+
+    from segcli.train import TrainConfig, draw_batch
+
+    tokens = np.arange(20_000) % 5000
+    cfg = TrainConfig(seq_len=300, repeat_prob=1.0, repeat_len=[5, 40])
+    x, mask, scored = draw_batch(tokens, np.array([0, 8192]), 8192, cfg, 6, np.random.default_rng(0), vocab=5000)
+    x, mask, scored = x.numpy(), mask.numpy(), scored.numpy()
+    for b in range(6):
+        m = int((~scored[b]).sum()) - 1  # positions 0..m unscored
+        assert 5 <= m <= 40 and not scored[b, : m + 1].any() and scored[b, m + 1 :].all()
+        assert np.array_equal(x[b, m:], x[b, :-m]), "the row repeats with period m"
+        assert len(set(x[b, :m])) > m // 2 and x[b].min() >= 1 and x[b].max() < 5000
+        assert np.array_equal(mask[b], scored[b])
+
+
+def test_sequence_loss_counts_only_scored_targets():
+    import numpy as np
+
+    from segcli.models.seglm import SegLMConfig, SegLMForCausalLM
+    from segcli.train import TrainConfig, sequence_loss
+
+    torch.manual_seed(0)
+    model = SegLMForCausalLM(SegLMConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, dropout=0.0)).eval()
+    x = torch.randint(0, 50, (2, 41))
+    scored = torch.from_numpy(np.random.default_rng(1).random((2, 41)) < 0.6)
+    scored[:, 1:11] = False  # the whole first segment unscored: it must add nothing, not NaN
+    with torch.no_grad():
+        got = sequence_loss(model, x, "full", 10, 64, TrainConfig(), torch.float32, backward=False, scored=scored)
+        logits = model(x[:, :-1], model.new_memory("full", 2)).logits  # one causal forward = full memory
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(2, 40)
+    want = float(nll[scored[:, 1:]].mean())
+    assert abs(got - want) < 1e-5
+
+
 def test_init_from_and_copy_data_train_from_a_saved_model(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -82,7 +121,7 @@ def test_init_from_and_copy_data_train_from_a_saved_model(tmp_path):
                      "model: {hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64}\n")
     assert runner.invoke(app, ["train", "--config", str(first), "--quiet"]).exit_code == 0
     second = tmp_path / "second.yaml"
-    second.write_text(base + f"out_dir: {tmp_path / 'b'}\ncopy_prob: 1.0\ncopy_passages: 2\ncopy_len: [8, 16]\ncopy_gap: [4, 64]\n")
+    second.write_text(base + f"out_dir: {tmp_path / 'b'}\ncopy_prob: 0.5\nrepeat_prob: 0.5\ncopy_passages: 2\ncopy_len: [8, 16]\ncopy_gap: [4, 64]\n")
     log = tmp_path / "log.jsonl"
     res = runner.invoke(app, ["train", "--config", str(second), "--quiet", "--init-from", str(tmp_path / "a" / "model"),
                               "--log-jsonl", str(log)])
