@@ -170,17 +170,18 @@ def insert_copies(x: np.ndarray, rng: np.random.Generator, passages: int, length
     return mask
 
 
-def repeat_random(n: int, rng: np.random.Generator, length: tuple[int, int], vocab: int) -> tuple[np.ndarray, int]:
-    """(n,) ids: a random string of ids in [1, vocab) with a length drawn from [lo, hi], repeated to fill n,
-    and that length (the first occurrence, positions 0..length-1, is unpredictable)."""
+def repeat_random(tokens: np.ndarray, n: int, rng: np.random.Generator, length: tuple[int, int]) -> tuple[np.ndarray, int]:
+    """(n,) ids: a string of tokens drawn independently from the corpus (unigram frequencies, so every id
+    has a trained embedding) with a length drawn from [lo, hi], repeated to fill n, and that length
+    (the first occurrence, positions 0..length-1, is unpredictable)."""
     m = int(rng.integers(length[0], length[1] + 1))
-    return np.resize(rng.integers(1, vocab, size=m), n), m
+    return np.resize(tokens[rng.integers(0, len(tokens), size=m)], n), m
 
 
-def draw_batch(tokens, starts, block, cfg: TrainConfig, batch: int, rng: np.random.Generator,
-               vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def draw_batch(tokens, starts, block, cfg: TrainConfig, batch: int,
+               rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A training batch x (batch, seq_len + 1): copied passages in a `copy_prob` share of the rows, a repeated
-    random string in a `repeat_prob` share (needs `vocab`). Also returns the bool masks, over x's positions, of
+    random string in a `repeat_prob` share. Also returns the bool masks, over x's positions, of
     copied positions and of scored positions (False where a token is unpredictable by construction)."""
     x = sample_batch(tokens, starts, block, cfg.seq_len, batch, rng).numpy()
     mask = np.zeros(x.shape, dtype=bool)
@@ -193,7 +194,7 @@ def draw_batch(tokens, starts, block, cfg: TrainConfig, batch: int, rng: np.rand
                                    log_gap=cfg.copy_gap_scale == "log")
         x[rows] = sub
     for r in np.flatnonzero((kind >= cfg.copy_prob) & (kind < cfg.copy_prob + cfg.repeat_prob)):
-        x[r], m = repeat_random(x.shape[1], rng, tuple(cfg.repeat_len), vocab or int(tokens.max()) + 1)
+        x[r], m = repeat_random(tokens, x.shape[1], rng, tuple(cfg.repeat_len))
         scored[r, : m + 1] = False  # positions 0..m: the first string and the repeat's first token (after an unseen one)
         mask[r, m + 1 :] = True
     return torch.from_numpy(x), torch.from_numpy(mask), torch.from_numpy(scored)
@@ -304,7 +305,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Iterator[Event]:
     model.train()
     while step < steps:
         policy, ns, nc = draw_setting(cfg, py_rng)
-        x, _, scored = draw_batch(tokens, train_starts, block, cfg, cfg.batch_size, np_rng, vocab)
+        x, _, scored = draw_batch(tokens, train_starts, block, cfg, cfg.batch_size, np_rng)
         x, scored = x.to(device), scored.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg, steps)

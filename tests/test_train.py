@@ -77,15 +77,15 @@ def test_repeat_rows_are_periodic_and_their_first_string_unscored():
 
     from segcli.train import TrainConfig, draw_batch
 
-    tokens = np.arange(20_000) % 5000
+    tokens = 1000 + np.arange(20_000) % 5000
     cfg = TrainConfig(seq_len=300, repeat_prob=1.0, repeat_len=[5, 40])
-    x, mask, scored = draw_batch(tokens, np.array([0, 8192]), 8192, cfg, 6, np.random.default_rng(0), vocab=5000)
+    x, mask, scored = draw_batch(tokens, np.array([0, 8192]), 8192, cfg, 6, np.random.default_rng(0))
     x, mask, scored = x.numpy(), mask.numpy(), scored.numpy()
     for b in range(6):
         m = int((~scored[b]).sum()) - 1  # positions 0..m unscored
         assert 5 <= m <= 40 and not scored[b, : m + 1].any() and scored[b, m + 1 :].all()
         assert np.array_equal(x[b, m:], x[b, :-m]), "the row repeats with period m"
-        assert len(set(x[b, :m])) > m // 2 and x[b].min() >= 1 and x[b].max() < 5000
+        assert len(set(x[b, :m])) > m // 2 and x[b].min() >= 1000 and x[b].max() < 6000, "ids drawn from the corpus"
         assert np.array_equal(mask[b], scored[b])
 
 
