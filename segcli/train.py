@@ -72,11 +72,13 @@ class TrainConfig:
     repeat_len: list = field(default_factory=lambda: [8, 128])  # string length (the repeat period), uniform [lo, hi]
 
 
-def load_train_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:
-    data = load_yaml(path) if path else {}
-    cfg = from_mapping(TrainConfig, data, str(path or "train config"))
+def load_train_config(path: str | None, overrides: dict[str, Any], settings: dict[str, Any] | None = None) -> TrainConfig:
+    """The YAML at `path` with `settings` (any keys, checked like the YAML's) merged in, then `overrides`
+    (the CLI's own options; None means not given)."""
+    data = {**(load_yaml(path) if path else {}), **(settings or {})}
+    cfg = from_mapping(TrainConfig, data, str(path or "train config") + (" with --set" if settings else ""))
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    if overrides.get("steps") is not None:  # an explicit step count is the schedule: no time fitting
+    if overrides.get("steps") is not None or "steps" in (settings or {}):  # an explicit step count: no time fitting
         cfg = dataclasses.replace(cfg, max_minutes=None)
     for p in cfg.policies:
         if p not in POLICY_NAMES:
@@ -343,20 +345,23 @@ def train(cfg: TrainConfig, resume: bool = False) -> Iterator[Event]:
 
 @torch.no_grad()
 def validate(model, tokens, val_starts, block, cfg, device, amp_dtype) -> dict[str, float]:
-    """Validation loss of the held-out training blocks under fifo and none (fixed draws); with copy_prob,
-    also the loss on copied positions of copy-augmented validation rows (fifo with the largest memory vs none)."""
+    """Validation loss of the held-out training blocks under fifo and none (fixed draws); with copy_prob
+    (repeat_prob), also the loss on the copied positions of copy-augmented (repeated-string) validation rows,
+    fifo with the largest memory vs none."""
     model.eval()
     rng = np.random.default_rng(12345)
     x = sample_batch(tokens, val_starts, block, cfg.seq_len, cfg.val_batches * 4, rng).to(device)
     out = {}
     for policy in ("fifo", "none"):
         out[f"val_{policy}"] = sequence_loss(model, x, policy, 128, 512, cfg, amp_dtype, backward=False)
-    if cfg.copy_prob > 0:
-        xc, mask, _ = draw_batch(tokens, val_starts, block, dataclasses.replace(cfg, copy_prob=1.0, repeat_prob=0.0),
-                                 cfg.val_batches, rng)
+    for kind, on in (("copy", cfg.copy_prob > 0), ("repeat", cfg.repeat_prob > 0)):
+        if not on:
+            continue
+        only = dataclasses.replace(cfg, copy_prob=float(kind == "copy"), repeat_prob=float(kind == "repeat"))
+        xc, mask, _ = draw_batch(tokens, val_starts, block, only, cfg.val_batches, rng)
         for policy in ("fifo", "none"):
-            out[f"val_copy_{policy}"] = masked_loss(model, xc.to(device), mask[:, 1:].to(device), policy, 128,
-                                                    max(cfg.memory_sizes), cfg, amp_dtype)
+            out[f"val_{kind}_{policy}"] = masked_loss(model, xc.to(device), mask[:, 1:].to(device), policy, 128,
+                                                      max(cfg.memory_sizes), cfg, amp_dtype)
     model.train()
     return out
 

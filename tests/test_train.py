@@ -129,6 +129,20 @@ def test_init_from_and_copy_data_train_from_a_saved_model(tmp_path):
     events = [json.loads(x) for x in log.read_text().splitlines()]
     assert events[0]["params"] < 1_000_000, "the small saved model was loaded, not a default-sized one"
     val = [e for e in events if e["event"] == "val"][-1]
-    assert {"val_copy_fifo", "val_copy_none"} <= set(val)
+    assert {"val_copy_fifo", "val_copy_none", "val_repeat_fifo", "val_repeat_none"} <= set(val)
     bad = runner.invoke(app, ["train", "--config", str(second), "--quiet", "--init-from", str(tmp_path)])
     assert bad.exit_code == 2 and "init_from" in bad.output
+
+
+def test_set_overrides_any_config_key_and_rejects_bad_ones(tmp_path):
+    from segcli.cli.train import parse_settings
+    from segcli.train import load_train_config
+
+    cfg_path = tmp_path / "t.yaml"
+    cfg_path.write_text("batch_size: 4\nmax_minutes: 30\ncopy_len: [8, 16]\n")
+    cfg = load_train_config(str(cfg_path), {}, parse_settings(["batch_size=64", "copy_len=[4, 9]", "lr=3e-4", "steps=7"]))
+    assert (cfg.batch_size, cfg.copy_len, cfg.lr, cfg.steps, cfg.max_minutes) == (64, [4, 9], 3e-4, 7, None)
+    for bad, words in ((["--set", "bogus=1"], "unknown key"), (["--set", "batch_size"], "KEY=VALUE"),
+                       (["--set", "batch_size=many"], "batch_size")):
+        res = runner.invoke(app, ["train", "--config", str(cfg_path), "--quiet", *bad])
+        assert res.exit_code == 2 and words in res.output and len(res.output.strip().splitlines()) == 1, res.output

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ..errors import UsageError
 from .common import DebugOpt, QuietOpt, err_console, handle_errors
 
 
@@ -21,6 +22,8 @@ def train(
     init_from: Annotated[Optional[str], typer.Option(help="Start from this saved model folder (overrides the YAML).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from out_dir/checkpoint.pt.")] = False,
     log_jsonl: Annotated[Optional[str], typer.Option(help="Also append every step as JSON to this file.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE",
+                    help="Set any training-config key (value read as YAML), e.g. --set batch_size=128; repeatable.")] = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -29,12 +32,34 @@ def train(
     _train(**locals())
 
 
+def parse_settings(items: list[str]) -> dict:
+    """["key=value", ...] -> {key: value read as YAML}."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            v = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UsageError(f"--set {item!r}: the value is not valid YAML") from None
+        if isinstance(v, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        out[key.strip()] = v
+    return out
+
+
 @handle_errors
-def _train(config, corpus, out_dir, steps, seed, device, init_from, resume, log_jsonl, quiet, debug):
+def _train(config, corpus, out_dir, steps, seed, device, init_from, resume, log_jsonl, set_, quiet, debug):
     from ..train import load_train_config, train as run_training  # heavy imports only when training
 
     cfg = load_train_config(config, {"corpus": corpus, "out_dir": out_dir, "steps": steps, "seed": seed, "device": device,
-                                       "init_from": init_from})
+                                       "init_from": init_from}, parse_settings(set_ or []))
     log = open(log_jsonl, "a", encoding="utf-8") if log_jsonl else None
     progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=quiet)
