@@ -65,10 +65,10 @@ class TrainConfig:
     copy_len: list = field(default_factory=lambda: [32, 128])  # passage length in tokens, drawn uniformly [lo, hi]
     copy_gap: list = field(default_factory=lambda: [16, 1536])  # tokens between a passage's end and its copy
     copy_gap_scale: str = "uniform"  # how gaps are drawn in copy_gap: uniform | log (log-uniform: short gaps as often as long)
-    # repeated random tokens: in a share of the sequences, a random token string is repeated to fill the row. Only
-    # copying predicts it (its first occurrence is not scored), which is the fastest known way to grow the
-    # induction heads that retrieval from memory needs; natural text alone took far longer than our budget
-    repeat_prob: float = 0.0  # share of training sequences replaced by a repeated random string
+    # repeated strings: in a share of the sequences, a string of corpus tokens drawn at random (unigram frequencies)
+    # is repeated to fill the row. Only copying predicts it (its first occurrence is not scored): the textbook way to
+    # grow the induction heads that retrieval from memory needs (docs/MODEL_CARD.md, "Long-range recall")
+    repeat_prob: float = 0.0  # share of training sequences replaced by a repeated string
     repeat_len: list = field(default_factory=lambda: [8, 128])  # string length (the repeat period), uniform [lo, hi]
 
 
