@@ -157,6 +157,32 @@ def run_timed(segments: Iterator[tuple[int, int, float, float]], skip_tokens: in
     return timing
 
 
+def run_interleaved(gens: list[Iterator[tuple[int, int, float, float]]], skip_tokens: int) -> list[Timing]:
+    """`run_timed` for several loops at once: one segment of each in turn once all are past warm-up.
+
+    This machine's speed drifts by up to ~30% over tens of seconds, so loops timed one after the other can
+    differ by more than the overheads compared between them; interleaved, every loop sees the same drift.
+    Each `next()` is timed: a generator does one segment's work between two yields.
+    """
+    timings = [Timing() for _ in gens]
+
+    def step(i: int) -> tuple | None:
+        t0 = time.perf_counter()
+        item = next(gens[i], None)
+        if item is not None and item[0] >= skip_tokens:
+            timings[i].add(item[1], time.perf_counter() - t0, item[2], item[3])
+        return item
+
+    with torch.inference_mode():
+        for i in range(len(gens)):  # warm-up, up to and including each loop's first timed segment
+            while (item := step(i)) is not None and item[0] < skip_tokens:
+                pass
+        live = list(range(len(gens)))
+        while live:
+            live = [i for i in live if step(i) is not None]
+    return timings
+
+
 # -- the FLOP model ----------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -536,25 +562,35 @@ def clean(x: Any) -> Any:
     return x
 
 
-def run_native(b: Bench, fm: FlopModel, backend, doc, inp, tgt) -> None:
+def native_loops(b: Bench, fm: FlopModel, backend, doc, inp, tgt, ns: int, plan: Plan):
+    """The native model's two loops at segment size ns (Stream, bare model loop) and a function that adds
+    their rows once timed."""
     from segcli.config import RunConfig
 
-    for ns in b.args.segment_sizes:
-        plan = b.plan(ns)
-        cfg = RunConfig(memory="fifo", memory_size=b.args.memory_size, segment_size=ns, device=b.args.device, dtype=b.args.dtype)
-        inner: list[float] = []
-        t = run_timed(stream_segments(backend, cfg, doc, plan, fm, inner), plan.warm)
+    cfg = RunConfig(memory="fifo", memory_size=b.args.memory_size, segment_size=ns, device=b.args.device, dtype=b.args.dtype)
+    inner: list[float] = []
+    gens = [stream_segments(backend, cfg, doc, plan, fm, inner),
+            raw_segments(native_direct_forward(backend, cfg), inp, tgt, plan, ns, fm, lambda s: fifo_slots(s, cfg.memory_size))]
+
+    def add_rows(t: Timing, d: Timing) -> None:
         t.inner_seconds = inner[0] if inner else None
         b.add_row("segcli native: Stream(backend, cfg).segments", "segcli-native", ns, t, policy="fifo",
                   memory_size=cfg.memory_size, api="segcli.runner.Stream")
-        t = run_timed(raw_segments(native_direct_forward(backend, cfg), inp, tgt, plan, ns, fm,
-                                   lambda s: fifo_slots(s, cfg.memory_size)), 0 + plan.warm)
-        b.add_row("segcli native: model(ids, memory) loop", "segcli-native-direct", ns, t, policy="fifo",
+        b.add_row("segcli native: model(ids, memory) loop", "segcli-native-direct", ns, d, policy="fifo",
                   memory_size=cfg.memory_size, api="SegLMForCausalLM.forward")
+
+    return gens, add_rows
+
+
+def run_native(b: Bench, fm: FlopModel, backend, doc, inp, tgt) -> None:
+    for ns in b.args.segment_sizes:
+        gens, add_rows = native_loops(b, fm, backend, doc, inp, tgt, ns, b.plan(ns))
+        add_rows(*run_interleaved(gens, b.plan(ns).warm))
         b.save()
 
 
-def run_hf(b: Bench, fm: FlopModel, native_backend, doc, inp, tgt, text: str) -> None:
+def run_hf(b: Bench, fm: FlopModel, native_backend, doc, inp, tgt, text: str, with_native: bool = False) -> None:
+    """The Hugging Face loops; with_native: the native loops too, interleaved with them segment by segment."""
     from transformers import LlamaForCausalLM
 
     from segcli.backends import load_backend
@@ -577,15 +613,21 @@ def run_hf(b: Bench, fm: FlopModel, native_backend, doc, inp, tgt, text: str) ->
             cfg = dataclasses.replace(base, segment_size=ns)
             slots = lambda s: fifo_slots(s, cfg.memory_size)  # noqa: E731
             inner: list[float] = []
-            t = run_timed(stream_segments(hf_backend, cfg, doc, plan, fm, inner), plan.warm)
+            native_gens, add_native_rows = (native_loops(b, fm, native_backend, doc, inp, tgt, ns, plan)
+                                            if with_native else ([], None))
+            t, raw, p, *native = run_interleaved([
+                stream_segments(hf_backend, cfg, doc, plan, fm, inner),
+                raw_segments(hf_segcli_cache_forward(hf_backend, cfg), inp, tgt, plan, ns, fm, slots),
+                raw_segments(hf_window_forward(plain, args.memory_size), inp, tgt, plan, ns, fm, slots),
+                *native_gens], plan.warm)
+            if add_native_rows:
+                add_native_rows(*native)
             t.inner_seconds = inner[0] if inner else None
             b.add_row("segcli HF backend: Stream(load_backend(--model))", "segcli-hf", ns, t, policy="fifo",
                       memory_size=cfg.memory_size, api="segcli.backends.load_backend + segcli.runner.Stream")
-            t = run_timed(raw_segments(hf_segcli_cache_forward(hf_backend, cfg), inp, tgt, plan, ns, fm, slots), plan.warm)
-            b.add_row("raw forward: Llama(attn=segcli) + SegcliCache", "hf-raw-segcli-cache", ns, t, policy="fifo",
+            b.add_row("raw forward: Llama(attn=segcli) + SegcliCache", "hf-raw-segcli-cache", ns, raw, policy="fifo",
                       memory_size=cfg.memory_size, api="model(ids, position_ids, cache=segcli.hf.SegcliCache)")
-            t = run_timed(raw_segments(hf_window_forward(plain, args.memory_size), inp, tgt, plan, ns, fm, slots), plan.warm)
-            b.add_row("plain transformers: Llama(sdpa) + DynamicCache cropped", "hf-plain-window", ns, t,
+            b.add_row("plain transformers: Llama(sdpa) + DynamicCache cropped", "hf-plain-window", ns, p,
                       memory_size=args.memory_size, api="model(ids, position_ids, cache=DynamicCache), keep last "
                       f"{args.memory_size} pairs")
             b.save()
@@ -1000,10 +1042,10 @@ def main(argv: list[str] | None = None) -> int:
     inp = torch.tensor(doc.input_ids, dtype=torch.long, device=device)  # (N,) model input, BOS first
     tgt = torch.tensor(doc.target_ids, dtype=torch.long, device=device)  # (N,) scored tokens
 
-    if "native" in args.sections:
+    if "hf" in args.sections:  # with the native loops when both are asked for: one interleaved run, no drift between them
+        run_hf(b, fm, backend, doc, inp, tgt, text, with_native="native" in args.sections)
+    elif "native" in args.sections:
         run_native(b, fm, backend, doc, inp, tgt)
-    if "hf" in args.sections:
-        run_hf(b, fm, backend, doc, inp, tgt, text)
     del inp, tgt
     if "rss" in args.sections and args.rss_tokens and args.policies:
         run_rss(b, corpus_text(), tokenized(backend, corpus_text()))
