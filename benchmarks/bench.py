@@ -139,22 +139,14 @@ class Timing:
 
 
 def run_timed(segments: Iterator[tuple[int, int, float, float]], skip_tokens: int) -> Timing:
-    """Consume (start, tokens, nll, flops) per segment; time between consecutive yields.
+    """Consume (start, tokens, nll, flops) per segment; time each segment's work (one `next()`).
 
     Everything a loop does for a segment (building tensors, the forward, the loss, its
     bookkeeping) lies between two yields. Segments that start before `skip_tokens` are
     warm-up and not counted. Generators must have synchronised the device before they
     yield (reading the loss as a Python float does).
     """
-    timing = Timing()
-    with torch.inference_mode():
-        t_prev = time.perf_counter()
-        for start, n, nll, flops in segments:
-            now = time.perf_counter()
-            if start >= skip_tokens:
-                timing.add(n, now - t_prev, nll, flops)
-            t_prev = time.perf_counter()
-    return timing
+    return run_interleaved([segments], skip_tokens)[0]
 
 
 def run_interleaved(gens: list[Iterator[tuple[int, int, float, float]]], skip_tokens: int) -> list[Timing]:
@@ -584,8 +576,9 @@ def native_loops(b: Bench, fm: FlopModel, backend, doc, inp, tgt, ns: int, plan:
 
 def run_native(b: Bench, fm: FlopModel, backend, doc, inp, tgt) -> None:
     for ns in b.args.segment_sizes:
-        gens, add_rows = native_loops(b, fm, backend, doc, inp, tgt, ns, b.plan(ns))
-        add_rows(*run_interleaved(gens, b.plan(ns).warm))
+        plan = b.plan(ns)
+        gens, add_rows = native_loops(b, fm, backend, doc, inp, tgt, ns, plan)
+        add_rows(*run_interleaved(gens, plan.warm))
         b.save()
 
 
