@@ -142,6 +142,7 @@ def test_set_overrides_any_config_key_and_rejects_bad_ones(tmp_path):
     cfg_path.write_text("batch_size: 4\nmax_minutes: 30\ncopy_len: [8, 16]\n")
     cfg = load_train_config(str(cfg_path), {}, parse_settings(["batch_size=64", "copy_len=[4, 9]", "lr=3e-4", "steps=7"]))
     assert (cfg.batch_size, cfg.copy_len, cfg.lr, cfg.steps, cfg.max_minutes) == (64, [4, 9], 3e-4, 7, None)
+    assert parse_settings(["out_dir=nan", "corpus=inf"]) == {"out_dir": "nan", "corpus": "inf"}, "only 1e-3-style numbers convert"
     for bad, words in ((["--set", "bogus=1"], "unknown key"), (["--set", "batch_size"], "KEY=VALUE"),
                        (["--set", "batch_size=many"], "batch_size")):
         res = runner.invoke(app, ["train", "--config", str(cfg_path), "--quiet", *bad])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Optional
 
 import typer
@@ -32,6 +33,9 @@ def train(
     _train(**locals())
 
 
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # a number YAML 1.2 reads as a float
+
+
 def parse_settings(items: list[str]) -> dict:
     """["key=value", ...] -> {key: value read as YAML}."""
     import yaml
@@ -45,11 +49,8 @@ def parse_settings(items: list[str]) -> dict:
             v = yaml.safe_load(value)
         except yaml.YAMLError:
             raise UsageError(f"--set {item!r}: the value is not valid YAML") from None
-        if isinstance(v, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                v = float(v)
-            except ValueError:
-                pass
+        if isinstance(v, str) and SCIENTIFIC.fullmatch(v):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            v = float(v)
         out[key.strip()] = v
     return out
 
