@@ -360,27 +360,10 @@ def validate(model, tokens, val_starts, block, cfg, device, amp_dtype) -> dict[s
         only = dataclasses.replace(cfg, copy_prob=float(kind == "copy"), repeat_prob=float(kind == "repeat"))
         xc, mask, _ = draw_batch(tokens, val_starts, block, only, cfg.val_batches, rng)
         for policy in ("fifo", "none"):
-            out[f"val_{kind}_{policy}"] = masked_loss(model, xc.to(device), mask[:, 1:].to(device), policy, 128,
-                                                      max(cfg.memory_sizes), cfg, amp_dtype)
+            out[f"val_{kind}_{policy}"] = sequence_loss(model, xc.to(device), policy, 128, max(cfg.memory_sizes), cfg,
+                                                        amp_dtype, backward=False, scored=mask.to(device))
     model.train()
     return out
-
-
-@torch.no_grad()
-def masked_loss(model, x: torch.Tensor, mask: torch.Tensor, policy_name: str, ns: int, nc: int, cfg: TrainConfig, amp_dtype) -> float:
-    """Mean loss over the target positions where mask (B, L) is True, streaming x (B, L+1) in segments."""
-    labels = x[:, 1:].masked_fill(~mask, -100)
-    mem = model.new_memory(train_policy(policy_name, nc, cfg), x.shape[0], dtype=amp_dtype)
-    nll, count = 0.0, 0
-    for s in range(0, x.shape[1] - 1, ns):
-        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-            out = model(x[:, s : s + ns], mem)
-        mem = out.memory
-        lab = labels[:, s : s + ns]
-        nll += float(torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), lab.flatten(),
-                                                       ignore_index=-100, reduction="sum"))
-        count += int((lab != -100).sum())
-    return nll / max(1, count)
 
 
 def save_checkpoint(path: Path, model, opt, step, steps, log, np_rng, py_rng) -> None:
