@@ -233,7 +233,7 @@ def sequence_loss(model, x: torch.Tensor, policy_name: str, ns: int, nc: int, cf
     mem = model.new_memory(policy, x.shape[0], dtype=amp_dtype)
     total = 0.0
     for s in range(0, length, ns):
-        inp, tgt = x[:, s : s + ns], labels[:, s + 1 : s + ns + 1]
+        inp, tgt = x[:, s : min(s + ns, length)], labels[:, s + 1 : s + ns + 1]  # the last segment may be short
         n = int((tgt != -100).sum())
         with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
             out = model(inp, mem, labels=tgt if n else None)

@@ -107,6 +107,9 @@ def test_sequence_loss_counts_only_scored_targets():
         nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(2, 40)
     want = float(nll[scored[:, 1:]].mean())
     assert abs(got - want) < 1e-5
+    with torch.no_grad():  # a segment size that does not divide the length: the last segment is short
+        short = sequence_loss(model, x, "full", 16, 64, TrainConfig(), torch.float32, backward=False, scored=scored)
+    assert abs(short - want) < 1e-5
 
 
 def test_init_from_and_copy_data_train_from_a_saved_model(tmp_path):
