@@ -8,7 +8,8 @@ A file is safetensors. Every tensor of every layer's state is an entry named
 `layer{i}.{field}` (nested dataclasses add `.{field}`: `layer0.ring.k`); one
 metadata entry, "segcli", holds JSON: format version, segcli version, model
 identity and hash, tokenizer hash, policy and sizes, tokens seen, dtype, and per
-layer the state's dataclass type with its non-tensor fields (ints, None). States
+layer the state's dataclass type with its non-tensor fields (ints, None), and for a
+model with smeared keys each layer's last key (`last_key{i}`). States
 are serialised generically by walking dataclass fields, so a new policy needs no
 code here as long as its state is a dataclass of tensors, numbers and dataclasses.
 """
@@ -87,6 +88,8 @@ def save_memory(path: str, memory, backend, extra: dict[str, Any] | None = None)
         raise UsageError("--save-memory works with the native seglm model only")
     tensors: dict[str, Tensor] = {}
     layers = [flatten_state(s, f"layer{i}", tensors) for i, s in enumerate(memory.states)]
+    last_keys = None if memory.last_keys is None else [flatten_state(k, f"last_key{i}", tensors)
+                                                       for i, k in enumerate(memory.last_keys)]
     meta = {
         "format": FORMAT,
         "segcli_version": __version__,
@@ -98,6 +101,7 @@ def save_memory(path: str, memory, backend, extra: dict[str, Any] | None = None)
         "seen": memory.seen,
         "dtype": str(backend.dtype).removeprefix("torch."),
         "layers": layers,
+        "last_keys": last_keys,  # smeared-key models: each layer's last key (the next token smears it in)
         **(extra or {}),
     }
     target = Path(path)
@@ -167,6 +171,8 @@ def load_memory(path: str, backend, cfg):
         raise UsageError(f"--load-memory {path}: {len(meta.get('layers', []))} layers saved, the model has {n_layers}")
     try:
         states = [rebuild_state(d, tensors, backend.device) for d in meta["layers"]]
+        last_keys = meta.get("last_keys")
+        last_keys = None if last_keys is None else [rebuild_state(d, tensors, backend.device) for d in last_keys]
     except (KeyError, TypeError, ValueError, AttributeError, ImportError) as e:
         raise UsageError(f"--load-memory {path}: cannot rebuild the memory state ({e})") from None
-    return SegMemory(policy, states, int(meta["seen"]))
+    return SegMemory(policy, states, int(meta["seen"]), last_keys)

@@ -42,6 +42,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of lr
     warmup_steps: int = 100  # linear warm-up
     weight_decay: float = 0.1
+    smear_lr_scale: float = 1.0  # the key_smear shares (one scalar per head) learn at lr x this
     grad_clip: float = 1.0
     policies: dict = field(default_factory=lambda: {"fifo": 1.0})  # policy -> sampling weight
     segment_sizes: list = field(default_factory=lambda: [128])  # drawn uniformly per step
@@ -57,7 +58,7 @@ class TrainConfig:
     amp: bool = True  # bfloat16 autocast on CUDA (CPU always float32)
     max_minutes: float | None = None  # if set, steps are reduced to fit after timing the first steps
     keep_best: bool = True  # save the weights with the best validation loss (early stopping)
-    init_from: str | None = None  # a saved model folder to start from (fine-tuning); its config replaces `model`
+    init_from: str | None = None  # a saved model folder to start from (fine-tuning); `model` keys change its config
     # copy-rich data: in a share of the sequences, passages reappear verbatim later in the same sequence, so the
     # model learns to retrieve from memory across long gaps (what the recall document measures)
     copy_prob: float = 0.0  # share of training sequences that get copied passages
@@ -87,6 +88,8 @@ def load_train_config(path: str | None, overrides: dict[str, Any], settings: dic
         SegLMConfig(**cfg.model)
     except (TypeError, ValueError) as e:
         raise UsageError(f"train config: bad model settings ({e})") from None
+    if not cfg.smear_lr_scale > 0:
+        raise UsageError(f"train config: smear_lr_scale must be > 0, got {cfg.smear_lr_scale}")
     if not 0.0 <= cfg.copy_prob <= 1.0:
         raise UsageError(f"train config: copy_prob must be in [0, 1], got {cfg.copy_prob}")
     if not 0.0 <= cfg.repeat_prob <= 1.0 or cfg.copy_prob + cfg.repeat_prob > 1.0:
@@ -216,6 +219,18 @@ def draw_setting(cfg: TrainConfig, rng: random.Random) -> tuple[str, int, int]:
     return policy, rng.choice(cfg.segment_sizes), rng.choice(cfg.memory_sizes)
 
 
+def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only; the smeared-key shares at lr x smear_lr_scale (each group's
+    `lr_scale`: a share starting at 0 moves about lr per step, too slow to form copy heads in a short stage)."""
+    groups: dict[str, list] = {"decay": [], "no_decay": [], "smear": []}
+    for name, p in model.named_parameters():
+        groups["smear" if name.endswith("key_smear") else "decay" if p.dim() >= 2 else "no_decay"].append(p)
+    settings = {"decay": (cfg.weight_decay, 1.0), "no_decay": (0.0, 1.0), "smear": (0.0, cfg.smear_lr_scale)}
+    return torch.optim.AdamW([{"params": ps, "weight_decay": settings[k][0], "lr_scale": settings[k][1]}
+                              for k, ps in groups.items() if ps],
+                             lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
 def train_policy(name: str, nc: int, cfg: TrainConfig):
     """The memory policy `name` with memory size nc and the config's other sizes (compressive: nc / rate slots)."""
     return make_policy(name, memory_size=nc, sink_tokens=cfg.sink_tokens,
@@ -273,15 +288,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Iterator[Event]:
     if mcfg.vocab_size != vocab:
         mcfg = SegLMConfig(**{**cfg.model, "vocab_size": vocab})
     if cfg.init_from is not None:
-        model = SegLMForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32).to(device)
+        # `model` keys given next to init_from change the saved config (parameters they add start from their init)
+        model = SegLMForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32, **cfg.model).to(device)
         if model.config.vocab_size != vocab:
             raise UsageError(f"init_from {cfg.init_from}: vocabulary {model.config.vocab_size} != tokenizer's {vocab}")
     else:
         model = SegLMForCausalLM(mcfg).to(device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    opt = make_optimizer(model, cfg, device)
     np_rng = np.random.default_rng(cfg.seed)
     py_rng = random.Random(cfg.seed)
     step, steps, log = 0, cfg.steps, []
@@ -310,7 +323,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Iterator[Event]:
         x, _, scored = draw_batch(tokens, train_starts, block, cfg, cfg.batch_size, np_rng)
         x, scored = x.to(device), scored.to(device)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg, steps)
+            g["lr"] = lr_at(step, cfg, steps) * g.get("lr_scale", 1.0)  # checkpoints before lr_scale: 1
         opt.zero_grad(set_to_none=True)
         loss = sequence_loss(model, x, policy, ns, nc, cfg, amp_dtype, backward=True, scored=scored)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))

@@ -25,6 +25,8 @@ def tiny_model(seed: int = 0, **overrides) -> SegLMForCausalLM:
     with torch.no_grad():
         for layer in model.model.layers:
             layer.attn.qkv.weight.mul_(8.0)
+            if layer.attn.key_smear is not None:  # trained-like nonzero shares, one sign per head
+                layer.attn.key_smear.copy_(torch.linspace(0.8, -0.6, layer.attn.h))
     return model
 
 

@@ -16,6 +16,15 @@ def _qkv(layer, h, cos, sin):
     return q, k, v
 
 
+def smeared(layer, kr: Tensor) -> Tensor:
+    """Smeared keys of a whole sequence: k_t + beta_h * k_{t-1}, k_{-1} = 0 (unchanged without smear_keys)."""
+    beta = layer.attn.key_smear
+    if beta is None:
+        return kr
+    previous = torch.nn.functional.pad(kr, (0, 0, 1, 0))[:, :, :-1]  # (B, H, N, D): row t holds k_{t-1}
+    return kr + beta.view(1, -1, 1, 1) * previous
+
+
 def masked_forward(model, ids: Tensor, allowed: Tensor) -> Tensor:
     """Logits of a whole-sequence forward where query i sees key j iff allowed[i, j]."""
     cfg = model.config
@@ -24,7 +33,7 @@ def masked_forward(model, ids: Tensor, allowed: Tensor) -> Tensor:
     cos, sin = rope_cos_sin(torch.arange(n), inv_frequencies(cfg.head_dim, cfg.rope_theta), x.dtype)
     for layer in model.model.layers:
         q, k, v = _qkv(layer, layer.attn_norm(x), cos, sin)
-        a = reference_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, allowed)
+        a = reference_attention(apply_rope(q, cos, sin), smeared(layer, apply_rope(k, cos, sin)), v, allowed)
         x = x + layer.attn.o(a.transpose(1, 2).reshape(x.shape))
         x = x + layer.mlp(layer.mlp_norm(x))
     return model.lm_head(model.model.norm(x))
@@ -62,6 +71,10 @@ def sink_forward(model, ids: Tensor, n_sink: int, n_c: int) -> Tensor:
             cq, sq = rope_cos_sin(torch.tensor([i]), inv, x.dtype)
             qi = apply_rope(q[:, :, i : i + 1], cq, sq)
             ki = apply_rope(k[:, :, keys], ck, sk)
+            if layer.attn.key_smear is not None:  # + beta * the key before each, rotated one position earlier
+                before = torch.stack([k[:, :, j - 1] if j else torch.zeros_like(k[:, :, 0]) for j in keys], 2)
+                cb, sb = rope_cos_sin(torch.tensor(pos) - 1, inv, x.dtype)
+                ki = ki + layer.attn.key_smear.view(1, -1, 1, 1) * apply_rope(before, cb, sb)
             outs.append(reference_attention(qi, ki, v[:, :, keys], torch.ones(1, len(keys), dtype=torch.bool)))
         a = torch.cat(outs, 2)
         x = x + layer.attn.o(a.transpose(1, 2).reshape(x.shape))

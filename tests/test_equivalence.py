@@ -1,19 +1,19 @@
 """DESIGN §1 equivalences on a random-initialised native model, against plain references
-(max abs diff <= 1e-4 in float32)."""
+(max abs diff <= 1e-4 in float32); each with plain keys and with smeared keys (the bundled model's)."""
 
 import pytest
 import torch
 
 from conftest import tiny_model
-from reference import causal, masked_forward, sink_forward, sliding_window, streamed
+from reference import causal, masked_forward, sink_forward, sliding_window, smeared, streamed
 
 TOL = 1e-4
 N = 70
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model(seed=3)
+@pytest.fixture(scope="module", params=[False, True], ids=["plain-keys", "smeared-keys"])
+def model(request):
+    return tiny_model(seed=3, smear_keys=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_average_memory_is_the_plain_mean_of_rotated_pairs(model, ids):
     _, mem = streamed(model, ids, "average", 13)
     q, k, v = layer0_qkv(model, ids)
     cos, sin = rope_cos_sin(torch.arange(N), inv_frequencies(model.config.head_dim, model.config.rope_theta), k.dtype)
-    kr = apply_rope(k, cos, sin)
+    kr = smeared(model.model.layers[0], apply_rope(k, cos, sin))
     assert (mem.states[0].k[:, :, 0] - kr.mean(2)).abs().max() <= TOL
     assert (mem.states[0].v[:, :, 0] - v.mean(2)).abs().max() <= TOL
 

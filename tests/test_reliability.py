@@ -439,6 +439,28 @@ def two_docs(tmp_path_factory):
 
 @pytest.mark.parametrize("policy", POLICY_NAMES)
 def test_save_then_load_memory_equals_one_run(base, two_docs, tmp_path, policy):
+    meta = save_then_load(base, two_docs, tmp_path, policy)
+    assert meta["last_keys"] is None  # plain keys: nothing beyond the policy's state
+
+
+@pytest.fixture(scope="module")
+def smeared_base(tmp_path_factory):
+    from conftest import save_with_tokenizer, tiny_model
+
+    path = save_with_tokenizer(tiny_model(smear_keys=True), tmp_path_factory.mktemp("smeared") / "model")
+    return ["--model", path, "--device", "cpu", "-q"]
+
+
+@pytest.mark.parametrize("policy", ["fifo", "none"])
+def test_save_then_load_memory_of_a_smeared_key_model_equals_one_run(smeared_base, two_docs, tmp_path, policy):
+    # the next document's first token smears in the last key of the saved one, so the file must carry it
+    meta = save_then_load(smeared_base, two_docs, tmp_path, policy)
+    assert [d["tensor"] for d in meta["last_keys"]] == ["last_key0", "last_key1"]
+
+
+def save_then_load(base, two_docs, tmp_path, policy) -> dict:
+    """Stream a then b in one run, and a (saving its memory) then b (loading it) in two; the second
+    document's numbers must be bitwise equal. Returns the memory file's metadata."""
     a, b = two_docs
     common = [*base, *policy_args(policy), "-s", 16, "--max-tokens", 90]
     together = records(invoke("run", a, b, *common))
@@ -455,6 +477,7 @@ def test_save_then_load_memory_equals_one_run(base, two_docs, tmp_path, policy):
     assert meta["policy"] == policy and meta["seen"] == 90 and meta["segcli_version"]
     assert meta["model_sha256"] == first[-1]["config"]["model_sha256"]
     assert meta["tokenizer_sha256"] == first[-1]["config"]["tokenizer_sha256"]
+    return meta
 
 
 def test_load_memory_refuses_mismatch(base, tiny_model_dir, doc_path, tmp_path):

@@ -124,7 +124,8 @@ def test_init_from_and_copy_data_train_from_a_saved_model(tmp_path):
                      "model: {hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64}\n")
     assert runner.invoke(app, ["train", "--config", str(first), "--quiet"]).exit_code == 0
     second = tmp_path / "second.yaml"
-    second.write_text(base + f"out_dir: {tmp_path / 'b'}\ncopy_prob: 0.5\nrepeat_prob: 0.5\ncopy_passages: 2\ncopy_len: [8, 16]\ncopy_gap: [4, 64]\n")
+    second.write_text(base + f"out_dir: {tmp_path / 'b'}\ncopy_prob: 0.5\nrepeat_prob: 0.5\ncopy_passages: 2\ncopy_len: [8, 16]\ncopy_gap: [4, 64]\n"
+                      "model: {smear_keys: true}\nsmear_lr_scale: 20\n")  # switches smeared keys on in the loaded model
     log = tmp_path / "log.jsonl"
     res = runner.invoke(app, ["train", "--config", str(second), "--quiet", "--init-from", str(tmp_path / "a" / "model"),
                               "--log-jsonl", str(log)])
@@ -133,6 +134,12 @@ def test_init_from_and_copy_data_train_from_a_saved_model(tmp_path):
     assert events[0]["params"] < 1_000_000, "the small saved model was loaded, not a default-sized one"
     val = [e for e in events if e["event"] == "val"][-1]
     assert {"val_copy_fifo", "val_copy_none", "val_repeat_fifo", "val_repeat_none"} <= set(val)
+    from segcli.models.seglm import SegLMForCausalLM
+
+    tuned = SegLMForCausalLM.from_pretrained(tmp_path / "b" / "model")
+    beta = torch.stack([layer.attn.key_smear for layer in tuned.model.layers]).detach()
+    # started at 0; two Adam steps at lr 2e-3 x 20 move each share ~0.04 (at lr alone they could not pass 0.004)
+    assert tuned.config.smear_keys and beta.abs().min() > 0.01, beta
     bad = runner.invoke(app, ["train", "--config", str(second), "--quiet", "--init-from", str(tmp_path)])
     assert bad.exit_code == 2 and "init_from" in bad.output
 

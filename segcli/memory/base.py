@@ -77,6 +77,7 @@ class MemoryPolicy(ABC):
     parameters: ClassVar[tuple[str, ...]] = ()  # config fields this policy uses
     kind: ClassVar[str] = "kv"  # "kv": softmax over slots; "linear": fast-weight memory
     bounded: ClassVar[bool] = True
+    carries_context: ClassVar[bool] = True  # False: each segment starts as a document does (`none`)
 
     def __init__(self, memory_size: int = 512, sink_tokens: int = 4, compress_rate: int = 4, compressed_size: int = 128):
         self.memory_size = memory_size

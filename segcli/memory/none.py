@@ -16,6 +16,7 @@ class NoMemory(MemoryPolicy):
     name = "none"
     rule = "Mem = empty: every segment is read alone"
     size_rule = "0"
+    carries_context = False  # nothing of the previous segment reaches the next, not even its last key
 
     def capacity(self, segment_size):
         return 0

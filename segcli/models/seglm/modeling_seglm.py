@@ -29,6 +29,7 @@ from ...memory.base import LayerStats
 from ...ops.attention import attend
 from ...ops.linear_attention import read_memory
 from ...ops.rope import apply_rope, inv_frequencies, rope_cos_sin, shift_rope
+from ...ops.smear import smear_keys
 from .configuration_seglm import SegLMConfig
 
 
@@ -39,6 +40,7 @@ class SegMemory:
     policy: MemoryPolicy
     states: list[Any]
     seen: int = 0  # tokens consumed = absolute position of the next token
+    last_keys: list[Tensor | None] | None = None  # smear_keys: per layer, the last rotated key (B, H, 1, D)
 
     def stats(self) -> list[LayerStats]:
         return [self.policy.stats(s) for s in self.states]
@@ -71,12 +73,16 @@ class SegLMAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)  # fused Q, K, V
         self.o = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.memory_gate = nn.Parameter(torch.zeros(self.h))  # linear memory: sigmoid mix per head
+        self.key_smear = nn.Parameter(torch.zeros(self.h)) if cfg.smear_keys else None  # beta per head
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, policy: MemoryPolicy, state: Any, shift_keys):
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, policy: MemoryPolicy, state: Any, shift_keys,
+                last_key: Tensor | None = None):
         b, t, c = x.shape
         qkv = self.qkv(x).view(b, t, 3, self.h, self.d).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         q, k, v = qkv.unbind(0)
         qr, kr = apply_rope(qkv[:2], cos, sin).unbind(0)  # q and k rotated together: one set of kernels
+        if self.key_smear is not None:  # the linear memory keeps reading the raw (unsmeared) k
+            last_key, kr = kr[:, :, -1:].detach(), smear_keys(kr, last_key, self.key_smear)
         if policy.kind == "linear":
             out = F.scaled_dot_product_attention(qr, kr, v, is_causal=True)  # (B, H, T, D)
             g = torch.sigmoid(self.memory_gate).view(1, self.h, 1, 1)
@@ -93,7 +99,7 @@ class SegLMAttention(nn.Module):
             # part is taken from kr/v themselves so gradients flow within the segment.
             out, mass = attend(qr, k_all, v_all, m, kr, v)
         y = self.o(out.transpose(1, 2).reshape(b, t, c))
-        return y, state, (None if mass is None else mass.mean())
+        return y, state, (None if mass is None else mass.mean()), last_key
 
 
 def _unchanged(x: Tensor) -> Tensor:
@@ -109,11 +115,11 @@ class SegLMBlock(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, policy, state, shift_keys):
-        a, state, mass = self.attn(self.attn_norm(x), cos, sin, policy, state, shift_keys)
+    def forward(self, x, cos, sin, policy, state, shift_keys, last_key=None):
+        a, state, mass, last_key = self.attn(self.attn_norm(x), cos, sin, policy, state, shift_keys, last_key)
         drop = self.drop if self.training and self.drop.p > 0 else _unchanged  # no module calls at inference
         x = x + drop(a)
-        return x + drop(self.mlp(self.mlp_norm(x))), state, mass
+        return x + drop(self.mlp(self.mlp_norm(x))), state, mass, last_key
 
 
 class SegLMPreTrainedModel(PreTrainedModel):
@@ -126,6 +132,8 @@ class SegLMPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, SegLMAttention):
             nn.init.zeros_(module.memory_gate)
+            if module.key_smear is not None:
+                nn.init.zeros_(module.key_smear)  # smearing starts off: a model fine-tuned into it starts unchanged
 
 
 class SegLMModel(SegLMPreTrainedModel):
@@ -164,12 +172,15 @@ class SegLMModel(SegLMPreTrainedModel):
         b, t = input_ids.shape
         x = self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.rope_tables(memory.seen, t, input_ids.device, x.dtype)  # (T, D)
-        states, masses = [], []
-        for layer, state in zip(self.layers, memory.states):
-            x, state, mass = layer(x, cos, sin, memory.policy, state, self.shift_keys)
+        states, masses, last_keys = [], [], []
+        carried = memory.last_keys if memory.last_keys is not None and memory.policy.carries_context else None
+        for i, (layer, state) in enumerate(zip(self.layers, memory.states)):
+            x, state, mass, last = layer(x, cos, sin, memory.policy, state, self.shift_keys,
+                                         None if carried is None else carried[i])
             states.append(state)
             masses.append(mass)
-        mem = SegMemory(memory.policy, states, memory.seen + t)
+            last_keys.append(last)
+        mem = SegMemory(memory.policy, states, memory.seen + t, last_keys if self.config.smear_keys else None)
         mass = None if any(m is None for m in masses) else torch.stack(masses)
         return self.norm(x), mem, mass
 
