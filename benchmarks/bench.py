@@ -485,6 +485,8 @@ def llama_twin(native_model, out_dir: Path, dtype: torch.dtype, weights: str) ->
     tok = PreTrainedTokenizerFast(tokenizer_file=str(ROOT / "segcli" / "bundled" / "tokenizer.json"),
                                   bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     tok.save_pretrained(out_dir)
+    if copied and getattr(c, "smear_keys", False):  # Llama has no smeared keys: same shapes and cost, other losses
+        log("llama twin: the bundled model smears its keys, Llama does not: its losses are not comparable")
     return {"dir": str(out_dir), "weights": "bundled (copied)" if copied else "random",
             "parameters": sum(p.numel() for p in model.parameters())}
 

@@ -8,6 +8,7 @@ answers is whether seglm's architecture learns copying more slowly than a standa
 
   python scripts/induction_toy.py --arch seglm --steps 1500
   python scripts/induction_toy.py --arch llama --steps 1500
+  python scripts/induction_toy.py --arch seglm --smear-keys --steps 500   # smeared keys (segcli.ops.smear)
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import torch.nn.functional as F
 V, N, B = 64, 128, 32
 
 
-def build(arch: str):
+def build(arch: str, smear_keys: bool = False):
     if arch == "seglm":
         from segcli.models.seglm import SegLMConfig, SegLMForCausalLM
 
         return SegLMForCausalLM(SegLMConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                            intermediate_size=128, dropout=0.0))
+                                            intermediate_size=128, dropout=0.0, smear_keys=smear_keys))
+    if smear_keys:
+        raise SystemExit("--smear-keys is a seglm option")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -41,14 +44,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--smear-keys", action="store_true", help="seglm with smeared keys (each key + beta x the previous one)")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    model = build(args.arch)
+    model = build(args.arch, args.smear_keys)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     rng = np.random.default_rng(0)
     t0 = time.time()
-    print(f"{args.arch}: {sum(p.numel() for p in model.parameters()):,} parameters; step, loss on repeats, seconds")
+    print(f"{args.arch}{' (smeared keys)' if args.smear_keys else ''}: {sum(p.numel() for p in model.parameters()):,} parameters; step, loss on repeats, seconds")
     for step in range(args.steps):
         x = np.zeros((B, N + 1), dtype=np.int64)
         scored = np.ones((B, N + 1), dtype=bool)
