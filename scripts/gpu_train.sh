@@ -4,7 +4,7 @@
 # TRAIN_CONFIG picks the config (default: stage 1); TRAIN_ARGS adds options, e.g. for stage 2:
 #   TRAIN_CONFIG=configs/train-bundled-long.yaml TRAIN_ARGS="--init-from segcli/bundled --steps 4000" bash scripts/gpu_train.sh
 # or the repeated-string stage that grows induction heads, at a GPU batch size:
-#   TRAIN_CONFIG=configs/train-bundled-recall.yaml TRAIN_ARGS="--init-from segcli/bundled --set batch_size=128 --set max_minutes=6" bash scripts/gpu_train.sh
+#   TRAIN_CONFIG=configs/train-bundled-recall.yaml TRAIN_ARGS="--init-from segcli/bundled --set batch_size=64 --set max_minutes=8" bash scripts/gpu_train.sh
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

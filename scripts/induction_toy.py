@@ -1,14 +1,15 @@
 """The classic induction task on a tiny model: seglm next to a Llama of the same shape.
 
-Rows are a random string (vocabulary 64, length 4-31) repeated to fill 128 tokens; the loss
+Rows are a random string (vocabulary 64 unless --vocab, length 4-31) repeated to fill 128 tokens; the loss
 counts only the repeats (its first occurrence is unpredictable). A model that has formed
-induction heads drives it towards 0; ln 64 = 4.16 is chance. Both models see the same
+induction heads drives it towards 0; ln V is chance (4.16 at 64). Both models see the same
 batches from the same seed, so their curves can be compared step by step: the question it
 answers is whether seglm's architecture learns copying more slowly than a standard one.
 
   python scripts/induction_toy.py --arch seglm --steps 1500
   python scripts/induction_toy.py --arch llama --steps 1500
   python scripts/induction_toy.py --arch seglm --smear-keys --steps 500   # smeared keys (segcli.ops.smear)
+  python scripts/induction_toy.py --arch seglm --smear-keys --vocab 8192 --steps 400 --threads 2
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-V, N, B = 64, 128, 32
+N, B = 128, 32
 
 
-def build(arch: str, smear_keys: bool = False):
+def build(arch: str, V: int, smear_keys: bool = False):
     if arch == "seglm":
         from segcli.models.seglm import SegLMConfig, SegLMForCausalLM
 
@@ -44,11 +45,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--vocab", type=int, default=64, help="vocabulary size (chance loss ln V)")
     ap.add_argument("--smear-keys", action="store_true", help="seglm with smeared keys (each key + beta x the previous one)")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    model = build(args.arch, args.smear_keys)
+    V = args.vocab
+    model = build(args.arch, V, args.smear_keys)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     rng = np.random.default_rng(0)
     t0 = time.time()
