@@ -47,12 +47,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--vocab", type=int, default=64, help="vocabulary size (chance loss ln V)")
     ap.add_argument("--smear-keys", action="store_true", help="seglm with smeared keys (each key + beta x the previous one)")
+    ap.add_argument("--init-from", help="a saved seglm folder to start from (its vocabulary; --smear-keys adds the shares)")
+    ap.add_argument("--smear-lr-scale", type=float, default=1.0, help="the smeared-key shares learn at lr x this")
+    ap.add_argument("--every", type=int, default=100, help="print every this many steps")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    V = args.vocab
-    model = build(args.arch, V, args.smear_keys)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    if args.init_from:
+        from segcli.models.seglm import SegLMForCausalLM
+        from segcli.train import TrainConfig, make_optimizer
+
+        model = SegLMForCausalLM.from_pretrained(args.init_from, dtype=torch.float32, smear_keys=args.smear_keys)
+        V = model.config.vocab_size
+        opt = make_optimizer(model, TrainConfig(lr=args.lr, weight_decay=0.0, smear_lr_scale=args.smear_lr_scale),
+                             torch.device("cpu"))
+    else:
+        V = args.vocab
+        model = build(args.arch, V, args.smear_keys)
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     rng = np.random.default_rng(0)
     t0 = time.time()
     print(f"{args.arch}{' (smeared keys)' if args.smear_keys else ''}: {sum(p.numel() for p in model.parameters()):,} parameters; step, loss on repeats, seconds")
@@ -61,7 +73,7 @@ def main() -> None:
         scored = np.ones((B, N + 1), dtype=bool)
         for b in range(B):
             m = int(rng.integers(4, 32))
-            x[b] = np.resize(rng.integers(0, V, m), N + 1)
+            x[b] = np.resize(rng.integers(1 if args.init_from else 0, V, m), N + 1)
             scored[b, : m + 1] = False
         x_t, sc = torch.from_numpy(x), torch.from_numpy(scored)
         logits = model(x_t[:, :-1]).logits
@@ -70,7 +82,7 @@ def main() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 100 == 0 or step == args.steps - 1:
+        if step % args.every == 0 or step == args.steps - 1:
             print(step, round(loss.item(), 3), round(time.time() - t0), flush=True)
 
 

@@ -71,6 +71,7 @@ class TrainConfig:
     # grow the induction heads that retrieval from memory needs (docs/MODEL_CARD.md, "Long-range recall")
     repeat_prob: float = 0.0  # share of training sequences replaced by a repeated string
     repeat_len: list = field(default_factory=lambda: [8, 128])  # string length (the repeat period), uniform [lo, hi]
+    repeat_ids: str = "unigram"  # how the string's ids are drawn: unigram (corpus frequencies) | uniform (any id but 0)
 
 
 def load_train_config(path: str | None, overrides: dict[str, Any], settings: dict[str, Any] | None = None) -> TrainConfig:
@@ -88,6 +89,8 @@ def load_train_config(path: str | None, overrides: dict[str, Any], settings: dic
         SegLMConfig(**cfg.model)
     except (TypeError, ValueError) as e:
         raise UsageError(f"train config: bad model settings ({e})") from None
+    if cfg.repeat_ids not in ("unigram", "uniform"):
+        raise UsageError(f"train config: repeat_ids must be unigram or uniform, got {cfg.repeat_ids!r}")
     if not cfg.smear_lr_scale > 0:
         raise UsageError(f"train config: smear_lr_scale must be > 0, got {cfg.smear_lr_scale}")
     if not 0.0 <= cfg.copy_prob <= 1.0:
@@ -175,18 +178,26 @@ def insert_copies(x: np.ndarray, rng: np.random.Generator, passages: int, length
     return mask
 
 
-def repeat_random(tokens: np.ndarray, n: int, rng: np.random.Generator, length: tuple[int, int]) -> tuple[np.ndarray, int]:
-    """(n,) ids: a string of tokens drawn independently from the corpus (unigram frequencies, so every id
-    has a trained embedding) with a length drawn from [lo, hi], repeated to fill n, and that length
-    (the first occurrence, positions 0..length-1, is unpredictable)."""
+def repeat_random(tokens: np.ndarray, n: int, rng: np.random.Generator, length: tuple[int, int],
+                  vocab: int | None = None) -> tuple[np.ndarray, int]:
+    """(n,) ids: a string of tokens with a length drawn from [lo, hi], repeated to fill n, and that length (the
+    first occurrence, positions 0..length-1, is unpredictable). Ids are drawn independently from the corpus
+    (unigram frequencies), or uniformly from 1..vocab-1 when `vocab` is given: no id is likelier than another,
+    so nothing but copying lowers the loss (id 0, the document separator, is left out)."""
     m = int(rng.integers(length[0], length[1] + 1))
-    return np.resize(tokens[rng.integers(0, len(tokens), size=m)], n), m
+    ids = tokens[rng.integers(0, len(tokens), size=m)] if vocab is None else rng.integers(1, vocab, size=m)
+    return np.resize(ids.astype(tokens.dtype), n), m
 
 
-def draw_batch(tokens, starts, block, cfg: TrainConfig, batch: int,
-               rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def repeat_vocab(model, cfg: TrainConfig) -> int | None:
+    """The vocabulary uniform repeated strings draw from (None: unigram draws from the corpus)."""
+    return model.config.vocab_size if cfg.repeat_ids == "uniform" else None
+
+
+def draw_batch(tokens, starts, block, cfg: TrainConfig, batch: int, rng: np.random.Generator,
+               vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A training batch x (batch, seq_len + 1): copied passages in a `copy_prob` share of the rows, a repeated
-    random string in a `repeat_prob` share. Also returns the bool masks, over x's positions, of
+    random string in a `repeat_prob` share (vocab: the model's, for repeat_ids uniform). Also returns the bool masks, over x's positions, of
     copied positions and of scored positions (False where a token is unpredictable by construction)."""
     x = sample_batch(tokens, starts, block, cfg.seq_len, batch, rng).numpy()
     mask = np.zeros(x.shape, dtype=bool)
@@ -199,7 +210,7 @@ def draw_batch(tokens, starts, block, cfg: TrainConfig, batch: int,
                                    log_gap=cfg.copy_gap_scale == "log")
         x[rows] = sub
     for r in np.flatnonzero((kind >= cfg.copy_prob) & (kind < cfg.copy_prob + cfg.repeat_prob)):
-        x[r], m = repeat_random(tokens, x.shape[1], rng, tuple(cfg.repeat_len))
+        x[r], m = repeat_random(tokens, x.shape[1], rng, tuple(cfg.repeat_len), vocab)
         scored[r, : m + 1] = False  # positions 0..m: the first string and the repeat's first token (after an unseen one)
         mask[r, m + 1 :] = True
     return torch.from_numpy(x), torch.from_numpy(mask), torch.from_numpy(scored)
@@ -226,7 +237,8 @@ def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim
     for name, p in model.named_parameters():
         groups["smear" if name.endswith("key_smear") else "decay" if p.dim() >= 2 else "no_decay"].append(p)
     settings = {"decay": (cfg.weight_decay, 1.0), "no_decay": (0.0, 1.0), "smear": (0.0, cfg.smear_lr_scale)}
-    return torch.optim.AdamW([{"params": ps, "weight_decay": settings[k][0], "lr_scale": settings[k][1]}
+    return torch.optim.AdamW([{"params": ps, "weight_decay": settings[k][0], "lr_scale": settings[k][1],
+                               "lr": cfg.lr * settings[k][1]}
                               for k, ps in groups.items() if ps],
                              lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
@@ -320,7 +332,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Iterator[Event]:
     model.train()
     while step < steps:
         policy, ns, nc = draw_setting(cfg, py_rng)
-        x, _, scored = draw_batch(tokens, train_starts, block, cfg, cfg.batch_size, np_rng)
+        x, _, scored = draw_batch(tokens, train_starts, block, cfg, cfg.batch_size, np_rng, repeat_vocab(model, cfg))
         x, scored = x.to(device), scored.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg, steps) * g.get("lr_scale", 1.0)  # checkpoints before lr_scale: 1
@@ -371,7 +383,7 @@ def validate(model, tokens, val_starts, block, cfg, device, amp_dtype) -> dict[s
         if not on:
             continue
         only = dataclasses.replace(cfg, copy_prob=float(kind == "copy"), repeat_prob=float(kind == "repeat"))
-        xc, mask, _ = draw_batch(tokens, val_starts, block, only, cfg.val_batches, rng)
+        xc, mask, _ = draw_batch(tokens, val_starts, block, only, cfg.val_batches, rng, repeat_vocab(model, cfg))
         for policy in ("fifo", "none"):
             out[f"val_{kind}_{policy}"] = sequence_loss(model, xc.to(device), policy, 128, max(cfg.memory_sizes), cfg,
                                                         amp_dtype, backward=False, scored=mask.to(device))

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from typer.testing import CliRunner
@@ -72,20 +73,23 @@ def test_insert_copies_repeats_passages_verbatim_within_bounds():
         assert np.array_equal(x[b][~mask[b]], orig[b][~mask[b]]), "nothing else changes"
 
 
-def test_repeat_rows_are_periodic_and_their_first_string_unscored():
+@pytest.mark.parametrize("ids", ["unigram", "uniform"])
+def test_repeat_rows_are_periodic_and_their_first_string_unscored(ids):
     import numpy as np
 
     from segcli.train import TrainConfig, draw_batch
 
     tokens = 1000 + np.arange(20_000) % 5000
-    cfg = TrainConfig(seq_len=300, repeat_prob=1.0, repeat_len=[5, 40])
-    x, mask, scored = draw_batch(tokens, np.array([0, 8192]), 8192, cfg, 6, np.random.default_rng(0))
+    cfg = TrainConfig(seq_len=300, repeat_prob=1.0, repeat_len=[5, 40], repeat_ids=ids)
+    vocab = 300 if ids == "uniform" else None
+    x, mask, scored = draw_batch(tokens, np.array([0, 8192]), 8192, cfg, 6, np.random.default_rng(0), vocab)
     x, mask, scored = x.numpy(), mask.numpy(), scored.numpy()
     for b in range(6):
         m = int((~scored[b]).sum()) - 1  # positions 0..m unscored
         assert 5 <= m <= 40 and not scored[b, : m + 1].any() and scored[b, m + 1 :].all()
         assert np.array_equal(x[b, m:], x[b, :-m]), "the row repeats with period m"
-        assert len(set(x[b, :m])) > m // 2 and x[b].min() >= 1000 and x[b].max() < 6000, "ids drawn from the corpus"
+        lo, hi = (1000, 6000) if ids == "unigram" else (1, 300)  # corpus ids, or any id but 0 of the vocabulary
+        assert len(set(x[b, :m])) > m // 2 and x[b].min() >= lo and x[b].max() < hi
         assert np.array_equal(mask[b], scored[b])
 
 
@@ -154,6 +158,7 @@ def test_set_overrides_any_config_key_and_rejects_bad_ones(tmp_path):
     assert (cfg.batch_size, cfg.copy_len, cfg.lr, cfg.steps, cfg.max_minutes) == (64, [4, 9], 3e-4, 7, None)
     assert parse_settings(["out_dir=nan", "corpus=inf"]) == {"out_dir": "nan", "corpus": "inf"}, "only 1e-3-style numbers convert"
     for bad, words in ((["--set", "bogus=1"], "unknown key"), (["--set", "batch_size"], "KEY=VALUE"),
-                       (["--set", "batch_size=many"], "batch_size")):
+                       (["--set", "batch_size=many"], "batch_size"), (["--set", "repeat_ids=zipf"], "repeat_ids"),
+                       (["--set", "smear_lr_scale=0"], "smear_lr_scale")):
         res = runner.invoke(app, ["train", "--config", str(cfg_path), "--quiet", *bad])
         assert res.exit_code == 2 and words in res.output and len(res.output.strip().splitlines()) == 1, res.output
