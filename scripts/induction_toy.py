@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--init-from", help="a saved seglm folder to start from (its vocabulary; --smear-keys adds the shares)")
     ap.add_argument("--smear-lr-scale", type=float, default=1.0, help="the smeared-key shares learn at lr x this")
     ap.add_argument("--every", type=int, default=100, help="print every this many steps")
+    ap.add_argument("--save", help="with --init-from: save the trained model (and the bundled tokenizer) in this folder")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -84,6 +85,13 @@ def main() -> None:
         opt.step()
         if step % args.every == 0 or step == args.steps - 1:
             print(step, round(loss.item(), 3), round(time.time() - t0), flush=True)
+    if args.save and args.init_from:
+        import shutil
+        from pathlib import Path
+
+        model.save_pretrained(args.save)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(Path(args.init_from) / name, Path(args.save) / name)
 
 
 if __name__ == "__main__":
