@@ -89,8 +89,6 @@ def load_train_config(path: str | None, overrides: dict[str, Any], settings: dic
         SegLMConfig(**cfg.model)
     except (TypeError, ValueError) as e:
         raise UsageError(f"train config: bad model settings ({e})") from None
-    if cfg.repeat_ids not in ("unigram", "uniform"):
-        raise UsageError(f"train config: repeat_ids must be unigram or uniform, got {cfg.repeat_ids!r}")
     if not cfg.smear_lr_scale > 0:
         raise UsageError(f"train config: smear_lr_scale must be > 0, got {cfg.smear_lr_scale}")
     if not 0.0 <= cfg.copy_prob <= 1.0:
@@ -103,6 +101,8 @@ def load_train_config(path: str | None, overrides: dict[str, Any], settings: dic
             raise UsageError(f"train config: {name} must be [lo, hi] with 1 <= lo <= hi, got {lo_hi}")
     if cfg.copy_gap_scale not in ("uniform", "log"):
         raise UsageError(f"train config: copy_gap_scale must be uniform or log, got {cfg.copy_gap_scale!r}")
+    if cfg.repeat_ids not in ("unigram", "uniform"):
+        raise UsageError(f"train config: repeat_ids must be unigram or uniform, got {cfg.repeat_ids!r}")
     if cfg.init_from is not None and not (Path(cfg.init_from) / "config.json").is_file():
         raise UsageError(f"train config: init_from {cfg.init_from}: not a saved model folder (no config.json)")
     return cfg
@@ -197,8 +197,9 @@ def repeat_vocab(model, cfg: TrainConfig) -> int | None:
 def draw_batch(tokens, starts, block, cfg: TrainConfig, batch: int, rng: np.random.Generator,
                vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A training batch x (batch, seq_len + 1): copied passages in a `copy_prob` share of the rows, a repeated
-    random string in a `repeat_prob` share (vocab: the model's, for repeat_ids uniform). Also returns the bool masks, over x's positions, of
-    copied positions and of scored positions (False where a token is unpredictable by construction)."""
+    random string in a `repeat_prob` share (vocab: the model's, for repeat_ids uniform). Also returns the bool
+    masks, over x's positions, of copied positions and of scored positions (False where a token is unpredictable
+    by construction)."""
     x = sample_batch(tokens, starts, block, cfg.seq_len, batch, rng).numpy()
     mask = np.zeros(x.shape, dtype=bool)
     scored = np.ones(x.shape, dtype=bool)
@@ -330,9 +331,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Iterator[Event]:
     t_ref, step_ref = t_start, step
     best_val, best_state = math.inf, None
     model.train()
+    ids_vocab = repeat_vocab(model, cfg)
     while step < steps:
         policy, ns, nc = draw_setting(cfg, py_rng)
-        x, _, scored = draw_batch(tokens, train_starts, block, cfg, cfg.batch_size, np_rng, repeat_vocab(model, cfg))
+        x, _, scored = draw_batch(tokens, train_starts, block, cfg, cfg.batch_size, np_rng, ids_vocab)
         x, scored = x.to(device), scored.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg, steps) * g.get("lr_scale", 1.0)  # checkpoints before lr_scale: 1
