@@ -90,6 +90,29 @@ class Backend:
     def memory_stats(self, memory) -> list[LayerStats]:
         return memory.stats()
 
+    def sliding_window(self, cfg: RunConfig) -> int | None:
+        """W when cfg's run (segment size 1) is a causal sliding window of W keys that `step_window` computes
+        many tokens at a time; None when it must go token by token (other policies, the HF backend)."""
+        if self.kind != "native" or cfg.segment_size != 1:
+            return None
+        return make_policy(cfg.memory, **cfg.sizes()).sliding_window()
+
+    def step_window(self, ids: Tensor, memory, band: int) -> tuple[Tensor, Any, list[float | None], list[list[LayerStats]]]:
+        """ids (1, T) as T segments of one token through a sliding-window memory of `band` keys, in one pass.
+
+        Returns logits (1, T, V), the memory after the last token, and per token what `step` and
+        `memory_stats` would have returned after it: the mass (None while the memory was empty) and the
+        layers' stats.
+        """
+        policy = memory.policy
+        before = policy.slots(memory.states[0])
+        out = self.model(ids, memory, band=band)
+        t = ids.shape[1]
+        mass = out.memory_mass.float().mean(0).tolist()  # (L, T) -> T
+        mass = [None if before + i == 0 else x for i, x in enumerate(mass)]
+        per_layer = [policy.stats_each(s, before, t) for s in out.memory.states]  # L lists of T
+        return out.logits, out.memory, mass, [list(layers) for layers in zip(*per_layer)]
+
 
 def resolve_model_dir(model: str | None, revision: str | None = None) -> Path:
     if model is None:

@@ -20,6 +20,7 @@ from .backends import Backend
 from .config import RunConfig
 from .documents import StreamedDocument, TokenizedDocument
 from .errors import RunError
+from .memory.base import LayerStats
 
 LN2 = math.log(2.0)
 MAX_PROFILE_BUCKETS = 32
@@ -72,8 +73,8 @@ def safe_exp(x: float) -> float:
     return math.exp(x) if x < 700 else float("inf")
 
 
-def memory_report(backend: Backend, memory, policy: str, mass: float | None) -> MemoryReport:
-    stats = backend.memory_stats(memory)
+def memory_report(stats: list[LayerStats], policy: str, mass: float | None) -> MemoryReport:
+    """One segment's memory report from its layers' stats."""
     n = max(len(stats), 1)
     s0 = stats[0]
     return MemoryReport(
@@ -94,66 +95,93 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class Stream:
-    """One stream through a backend's memory; `memory` holds the state after the last segment."""
+WINDOW_CHUNK = 128  # tokens per pass when segment size 1 is a sliding window (see Stream)
 
-    def __init__(self, backend: Backend, cfg: RunConfig, memory=None):
+
+class Stream:
+    """One stream through a backend's memory; `memory` holds the state after the last segment.
+
+    At segment size 1 under a policy that is then a causal sliding window (fifo: DESIGN's equivalence),
+    `window_chunk` tokens are computed in one pass with a band mask (`Backend.step_window`) and still
+    reported as one segment each, with the memory statistics each would have had: the same results
+    as token-by-token steps, without re-reading every weight for every token. `window_chunk=0` steps
+    token by token.
+    """
+
+    def __init__(self, backend: Backend, cfg: RunConfig, memory=None, window_chunk: int = WINDOW_CHUNK):
         self.backend, self.cfg = backend, cfg
         self.memory = backend.new_memory(cfg) if memory is None else memory
+        self.band = backend.sliding_window(cfg) if window_chunk > 0 else None
+        self.chunk = min(window_chunk, self.band) if self.band else 1  # <= band: the window's buffer never grows
 
     def segments(self, doc: TokenizedDocument | StreamedDocument,
                  should_stop: Callable[[], bool] | None = None) -> Iterator[SegmentResult]:
         """Yield one result per segment of `doc`, continuing the current memory.
 
         `should_stop` is polled between segments (signal handlers set it), so a stop
-        never leaves a segment half-done.
+        never leaves a segment half-done (between passes of `window_chunk` tokens at
+        segment size 1: the memory then matches the last result yielded).
         """
-        backend = self.backend
+        backend, ns = self.backend, self.cfg.segment_size
         cum_nll, cum_tokens = 0.0, 0
-        for index, w in enumerate(doc.windows(self.cfg.segment_size)):
+        index = 0
+        for w in doc.windows(self.chunk if self.band else ns):
             if should_stop is not None and should_stop():
                 return
-            start, end = w.start, w.start + len(w.target_ids)
             with torch.inference_mode():
                 ids = torch.tensor(w.input_ids, dtype=torch.long).to(backend.device)[None]  # (1, T)
                 targets = torch.tensor(w.target_ids, dtype=torch.long).to(backend.device)  # (T,)
                 sync(backend.device)
                 t0 = time.perf_counter()
-                logits, self.memory, mass = backend.step(ids, self.memory)
+                if self.band:
+                    logits, self.memory, masses, stats = backend.step_window(ids, self.memory, self.band)
+                else:
+                    logits, self.memory, mass = backend.step(ids, self.memory)
                 nll_t = F.cross_entropy(logits[0].float(), targets, reduction="none")
                 token_nll = nll_t.cpu()
                 seconds = time.perf_counter() - t0
-                report = memory_report(backend, self.memory, self.cfg.memory, mass)
-            nll = float(token_nll.sum())
-            if not math.isfinite(nll):
-                raise RunError(f"{doc.name}: segment {index} (tokens {start}-{end}) produced a non-finite loss "
-                               f"({nll}); try --dtype float32")
-            tokens = end - start
-            n_bytes = w.n_bytes
-            cum_nll += nll
-            cum_tokens += tokens
-            yield SegmentResult(
-                type="segment",
-                document=doc.name,
-                segment=index,
-                segment_size=self.cfg.segment_size,
-                token_start=start,
-                token_end=end,
-                tokens=tokens,
-                bytes=n_bytes,
-                nll=nll,
-                loss=nll / tokens,
-                ppl=safe_exp(nll / tokens),
-                bits_per_byte=nll / LN2 / max(n_bytes, 1),
-                cum_ppl=safe_exp(cum_nll / cum_tokens),
-                seconds=seconds,
-                tokens_per_s=tokens / seconds if seconds > 0 else float("inf"),
-                memory=report,
-                token_nll=token_nll.tolist(),
-                token_ids=list(w.target_ids),
-                byte_start=w.byte_start,
-                token_end_bytes=[int(x) for x in w.end_bytes],
-            )
+                if not self.band:
+                    masses, stats = [mass], [backend.memory_stats(self.memory)]
+            # one segment per token when banded, else the window itself
+            pieces = range(len(w.target_ids)) if self.band else [None]
+            share = seconds / len(pieces)
+            all_nll = token_nll.tolist()
+            for j, piece in enumerate(pieces):
+                lo, hi = (0, len(w.target_ids)) if piece is None else (piece, piece + 1)
+                start, end = w.start + lo, w.start + hi
+                byte_start = w.byte_start if lo == 0 else int(w.end_bytes[lo - 1])
+                nll_list = all_nll[lo:hi]
+                nll = float(token_nll.sum()) if piece is None else nll_list[0]
+                if not math.isfinite(nll):
+                    raise RunError(f"{doc.name}: segment {index} (tokens {start}-{end}) produced a non-finite loss "
+                                   f"({nll}); try --dtype float32")
+                tokens = end - start
+                n_bytes = int(w.end_bytes[hi - 1]) - byte_start
+                cum_nll += nll
+                cum_tokens += tokens
+                yield SegmentResult(
+                    type="segment",
+                    document=doc.name,
+                    segment=index,
+                    segment_size=ns,
+                    token_start=start,
+                    token_end=end,
+                    tokens=tokens,
+                    bytes=n_bytes,
+                    nll=nll,
+                    loss=nll / tokens,
+                    ppl=safe_exp(nll / tokens),
+                    bits_per_byte=nll / LN2 / max(n_bytes, 1),
+                    cum_ppl=safe_exp(cum_nll / cum_tokens),
+                    seconds=share,
+                    tokens_per_s=tokens / share if share > 0 else float("inf"),
+                    memory=memory_report(stats[j], self.cfg.memory, masses[j]),
+                    token_nll=nll_list,
+                    token_ids=list(w.target_ids[lo:hi]),
+                    byte_start=byte_start,
+                    token_end_bytes=[int(x) for x in w.end_bytes[lo:hi]],
+                )
+                index += 1
 
 
 def peak_rss_bytes() -> int:

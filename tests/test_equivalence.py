@@ -41,6 +41,37 @@ def test_fifo_at_segment_size_1_equals_sliding_window(model, ids, n_c):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("n_c,chunk", [(5, 5), (16, 7), (16, 16), (4, 30)])
+def test_fifo_banded_passes_equal_sliding_window_and_token_steps(model, ids, n_c, chunk):
+    """`band`: T tokens in one pass as T single-token steps through fifo (what `segcli run -n 1` runs)."""
+    ref = masked_forward(model, ids, sliding_window(N, n_c + 1))
+    tok_out, tok_mem = streamed(model, ids, "fifo", 1, memory_size=n_c)
+    mem = model.new_memory("fifo", 1, memory_size=n_c)
+    outs, masses = [], []
+    for s in range(0, N, chunk):
+        out = model(ids[:, s : s + chunk], mem, band=n_c)
+        mem = out.memory
+        outs.append(out.logits)
+        masses.append(out.memory_mass)  # (L, T)
+    out = torch.cat(outs, 1)
+    assert (out - ref).abs().max() <= TOL
+    for a, b in zip(mem.states, tok_mem.states):  # the memory afterwards: the same last n_c pairs
+        assert a.window.filled == b.window.filled == n_c
+        for x, y in zip(a.window.view(), b.window.view()):
+            assert (x - y).abs().max() <= TOL
+    # per-token mass: the token loop's, step by step
+    mass = torch.cat(masses, 1)  # (L, N)
+    tok = model.new_memory("fifo", 1, memory_size=n_c)
+    for i in range(N):
+        step = model(ids[:, i : i + 1], tok)
+        tok = step.memory
+        if i:
+            assert (step.memory_mass - mass[:, i]).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="not a sliding window"):
+        model(ids[:, :4], model.new_memory("full", 1), band=n_c)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("n_s", [4, 9])
 def test_xl_equals_fifo_with_memory_size_equal_to_segment_size(model, ids, n_s):
     xl, _ = streamed(model, ids, "xl", n_s)

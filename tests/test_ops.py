@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from segcli.ops.attention import fused_split_attention, reference_attention, single_query_attention, split_attention
+from segcli.ops.attention import (
+    band_attention, fused_split_attention, reference_attention, single_query_attention, split_attention,
+)
 from segcli.ops.linear_attention import (
     chunk_linear_memory, empty_state, naive_linear_memory, recurrent_linear_memory,
 )
@@ -95,3 +97,20 @@ def test_single_query_attention_matches_masked_reference(m):
         assert (mass - p[..., :m].sum(-1)).abs().max() < 1e-6
     else:
         assert mass is None
+
+
+@pytest.mark.parametrize("m,t,band", [(0, 6, 3), (3, 6, 3), (5, 9, 8), (8, 4, 8)])
+def test_band_attention_equals_one_query_at_a_time(m, t, band):
+    """Query i reads the `band` keys before it and itself: the single-query form on that slice, one by one."""
+    g = torch.Generator().manual_seed(10 * m + t)
+    q = torch.randn(2, 3, t, 8, generator=g) * 2
+    k_all, v_all = (torch.randn(2, 3, m + t, 8, generator=g) * 2 for _ in range(2))
+    out, mass = band_attention(q, k_all, v_all, m, band)
+    for i in range(t):
+        lo, hi = max(0, m + i - band), m + i + 1
+        ref, ref_mass = single_query_attention(q[:, :, i : i + 1], k_all[:, :, lo:hi], v_all[:, :, lo:hi], hi - 1 - lo)
+        assert (out[:, :, i : i + 1] - ref).abs().max() < 1e-5
+        if ref_mass is None:
+            assert mass[:, :, i].abs().max() == 0
+        else:
+            assert (mass[:, :, i] - ref_mass[..., 0]).abs().max() < 1e-6

@@ -114,6 +114,16 @@ class MemoryPolicy(ABC):
             return state, k, v, 0
         return state, torch.cat([mem.k, k], 2), torch.cat([mem.v, v], 2), mem.k.shape[2]
 
+    def sliding_window(self) -> int | None:
+        """W when, at segment size 1, this policy is a causal sliding window of the W keys before each token
+        (DESIGN: fifo), so that T such steps can be computed in one pass with a band mask; None otherwise."""
+        return None
+
+    def stats_each(self, state: Any, before: int, t: int) -> list[LayerStats]:
+        """Stats after each of the last t tokens, pushed at once through a sliding window (`before`: slots
+        held before them), as t single-token steps would have reported them. Only where `sliding_window`."""
+        raise NotImplementedError(f"{self.name} is not a sliding window")
+
     @abstractmethod
     def slots(self, state: Any) -> int:
         """How many key-value slots `read` returns (0 for the linear memory)."""

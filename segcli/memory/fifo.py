@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .base import KVRead, LayerStats, MemoryPolicy, mean_of, tensor_bytes
 from .window import Window
 
@@ -39,6 +41,28 @@ class Fifo(MemoryPolicy):
 
     def slots(self, state) -> int:
         return state.window.filled
+
+    def sliding_window(self):
+        return self.memory_size
+
+    def stats_each(self, state, before, t):
+        w = state.window
+        lo = w.end - before - t  # the pairs evicted by this push are still in the buffer, right before start
+        assert lo >= 0 and not torch.is_grad_enabled(), "stats_each reads an in-place (inference) window"
+        b, h = w.kn.shape[:2]
+        # (before + t + 1,) running sums of the per-slot norms over batch and heads, float64
+        ck, cv = (torch.cat([n.new_zeros(1, dtype=torch.float64), n[:, :, lo : w.end].double().sum((0, 1)).cumsum(0)])
+                  for n in (w.kn, w.vn))
+        ck, cv = ck.tolist(), cv.tolist()
+        nbytes = tensor_bytes(w.k, w.v, w.kn, w.vn)
+        out = []
+        for e in range(before + 1, before + t + 1):  # e: pairs pushed so far; the window holds the last n of them
+            n = min(e, self.memory_size)
+            out.append(LayerStats(
+                slots=n, capacity=self.memory_size, bytes=nbytes, key_norm=(ck[e] - ck[e - n]) / (b * h * n),
+                value_norm=(cv[e] - cv[e - n]) / (b * h * n), oldest_age=n, tokens_per_slot=1.0,
+            ))
+        return out
 
     def stats(self, state):
         w = state.window

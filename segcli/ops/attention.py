@@ -7,7 +7,8 @@ the same computation with a fused attention kernel per block (memory: no mask;
 segment: causal), merged through the two blocks' log-sum-exps: no score matrix
 in memory and the memory mass still exact. `attend` picks the fast form where it
 applies. `reference_attention` is the plain concatenate-and-mask form the tests
-compare both with.
+compare both with. `band_attention` is the sliding-window form: each query reads a
+fixed number of keys before it and itself (fifo at n_s = 1 computed many tokens at a time).
 """
 
 from __future__ import annotations
@@ -99,6 +100,25 @@ def single_query_attention(q: Tensor, k_all: Tensor, v_all: Tensor, m: int, scal
     p = torch.softmax((q * scale) @ k_all.transpose(-1, -2), dim=-1)  # (B, H, 1, m + 1)
     out = p @ v_all  # (B, H, 1, D)
     return out, (p[..., :m].sum(-1) if m else None)
+
+
+def band_attention(q: Tensor, k_all: Tensor, v_all: Tensor, m: int, band: int, scale: float | None = None):
+    """A causal sliding window over [memory; segment]: query i (key index m + i) reads keys m + i - band .. m + i.
+
+    q (B, H, T, D); k_all/v_all (B, H, m + T, D) with m <= band. This is what T single-token steps through a
+    fifo memory of `band` slots compute (DESIGN: fifo at n_s = 1 is a sliding window of width n_c + 1), in one
+    pass. Returns out (B, H, T, D) and mass (B, H, T): each query's attention on the keys before it (its
+    memory at n_s = 1; 0 for a query with nothing before it, where the token path reports no mass).
+    """
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    t, s = q.shape[-2], k_all.shape[-2]
+    i = torch.arange(m, m + t, device=q.device)[:, None]  # (T, 1) key index of each query
+    j = torch.arange(s, device=q.device)[None]  # (1, S)
+    allowed = (j <= i) & (j >= i - band)  # (T, S)
+    p = torch.softmax(((q * scale) @ k_all.transpose(-1, -2)).masked_fill(~allowed, float("-inf")), dim=-1)
+    out = p @ v_all  # (B, H, T, D)
+    mass = 1.0 - p.diagonal(offset=m, dim1=-2, dim2=-1)  # (B, H, T): everything but the query's own key
+    return out, mass
 
 
 def reference_attention(q: Tensor, k_all: Tensor, v_all: Tensor, allowed: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 
 from ...memory import MemoryPolicy, make_policy
 from ...memory.base import LayerStats
-from ...ops.attention import attend
+from ...ops.attention import attend, band_attention
 from ...ops.linear_attention import read_memory
 from ...ops.rope import apply_rope, inv_frequencies, rope_cos_sin, shift_rope
 from ...ops.smear import smear_keys
@@ -51,7 +51,7 @@ class SegLMOutput:
     logits: Tensor  # (B, T, V)
     memory: SegMemory
     loss: Tensor | None = None  # mean cross-entropy when labels were given
-    memory_mass: Tensor | None = None  # (L,) mean attention mass on memory per layer
+    memory_mass: Tensor | None = None  # (L,) mean attention mass on memory per layer; (L, T) per query with band
     extras: dict = field(default_factory=dict)
 
 
@@ -76,7 +76,7 @@ class SegLMAttention(nn.Module):
         self.key_smear = nn.Parameter(torch.zeros(self.h)) if cfg.smear_keys else None  # beta per head
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, policy: MemoryPolicy, state: Any, shift_keys,
-                last_key: Tensor | None = None):
+                last_key: Tensor | None = None, band: int | None = None):
         b, t, c = x.shape
         qkv = self.qkv(x).view(b, t, 3, self.h, self.d).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         q, k, v = qkv.unbind(0)
@@ -97,9 +97,14 @@ class SegLMAttention(nn.Module):
             state, k_all, v_all, m = policy.extend(state, kr.detach(), v.detach(), k.detach(), shift_keys)
             # k_all = [memory before this segment; segment] (a view for window policies); the segment
             # part is taken from kr/v themselves so gradients flow within the segment.
-            out, mass = attend(qr, k_all, v_all, m, kr, v)
+            if band is not None:  # T single-token steps through a sliding window: mass per query (T,)
+                out, mass = band_attention(qr, k_all, v_all, m, band)
+                mass = mass.mean((0, 1))
+            else:
+                out, mass = attend(qr, k_all, v_all, m, kr, v)
+                mass = None if mass is None else mass.mean()
         y = self.o(out.transpose(1, 2).reshape(b, t, c))
-        return y, state, (None if mass is None else mass.mean()), last_key
+        return y, state, mass, last_key
 
 
 def _unchanged(x: Tensor) -> Tensor:
@@ -115,8 +120,8 @@ class SegLMBlock(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, policy, state, shift_keys, last_key=None):
-        a, state, mass, last_key = self.attn(self.attn_norm(x), cos, sin, policy, state, shift_keys, last_key)
+    def forward(self, x, cos, sin, policy, state, shift_keys, last_key=None, band=None):
+        a, state, mass, last_key = self.attn(self.attn_norm(x), cos, sin, policy, state, shift_keys, last_key, band)
         drop = self.drop if self.training and self.drop.p > 0 else _unchanged  # no module calls at inference
         x = x + drop(a)
         return x + drop(self.mlp(self.mlp_norm(x))), state, mass, last_key
@@ -168,7 +173,7 @@ class SegLMModel(SegLMPreTrainedModel):
     def shift_keys(self, k: Tensor, delta: int) -> Tensor:
         return shift_rope(k, delta, self.inv_freq(k.device))
 
-    def forward(self, input_ids: Tensor, memory: SegMemory):
+    def forward(self, input_ids: Tensor, memory: SegMemory, band: int | None = None):
         b, t = input_ids.shape
         x = self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.rope_tables(memory.seen, t, input_ids.device, x.dtype)  # (T, D)
@@ -176,7 +181,7 @@ class SegLMModel(SegLMPreTrainedModel):
         carried = memory.last_keys if memory.last_keys is not None and memory.policy.carries_context else None
         for i, (layer, state) in enumerate(zip(self.layers, memory.states)):
             x, state, mass, last = layer(x, cos, sin, memory.policy, state, self.shift_keys,
-                                         None if carried is None else carried[i])
+                                         None if carried is None else carried[i], band)
             states.append(state)
             masses.append(mass)
             last_keys.append(last)
@@ -206,11 +211,18 @@ class SegLMForCausalLM(SegLMPreTrainedModel):
         ]
         return SegMemory(policy, states, 0)
 
-    def forward(self, input_ids: Tensor, memory: SegMemory | None = None, labels: Tensor | None = None, **_):
-        """input_ids (B, T): one segment. Returns logits (B, T, V) and the updated memory."""
+    def forward(self, input_ids: Tensor, memory: SegMemory | None = None, labels: Tensor | None = None,
+                band: int | None = None, **_):
+        """input_ids (B, T): one segment. Returns logits (B, T, V) and the updated memory.
+
+        band: compute the T tokens as T segments of one token each, in one pass. Only for a policy that is a
+        sliding window of `band` keys at n_s = 1 (`policy.sliding_window()`); memory_mass is then (L, T).
+        """
         if memory is None:
             memory = self.new_memory("none", input_ids.shape[0])
-        h, memory, mass = self.model(input_ids, memory)
+        if band is not None and band != memory.policy.sliding_window():
+            raise ValueError(f"band={band}: the {memory.policy.name} memory is not a sliding window of {band} keys")
+        h, memory, mass = self.model(input_ids, memory, band)
         logits = self.lm_head(h)
         loss = None
         if labels is not None:

@@ -1,0 +1,64 @@
+"""The runner's sliding-window passes at segment size 1 (fifo) against token-by-token steps."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import SAMPLE, save_with_tokenizer, tiny_model
+from segcli.backends import load_backend
+from segcli.config import RunConfig
+from segcli.documents import Document, tokenize
+from segcli.runner import Stream
+
+TEXT = (SAMPLE / "hamlet.txt").read_text(encoding="utf-8")[:1200]  # ~330 tokens
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["plain-keys", "smeared-keys"])
+def model_dir(request, tmp_path_factory):
+    return save_with_tokenizer(tiny_model(seed=4, smear_keys=request.param), tmp_path_factory.mktemp("m") / "model")
+
+
+def records(backend, cfg, doc, window_chunk):
+    stream = Stream(backend, cfg, window_chunk=window_chunk)
+    return [r for r in stream.segments(doc)], stream
+
+
+@pytest.mark.parametrize("memory_size,chunk", [(20, 128), (64, 48), (1000, 128)])
+def test_banded_passes_report_what_token_steps_report(model_dir, memory_size, chunk):
+    cfg = RunConfig(model=str(model_dir), memory="fifo", segment_size=1, memory_size=memory_size, device="cpu")
+    backend = load_backend(cfg)
+    doc = tokenize(Document("d", TEXT, len(TEXT.encode())), backend.tokenizer, backend.bos_id)
+    fast, s_fast = records(backend, cfg, doc, chunk)
+    slow, s_slow = records(backend, cfg, doc, 0)
+    assert s_fast.band == memory_size and s_fast.chunk == min(chunk, memory_size) and s_slow.band is None
+    assert len(fast) == len(slow) == len(doc) > 300
+    for a, b in zip(fast, slow):
+        ra, rb = a.record(), b.record()
+        ma, mb = ra.pop("memory"), rb.pop("memory")
+        for key in ("seconds", "tokens_per_s"):
+            ra.pop(key), rb.pop(key)
+        for key, x in rb.items():
+            if isinstance(x, float):
+                assert math.isclose(ra[key], x, rel_tol=1e-4, abs_tol=1e-4), (a.segment, key)
+            else:
+                assert ra[key] == x, (a.segment, key)
+        for key, x in mb.items():
+            if isinstance(x, float):
+                assert math.isclose(ma[key], x, rel_tol=1e-5, abs_tol=1e-5), (a.segment, key)
+            else:
+                assert ma[key] == x, (a.segment, key)
+        assert a.token_ids == b.token_ids and a.token_end_bytes == b.token_end_bytes and a.byte_start == b.byte_start
+    assert fast[0].memory.attn_mass_memory is None and fast[1].memory.attn_mass_memory is not None
+    assert fast[-1].memory.slots == min(memory_size, len(doc))
+    # the memory left for the next document (or --save-memory) is the token loop's
+    assert s_fast.memory.seen == s_slow.memory.seen
+    for a, b in zip(s_fast.memory.states, s_slow.memory.states):
+        for x, y in zip(a.window.view(), b.window.view()):
+            assert torch.allclose(x, y, atol=1e-4)
+
+
+def test_other_policies_and_sizes_go_token_by_token(tiny_model_dir):
+    for memory, ns in (("sink", 1), ("average", 1), ("fifo", 2)):
+        cfg = RunConfig(model=str(tiny_model_dir), memory=memory, segment_size=ns, device="cpu")
+        assert Stream(load_backend(cfg), cfg).band is None
