@@ -358,14 +358,16 @@ def fifo_slots(pos: int, memory_size: int) -> int:
     return min(pos, memory_size)
 
 
-def stream_segments(backend, cfg, doc, plan: Plan, fm: FlopModel, timing_out: list) -> Iterator[tuple]:
-    """segcli's runner: `Stream(backend, cfg).segments(doc)`, memory prefilled first."""
+def stream_segments(backend, cfg, doc, plan: Plan, fm: FlopModel, timing_out: list, **stream_args) -> Iterator[tuple]:
+    """segcli's runner: `Stream(backend, cfg).segments(doc)`, memory prefilled first. At n_s = 1 with fifo the
+    runner computes 128 tokens per pass (sliding-window form) and yields their segments together:
+    `window_chunk=0` is the token-by-token path."""
     from segcli.runner import Stream
 
     pre = Stream(backend, dataclasses.replace(cfg, segment_size=plan.prefill_segment))
     for _ in pre.segments(slice_doc(doc, 0, plan.prefill)):
         pass
-    stream = Stream(backend, cfg, pre.memory)
+    stream = Stream(backend, cfg, pre.memory, **stream_args)
     inner = 0.0
     for r in stream.segments(slice_doc(doc, plan.prefill, plan.end)):
         pos = plan.prefill + r.token_start
@@ -560,18 +562,25 @@ def native_loops(b: Bench, fm: FlopModel, backend, doc, inp, tgt, ns: int, plan:
     """The native model's two loops at segment size ns (Stream, bare model loop) and a function that adds
     their rows once timed."""
     from segcli.config import RunConfig
+    from segcli.runner import WINDOW_CHUNK
 
     cfg = RunConfig(memory="fifo", memory_size=b.args.memory_size, segment_size=ns, device=b.args.device, dtype=b.args.dtype)
     inner: list[float] = []
     gens = [stream_segments(backend, cfg, doc, plan, fm, inner),
             raw_segments(native_direct_forward(backend, cfg), inp, tgt, plan, ns, fm, lambda s: fifo_slots(s, cfg.memory_size))]
+    if ns == 1:  # the runner's sliding-window passes, and its token-by-token path
+        gens.append(stream_segments(backend, cfg, doc, plan, fm, [], window_chunk=0))
 
-    def add_rows(t: Timing, d: Timing) -> None:
+    def add_rows(t: Timing, d: Timing, *tokens: Timing) -> None:
         t.inner_seconds = inner[0] if inner else None
         b.add_row("segcli native: Stream(backend, cfg).segments", "segcli-native", ns, t, policy="fifo",
-                  memory_size=cfg.memory_size, api="segcli.runner.Stream")
+                  memory_size=cfg.memory_size, api="segcli.runner.Stream",
+                  **({"window_chunk": WINDOW_CHUNK} if ns == 1 else {}))
         b.add_row("segcli native: model(ids, memory) loop", "segcli-native-direct", ns, d, policy="fifo",
                   memory_size=cfg.memory_size, api="SegLMForCausalLM.forward")
+        for t1 in tokens:
+            b.add_row("segcli native: Stream, token by token (window_chunk=0)", "segcli-native-tokens", ns, t1,
+                      policy="fifo", memory_size=cfg.memory_size, api="segcli.runner.Stream(window_chunk=0)")
 
     return gens, add_rows
 
@@ -763,7 +772,7 @@ def rate(row: dict | None) -> float | None:
     return None if row is None else row.get("tokens_per_s_median")
 
 
-PERCENT_TARGETS = ("mfu_seg128", "bw_seg1", "hf_overhead", "runner_overhead", "runner_untimed")
+PERCENT_TARGETS = ("mfu_seg128", "bw_seg1", "bw_seg1_tokens", "hf_overhead", "runner_overhead", "runner_untimed")
 
 
 def fmt_measure(key: str, x: float | None) -> str:
@@ -805,6 +814,9 @@ def comparisons(b: Bench, fm: FlopModel) -> list[dict[str, Any]]:
         limit = bw * 1e9 / fm.weight_bytes()
         out.append(target_row("bw_seg1", rate(r) / limit, f"{rate(r):,.1f} tok/s; limit {limit:,.1f} tok/s = {bw:.1f} GB/s"
                                                           f" / {fm.weight_bytes() / 1e6:.1f} MB of weights per token"))
+        if tok := find(rows, "segcli-native-tokens", 1):  # what the limit describes: every weight read per token
+            out.append(info_row("bw_seg1_tokens", "native n_s=1 token by token (window_chunk=0): fraction of the "
+                                "bandwidth limit", rate(tok) / limit, f"{rate(tok):,.1f} tok/s"))
     for ns, key in ((1, "vs_stride1"), (16, "vs_stride16"), (128, None)):
         r, s = nat(ns), find(rows, "hf-stride-loop", ns)
         if r and s:
