@@ -96,6 +96,13 @@ def sync(device: torch.device) -> None:
 
 
 WINDOW_CHUNK = 128  # tokens per pass when segment size 1 is a sliding window (see Stream)
+WINDOW_SCORES = 1 << 20  # at most this many (query, key) scores per head in such a pass: big windows, shorter passes
+
+
+def pass_size(band: int, window_chunk: int) -> int:
+    """Tokens per sliding-window pass: at most `band` (the window's buffer never grows) and at most
+    WINDOW_SCORES / band (a pass scores chunk x (band + chunk) pairs per head)."""
+    return min(window_chunk, band, max(1, WINDOW_SCORES // band))
 
 
 class Stream:
@@ -112,7 +119,7 @@ class Stream:
         self.backend, self.cfg = backend, cfg
         self.memory = backend.new_memory(cfg) if memory is None else memory
         self.band = backend.sliding_window(cfg) if window_chunk > 0 else None
-        self.chunk = min(window_chunk, self.band) if self.band else 1  # <= band: the window's buffer never grows
+        self.chunk = pass_size(self.band, window_chunk) if self.band else 1
 
     def segments(self, doc: TokenizedDocument | StreamedDocument,
                  should_stop: Callable[[], bool] | None = None) -> Iterator[SegmentResult]:
