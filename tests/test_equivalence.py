@@ -1,5 +1,5 @@
 """DESIGN §1 equivalences on a random-initialised native model, against plain references
-(max abs diff <= 1e-4 in float32); each with plain keys and with smeared keys (the bundled model's)."""
+(max abs diff <= 1e-4 in float32); each with plain keys and with smeared keys (the stage-3 recall models')."""
 
 import pytest
 import torch
