@@ -90,12 +90,12 @@ class Backend:
     def memory_stats(self, memory) -> list[LayerStats]:
         return memory.stats()
 
-    def sliding_window(self, cfg: RunConfig) -> int | None:
-        """W when cfg's run (segment size 1) is a causal sliding window of W keys that `step_window` computes
-        many tokens at a time; None when it must go token by token (other policies, the HF backend)."""
-        if self.kind != "native" or cfg.segment_size != 1:
+    def sliding_window(self, memory, segment_size: int) -> int | None:
+        """W when streaming `memory` at `segment_size` (1) is a causal sliding window of W keys that `step_window`
+        computes many tokens at a time; None when it must go token by token (other policies, the HF backend)."""
+        if self.kind != "native" or segment_size != 1:
             return None
-        return make_policy(cfg.memory, **cfg.sizes()).sliding_window()
+        return memory.policy.sliding_window()
 
     def step_window(self, ids: Tensor, memory, band: int) -> tuple[Tensor, Any, list[float | None], list[list[LayerStats]]]:
         """ids (1, T) as T segments of one token through a sliding-window memory of `band` keys, in one pass.

@@ -118,7 +118,7 @@ class Stream:
     def __init__(self, backend: Backend, cfg: RunConfig, memory=None, window_chunk: int = WINDOW_CHUNK):
         self.backend, self.cfg = backend, cfg
         self.memory = backend.new_memory(cfg) if memory is None else memory
-        self.band = backend.sliding_window(cfg) if window_chunk > 0 else None
+        self.band = backend.sliding_window(self.memory, cfg.segment_size) if window_chunk > 0 else None
         self.chunk = pass_size(self.band, window_chunk) if self.band else 1
 
     def segments(self, doc: TokenizedDocument | StreamedDocument,
