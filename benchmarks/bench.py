@@ -968,6 +968,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--matmul-n", type=int, default=0, help="roofline matmul size (default 2048 on CPU, 8192 on CUDA)")
     p.add_argument("--copy-mb", type=int, default=256, help="bandwidth: MB copied per dst.copy_(src)")
     p.add_argument("--reps", type=int, default=5, help="repetitions of each micro-measurement (median reported)")
+    p.add_argument("--scale", type=int, default=0, help="tokens streamed per measurement x this (default 8 on CUDA, 1 on CPU)")
     a = p.parse_args(argv)
     a.sections = [s for s in a.sections.split(",") if s]
     for s in a.sections:
@@ -993,7 +994,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.matmul_n = min(a.matmul_n, 1024) if not gpu else a.matmul_n
     else:
         a.min_seconds = 0.3
-        scale = 8 if gpu else 1
+        scale = a.scale or (8 if gpu else 1)
         a.tokens, a.tokens_default = {1: 1024 * scale, 16: 4096 * scale}, 16384 * scale
         a.stride_tokens, a.stride_tokens_default = {1: 32 * scale, 16: 1024 * scale}, 4096 * scale
         a.dynamic_tokens = 1024 * scale
