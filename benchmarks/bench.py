@@ -408,10 +408,12 @@ def native_direct_forward(backend, cfg):
 
 
 def hf_segcli_cache_forward(backend, cfg):
+    from segcli.hf import cache_kwarg
+
     cache = backend.new_memory(cfg)  # segcli.hf.SegcliCache under the policy
 
     def forward(ids, pos):
-        return backend.model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True).logits
+        return backend.model(input_ids=ids, position_ids=pos, use_cache=True, **{cache_kwarg(backend.model): cache}).logits
 
     return forward
 
@@ -420,10 +422,12 @@ def hf_window_forward(model, window: int | None):
     """Plain transformers: DynamicCache, cropped to the last `window` pairs after each call (None: grows)."""
     from transformers import DynamicCache
 
+    from segcli.hf import cache_kwarg
+
     cache = DynamicCache(config=model.config)
 
     def forward(ids, pos):
-        logits = model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True).logits
+        logits = model(input_ids=ids, position_ids=pos, use_cache=True, **{cache_kwarg(model): cache}).logits
         if window is not None:
             for layer in cache.layers:
                 if layer.keys.shape[-2] > window:

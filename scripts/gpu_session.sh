@@ -6,12 +6,15 @@
 # Everything lands in $OUT (the device tool brings back at most 8 files): log.txt, train.jsonl,
 # model.safetensors + model-config.json (the trained model, float16), cuda-float32.json, cuda-bfloat16.json.
 #   BUDGET=580 OUT=/tmp/segcli-gpu bash scripts/gpu_session.sh
-# Needs the corpus (corpus/train) and the starting model (runs/seglm-bundled-recall5/model) in place.
+#   CONFIG=configs/train-bundled-gpu2.yaml RUN=runs/seglm-bundled-gpu2 INIT=runs/seglm-bundled-gpu/model BUDGET=400 ...
+# Needs the corpus (corpus/train) and the config's starting model (INIT, its init_from) in place.
 set -u
 OUT=${OUT:-/tmp/segcli-gpu}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-580}    # seconds this script may take in all
 BENCH_S=${BENCH_S:-75}   # each of the two benchmark runs
-RUN=runs/seglm-bundled-gpu
+CONFIG=${CONFIG:-configs/train-bundled-gpu.yaml}
+RUN=${RUN:-runs/seglm-bundled-gpu}               # the config's out_dir
+INIT=${INIT:-runs/seglm-bundled-recall5/model}   # the config's init_from
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
@@ -29,7 +32,7 @@ train() {  # $1: extra --set, $2: out dir
     local secs=$(( $(left) - 2 * BENCH_S - 30 ))
     local mins; mins=$(python3 -c "print(round(max(0.5, ($secs - 50) / 60), 2))")  # ~50 s: tokenizing, loading, last validation, saving
     echo "== training: max_minutes=$mins (timeout $secs s) $1"
-    timeout "$secs" python3 -m segcli train --config configs/train-bundled-gpu.yaml --set "max_minutes=$mins" $1 \
+    timeout "$secs" python3 -m segcli train --config "$CONFIG" --set "max_minutes=$mins" $1 \
         --out-dir "$2" --log-jsonl "$OUT/train.jsonl" -q
 }
 train "" "$RUN"; rc=$?
@@ -40,12 +43,12 @@ fi
 echo "training exit $rc after $(( $(date +%s) - T0 )) s"
 if [ ! -f "$RUN/model/model.safetensors" ] && [ -f "$RUN/checkpoint.pt" ]; then
     echo "no final model: converting the last checkpoint"
-    python3 - "$RUN" <<'PY'
+    python3 - "$RUN" "$INIT" <<'PY'
 import sys, torch
 from segcli.models.seglm import SegLMForCausalLM
-run = sys.argv[1]
+run, init = sys.argv[1:3]
 state = torch.load(f"{run}/checkpoint.pt", map_location="cpu", weights_only=False)
-m = SegLMForCausalLM.from_pretrained("runs/seglm-bundled-recall5/model", dtype=torch.float32)
+m = SegLMForCausalLM.from_pretrained(init, dtype=torch.float32)
 m.load_state_dict(state["model"]); m.half().save_pretrained(f"{run}/model"); print("step", state["step"])
 PY
 fi

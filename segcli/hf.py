@@ -2,7 +2,7 @@
 
     from segcli.hf import make_cache
     cache = make_cache(model, policy="fifo", memory_size=512)
-    model(input_ids, position_ids=pos, cache=cache)          # or model.generate(..., cache=cache)
+    model(input_ids, position_ids=pos, **{cache_kwarg(model): cache})
 
 `PolicyLayer` is a transformers `CacheLayerMixin`: `update` hands the attention
 [memory slots; the new segment] and folds the segment into the policy's state,
@@ -26,6 +26,8 @@ another attention implementation `make_cache(policy="linear")` refuses.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +170,18 @@ AttentionMaskInterface.register("segcli", sdpa_mask)
 
 
 # -- backend -------------------------------------------------------------------
+def cache_kwarg(model) -> str:
+    """The name of `model.forward`'s cache argument: `cache` in recent transformers 5 releases (5.24 has it and
+    deprecates `past_key_values`), `past_key_values` in earlier ones (5.17). A name the forward does not take
+    would be swallowed by its **kwargs and the model would silently run with a fresh cache, without memory."""
+    return _cache_kwarg_of(type(model))
+
+
+@functools.cache
+def _cache_kwarg_of(cls: type) -> str:  # once per model class: signature() costs ~50 us, a token step ~5 ms
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
 def _attention_modules(model) -> list:
     return [m for m in model.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
 
@@ -191,7 +205,7 @@ class HFBackend(Backend):
             mod._segcli_layer = memory.layers[mod.layer_idx]
             mod._segcli_masses = masses
         pos = torch.arange(start, start + t, device=ids.device)[None]
-        out = self.model(input_ids=ids, position_ids=pos, cache=memory, use_cache=True)
+        out = self.model(input_ids=ids, position_ids=pos, use_cache=True, **{cache_kwarg(self.model): memory})
         mass = float(torch.stack(masses).mean()) if masses else None
         return out.logits, memory, mass
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import BUNDLED_TOKENIZER, SAMPLE
 from segcli.cli import app
-from segcli.hf import make_cache
+from segcli.hf import cache_kwarg, make_cache
 from segcli.memory import POLICY_NAMES, REGISTRY
 
 V = 8192
@@ -129,8 +129,9 @@ def test_make_cache_with_generate(hf_dir):
     ids = torch.randint(1, V, (1, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         plain = model.generate(ids, max_new_tokens=8, do_sample=False)
-        full = model.generate(ids, max_new_tokens=8, do_sample=False, cache=make_cache(model, "full"))
-        fifo = model.generate(ids, max_new_tokens=8, do_sample=False, cache=make_cache(model, "fifo", memory_size=8))
+        arg = cache_kwarg(model)  # `cache` or, before its rename in transformers 5, `past_key_values`
+        full = model.generate(ids, max_new_tokens=8, do_sample=False, **{arg: make_cache(model, "full")})
+        fifo = model.generate(ids, max_new_tokens=8, do_sample=False, **{arg: make_cache(model, "fifo", memory_size=8)})
     assert torch.equal(plain, full), "an unbounded cache must generate exactly what the default cache does"
     assert fifo.shape == plain.shape
 
