@@ -136,6 +136,23 @@ def test_make_cache_with_generate(hf_dir):
     assert fifo.shape == plain.shape
 
 
+def test_cache_kwarg_follows_the_forward_signature(hf_dir):
+    # transformers renamed forward's `past_key_values` to `cache` within 5.x (5.17 has the old name, 5.24 the new);
+    # a name the forward does not take lands in its **kwargs and the model silently runs without segcli's memory
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs): ...
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, use_cache=None, **kwargs): ...
+
+    assert (cache_kwarg(Old()), cache_kwarg(New())) == ("past_key_values", "cache")
+    model = AutoModelForCausalLM.from_pretrained(hf_dir[1]).eval()
+    cache = make_cache(model, "fifo", memory_size=8)
+    with torch.no_grad():
+        model(torch.arange(1, 13)[None], position_ids=torch.arange(12)[None], use_cache=True, **{cache_kwarg(model): cache})
+    assert cache.get_seq_length() == 12 and cache.stats()[0].slots == 8  # the installed version's model filled our cache
+
+
 def test_learned_positions_stop_with_a_clear_error(tmp_path, doc):
     cfg = GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2, n_positions=64)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
