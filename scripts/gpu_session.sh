@@ -7,14 +7,15 @@
 # model.safetensors + model-config.json (the trained model, float16), cuda-float32.json, cuda-bfloat16.json.
 #   BUDGET=580 OUT=/tmp/segcli-gpu bash scripts/gpu_session.sh
 #   CONFIG=configs/train-bundled-gpu2.yaml RUN=runs/seglm-bundled-gpu2 INIT=runs/seglm-bundled-gpu/model BUDGET=400 ...
-# Needs the corpus (corpus/train) and the config's starting model (INIT, its init_from) in place.
+# Needs the corpus (corpus/train) and the starting model (INIT) in place. To continue the shipped model:
+#   CONFIG=configs/train-bundled-gpu2.yaml RUN=runs/seglm-bundled-gpu3 INIT=segcli/bundled BUDGET=580 ...
 set -u
 OUT=${OUT:-/tmp/segcli-gpu}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-580}    # seconds this script may take in all
 BENCH_S=${BENCH_S:-75}   # each of the two benchmark runs
 CONFIG=${CONFIG:-configs/train-bundled-gpu.yaml}
 RUN=${RUN:-runs/seglm-bundled-gpu}               # the config's out_dir
-INIT=${INIT:-runs/seglm-bundled-recall5/model}   # the config's init_from
+INIT=${INIT:-runs/seglm-bundled-recall5/model}   # the model to start from (passed as --init-from)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
@@ -32,7 +33,7 @@ train() {  # $1: extra --set, $2: out dir
     local secs=$(( $(left) - 2 * BENCH_S - 30 ))
     local mins; mins=$(python3 -c "print(round(max(0.5, ($secs - 50) / 60), 2))")  # ~50 s: tokenizing, loading, last validation, saving
     echo "== training: max_minutes=$mins (timeout $secs s) $1"
-    timeout "$secs" python3 -m segcli train --config "$CONFIG" --set "max_minutes=$mins" $1 \
+    timeout "$secs" python3 -m segcli train --config "$CONFIG" --init-from "$INIT" --set "max_minutes=$mins" $1 \
         --out-dir "$2" --log-jsonl "$OUT/train.jsonl" -q
 }
 train "" "$RUN"; rc=$?
