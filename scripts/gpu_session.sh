@@ -14,7 +14,7 @@ OUT=${OUT:-/tmp/segcli-gpu}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-580}    # seconds this script may take in all
 BENCH_S=${BENCH_S:-75}   # each of the two benchmark runs
 CONFIG=${CONFIG:-configs/train-bundled-gpu.yaml}
-RUN=${RUN:-runs/seglm-bundled-gpu}               # the config's out_dir
+RUN=${RUN:-runs/seglm-bundled-gpu}               # where the run writes (passed as --out-dir)
 INIT=${INIT:-runs/seglm-bundled-recall5/model}   # the model to start from (passed as --init-from)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 T0=$(date +%s)
