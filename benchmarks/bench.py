@@ -253,6 +253,8 @@ def machine_info(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
+    if os.environ.get("GIT_COMMIT"):  # set by whoever copied the tree without its history (scripts/gpu_session.sh)
+        return os.environ["GIT_COMMIT"] + " (from $GIT_COMMIT)"
     try:
         out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "segcli"],

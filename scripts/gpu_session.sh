@@ -21,6 +21,7 @@ T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 exec > >(tee -a "$OUT/log.txt") 2>&1
 
+export GIT_COMMIT=${GIT_COMMIT:-}  # bench.py records it: the copy on a device machine may carry stale git metadata
 echo "== machine ($(date -u +%FT%TZ), commit ${GIT_COMMIT:-unknown})"
 nvidia-smi -L
 python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
