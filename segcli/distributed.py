@@ -85,18 +85,18 @@ def shutdown(timeout_s: float = 60) -> None:
     Without the barrier a rank that finishes first tears its connections down while a peer's gloo
     threads still use them, and that peer can abort at exit ("terminate called without an active
     exception", seen once in six runs of tests/test_distributed.py). The barrier is bounded (gloo's
-    monitored barrier) so a peer that died cannot hang the others; if it fails they leave anyway."""
+    monitored barrier) so a peer that died cannot hang the others; if it fails they leave anyway. NCCL has
+    no bounded barrier (a plain one would wait out the group's 30-minute timeout for a dead peer), so
+    GPU groups leave without one."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return
-    try:
-        if dist.get_backend() == "gloo":
+    if dist.get_backend() == "gloo":
+        try:
             dist.monitored_barrier(timeout=timedelta(seconds=timeout_s))
-        else:
-            dist.barrier()
-    except Exception:  # noqa: BLE001 - a dead or failed peer: nothing left to wait for
-        pass
+        except Exception:  # noqa: BLE001 - a dead or failed peer: nothing left to wait for
+            pass
     dist.destroy_process_group()
 
 
