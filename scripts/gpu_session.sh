@@ -8,11 +8,12 @@
 #   BUDGET=580 OUT=/tmp/segcli-gpu bash scripts/gpu_session.sh
 #   CONFIG=configs/train-bundled-gpu2.yaml RUN=runs/seglm-bundled-gpu2 INIT=runs/seglm-bundled-gpu/model BUDGET=400 ...
 # Needs the corpus (corpus/train) and the starting model (INIT) in place. To continue the shipped model:
-#   CONFIG=configs/train-bundled-gpu2.yaml RUN=runs/seglm-bundled-gpu3 INIT=segcli/bundled BUDGET=580 ...
+#   CONFIG=configs/train-bundled-gpu2.yaml RUN=runs/seglm-bundled-gpu3 INIT=segcli/bundled DTYPES=bfloat16 BENCH_S=120 BUDGET=580 ...
 set -u
 OUT=${OUT:-/tmp/segcli-gpu}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-580}    # seconds this script may take in all
-BENCH_S=${BENCH_S:-75}   # each of the two benchmark runs
+BENCH_S=${BENCH_S:-75}   # each benchmark run
+DTYPES=${DTYPES:-float32 bfloat16}   # benchmark runs, in order (session 6's bfloat16 run needed more than 70 s)
 CONFIG=${CONFIG:-configs/train-bundled-gpu.yaml}
 RUN=${RUN:-runs/seglm-bundled-gpu}               # where the run writes (passed as --out-dir)
 INIT=${INIT:-runs/seglm-bundled-recall5/model}   # the model to start from (passed as --init-from)
@@ -31,7 +32,8 @@ echo "== tests/test_cuda.py (in the background)"
 PYTEST_PID=$!
 
 train() {  # $1: extra --set, $2: out dir
-    local secs=$(( $(left) - 2 * BENCH_S - 30 ))
+    local n; n=$(echo $DTYPES | wc -w)
+    local secs=$(( $(left) - n * BENCH_S - 30 ))
     local mins; mins=$(python3 -c "print(round(max(0.5, ($secs - 50) / 60), 2))")  # ~50 s: tokenizing, loading, last validation, saving
     echo "== training: max_minutes=$mins (timeout $secs s) $1"
     timeout "$secs" python3 -m segcli train --config "$CONFIG" --init-from "$INIT" --set "max_minutes=$mins" $1 \
@@ -59,7 +61,7 @@ tail -n 3 "$OUT/train.jsonl" | cut -c1-600
 
 wait $PYTEST_PID; echo "== tests/test_cuda.py"; tail -n 15 /tmp/pytest-cuda.txt
 
-for dt in float32 bfloat16; do
+for dt in $DTYPES; do
     echo "== benchmark, CUDA $dt (timeout $BENCH_S s, $(left) s left)"
     timeout "$BENCH_S" python3 benchmarks/bench.py --device cuda --dtype $dt --sections roofline,native,hf --scale 1 \
         --out "$OUT/cuda-$dt.json"
