@@ -81,6 +81,12 @@ class Window:
     def n_bytes(self) -> int:
         return int(self.end_bytes[-1]) - self.byte_start
 
+    def tokens(self) -> list["Window"]:
+        """This window as windows of one token each."""
+        starts = [self.byte_start] + [int(x) for x in self.end_bytes[:-1]]
+        return [Window(self.start + i, self.input_ids[i : i + 1], self.target_ids[i : i + 1], starts[i],
+                       self.end_bytes[i : i + 1]) for i in range(len(self.target_ids))]
+
 
 def decode(data: bytes, name: str, errors: str = "strict") -> Document:
     if not data:

@@ -149,21 +149,18 @@ class Stream:
                 seconds = time.perf_counter() - t0
                 if not self.band:
                     masses, stats = [mass], [backend.memory_stats(self.memory)]
-            # one segment per token when banded, else the window itself
-            pieces = range(len(w.target_ids)) if self.band else [None]
-            share = seconds / len(pieces)
+            parts = w.tokens() if self.band else [w]  # one segment per token when banded, else the window itself
+            share = seconds / len(parts)
             all_nll = token_nll.tolist()
-            for j, piece in enumerate(pieces):
-                lo, hi = (0, len(w.target_ids)) if piece is None else (piece, piece + 1)
-                start, end = w.start + lo, w.start + hi
-                byte_start = w.byte_start if lo == 0 else int(w.end_bytes[lo - 1])
-                nll_list = all_nll[lo:hi]
-                nll = float(token_nll.sum()) if piece is None else nll_list[0]
+            for j, part in enumerate(parts):
+                start, end = part.start, part.start + len(part.target_ids)
+                nll_list = all_nll[start - w.start : end - w.start]
+                nll = nll_list[0] if self.band else float(token_nll.sum())
                 if not math.isfinite(nll):
                     raise RunError(f"{doc.name}: segment {index} (tokens {start}-{end}) produced a non-finite loss "
                                    f"({nll}); try --dtype float32")
                 tokens = end - start
-                n_bytes = int(w.end_bytes[hi - 1]) - byte_start
+                n_bytes = part.n_bytes
                 cum_nll += nll
                 cum_tokens += tokens
                 yield SegmentResult(
@@ -184,9 +181,9 @@ class Stream:
                     tokens_per_s=tokens / share if share > 0 else float("inf"),
                     memory=memory_report(stats[j], self.cfg.memory, masses[j]),
                     token_nll=nll_list,
-                    token_ids=list(w.target_ids[lo:hi]),
-                    byte_start=byte_start,
-                    token_end_bytes=[int(x) for x in w.end_bytes[lo:hi]],
+                    token_ids=list(part.target_ids),
+                    byte_start=part.byte_start,
+                    token_end_bytes=[int(x) for x in part.end_bytes],
                 )
                 index += 1
 
