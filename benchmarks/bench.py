@@ -413,9 +413,10 @@ def hf_segcli_cache_forward(backend, cfg):
     from segcli.hf import cache_kwarg
 
     cache = backend.new_memory(cfg)  # segcli.hf.SegcliCache under the policy
+    arg = cache_kwarg(backend.model)
 
     def forward(ids, pos):
-        return backend.model(input_ids=ids, position_ids=pos, use_cache=True, **{cache_kwarg(backend.model): cache}).logits
+        return backend.model(input_ids=ids, position_ids=pos, use_cache=True, **{arg: cache}).logits
 
     return forward
 
@@ -427,9 +428,10 @@ def hf_window_forward(model, window: int | None):
     from segcli.hf import cache_kwarg
 
     cache = DynamicCache(config=model.config)
+    arg = cache_kwarg(model)
 
     def forward(ids, pos):
-        logits = model(input_ids=ids, position_ids=pos, use_cache=True, **{cache_kwarg(model): cache}).logits
+        logits = model(input_ids=ids, position_ids=pos, use_cache=True, **{arg: cache}).logits
         if window is not None:
             for layer in cache.layers:
                 if layer.keys.shape[-2] > window:
