@@ -24,6 +24,15 @@ def records(backend, cfg, doc, window_chunk):
     return [r for r in stream.segments(doc)], stream
 
 
+def assert_fields_equal(got: dict, want: dict, tol: float, segment: int) -> None:
+    """Every field of `want` in `got`: floats within tol (relative and absolute), the rest exactly."""
+    for key, x in want.items():
+        if isinstance(x, float):
+            assert math.isclose(got[key], x, rel_tol=tol, abs_tol=tol), (segment, key)
+        else:
+            assert got[key] == x, (segment, key)
+
+
 @pytest.mark.parametrize("memory_size,chunk", [(20, 128), (64, 48), (1000, 128)])
 def test_banded_passes_report_what_token_steps_report(model_dir, memory_size, chunk):
     cfg = RunConfig(model=str(model_dir), memory="fifo", segment_size=1, memory_size=memory_size, device="cpu")
@@ -38,16 +47,8 @@ def test_banded_passes_report_what_token_steps_report(model_dir, memory_size, ch
         ma, mb = ra.pop("memory"), rb.pop("memory")
         for key in ("seconds", "tokens_per_s"):
             ra.pop(key), rb.pop(key)
-        for key, x in rb.items():
-            if isinstance(x, float):
-                assert math.isclose(ra[key], x, rel_tol=1e-4, abs_tol=1e-4), (a.segment, key)
-            else:
-                assert ra[key] == x, (a.segment, key)
-        for key, x in mb.items():
-            if isinstance(x, float):
-                assert math.isclose(ma[key], x, rel_tol=1e-5, abs_tol=1e-5), (a.segment, key)
-            else:
-                assert ma[key] == x, (a.segment, key)
+        assert_fields_equal(ra, rb, 1e-4, a.segment)
+        assert_fields_equal(ma, mb, 1e-5, a.segment)
         assert a.token_ids == b.token_ids and a.token_end_bytes == b.token_end_bytes and a.byte_start == b.byte_start
     assert fast[0].memory.attn_mass_memory is None and fast[1].memory.attn_mass_memory is not None
     assert fast[-1].memory.slots == min(memory_size, len(doc))
