@@ -78,6 +78,11 @@ class Backend:
     dtype: torch.dtype
     identity: dict[str, Any]
 
+    @property
+    def trained_length(self) -> int | None:
+        """The longest span of keys the model was trained to attend over, where its config records it."""
+        return getattr(self.model.config, "trained_length", None) if self.kind == "native" else None
+
     def new_memory(self, cfg: RunConfig, batch: int = 1):
         policy = make_policy(cfg.memory, **cfg.sizes())
         return self.model.new_memory(policy, batch)

@@ -20,6 +20,7 @@ from .backends import Backend
 from .config import RunConfig
 from .documents import StreamedDocument, TokenizedDocument
 from .errors import RunError
+from .memory import make_policy
 from .memory.base import LayerStats
 
 LN2 = math.log(2.0)
@@ -297,6 +298,36 @@ class Totals:
             "memory_updates": self.segments,
             "max_memory_bytes": self.max_memory_bytes,
         }
+
+
+def attention_span(cfg: RunConfig, tokens: int | None) -> int | None:
+    """The most keys one query can attend to: bounded memory plus a segment, or for unbounded memory
+    the tokens streamed into it (None: not known up front, a stdin stream). The linear memory's read is
+    position-free, so only its segment counts."""
+    policy = make_policy(cfg.memory, **cfg.sizes())
+    if policy.kind == "linear":
+        return cfg.segment_size
+    capacity = policy.capacity(cfg.segment_size)
+    if capacity is None:
+        return tokens
+    return capacity + cfg.segment_size if tokens is None else min(tokens, capacity + cfg.segment_size)
+
+
+def span_note(cfg: RunConfig, trained_length: int | None, tokens: int | None) -> str | None:
+    """A note for stderr when queries will see more keys than the model saw in training (its loss can rise
+    there: docs/MODEL_CARD.md); None when they will not or either length is unknown."""
+    span = attention_span(cfg, tokens)
+    if trained_length is None or span is None or span <= trained_length:
+        return None
+    fits = trained_length - cfg.segment_size  # the largest memory that keeps a query's keys within training
+    if cfg.memory == "full":
+        how = f"full memory grows to {span:,} keys on this input"
+        fix = f"a bounded memory such as --memory fifo --memory-size {fits} avoids it" if fits > 0 else None
+    else:
+        how = f"{cfg.memory} memory with segments of {cfg.segment_size} lets a token attend to up to {span:,} keys"
+        fix = f"--memory-size {fits} or less avoids it" if fits > 0 and cfg.memory == "fifo" else None
+    return (f"note: {how}; the model was trained on spans of up to {trained_length:,} tokens and may do worse "
+            "past that" + (f" ({fix})" if fix else ""))
 
 
 def resource_report(device: torch.device) -> dict[str, Any]:

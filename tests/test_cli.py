@@ -157,3 +157,20 @@ def test_saved_model_loads_through_auto_classes(tiny_model_dir):
 
     m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert type(m).__name__ == "SegLMForCausalLM"
+
+
+def test_run_notes_on_stderr_when_memory_outgrows_the_trained_length(tmp_path, doc_path):
+    from conftest import save_with_tokenizer, tiny_model
+
+    model = save_with_tokenizer(tiny_model(trained_length=256), tmp_path / "m")
+    res = runner.invoke(app, ["run", str(doc_path), "--model", str(model), "--memory", "full", "--format", "jsonl"])
+    assert res.exit_code == 0, res.output
+    assert "note: full memory grows to" in res.stderr and "spans of up to 256 tokens" in res.stderr
+    assert all(json.loads(line) for line in res.stdout.splitlines()), "stdout stays JSON Lines"
+    for args in (["--memory", "full", "-q"], ["--memory", "fifo", "--memory-size", "128"]):
+        res = runner.invoke(app, ["run", str(doc_path), "--model", str(model), "--format", "jsonl", *args])
+        assert res.exit_code == 0 and "note:" not in res.stderr, res.stderr
+    res = runner.invoke(app, ["compare", str(doc_path), "--model", str(model), "--segment-sizes", "64,128",
+                              "--memory", "none,full", "--format", "jsonl"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("note:") == 2, res.stderr  # one per full setting (its fitting memory differs); none: quiet

@@ -68,3 +68,26 @@ def test_other_policies_and_sizes_go_token_by_token(tiny_model_dir):
 def test_passes_shorten_for_big_windows():
     """A pass scores chunk x (n_c + chunk) pairs per head: long windows get shorter passes, not huge score matrices."""
     assert [pass_size(n_c, WINDOW_CHUNK) for n_c in (5, 512, 8192, 65536, 2_000_000)] == [5, 128, 128, 16, 1]
+
+
+def test_span_note_names_spans_past_the_trained_length():
+    from segcli.runner import attention_span, span_note
+
+    def cfg(memory, n_s, **sizes):
+        return RunConfig(memory=memory, segment_size=n_s, **sizes)
+
+    assert attention_span(cfg("fifo", 128, memory_size=2048), 50_000) == 2176
+    assert attention_span(cfg("fifo", 128, memory_size=2048), 1000) == 1000, "a short document never fills it"
+    assert attention_span(cfg("full", 128), 57_558) == 57_558
+    assert attention_span(cfg("full", 128), None) is None, "a stdin stream's length is unknown"
+    assert attention_span(cfg("linear", 64), 10**6) == 64, "the linear memory's read is position-free"
+    assert attention_span(cfg("xl", 512), 10**6) == 1024
+    note = span_note(cfg("fifo", 128, memory_size=2048), 2048, 50_000)
+    assert "2,176 keys" in note and "2,048 tokens" in note and "--memory-size 1920" in note
+    note = span_note(cfg("full", 128), 2048, 57_558)
+    assert "57,558 keys" in note and "--memory fifo --memory-size 1920" in note
+    for quiet in (span_note(cfg("fifo", 128, memory_size=512), 2048, 50_000),  # 640 keys
+                  span_note(cfg("full", 128), 2048, 2048),
+                  span_note(cfg("full", 128), None, 57_558),  # no trained length recorded (HF, older models)
+                  span_note(cfg("linear", 128), 2048, 10**6)):
+        assert quiet is None

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from ..errors import UsageError
 from ..memory import POLICY_NAMES
-from ..runner import Stream, Totals, resource_report
+from ..runner import Stream, Totals, resource_report, span_note
 from .common import (
     CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, FormatOpt, MaxTokensOpt, MemorySizeOpt,
     ModelOpt, OutputOpt, QuietOpt, RateOpt, RevisionOpt, SeedOpt, SinkOpt, TrustOpt, err_console, handle_errors, value,
@@ -82,6 +82,9 @@ def _compare(doc, segment_sizes, memory, model, memory_size, sink_tokens, compre
     ok = False
     try:
         backend, (tdoc,) = prepare(base, [doc], max_tokens)
+        for note in dict.fromkeys(span_note(c, backend.trained_length, len(tdoc)) for c in configs):
+            if note and not quiet:
+                err_console.print(note, markup=False, highlight=False, soft_wrap=True)
         total = sum(-(-len(tdoc) // c.segment_size) for c in configs)
         first_rate = None
         with make_progress(quiet, total) as progress:

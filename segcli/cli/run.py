@@ -22,7 +22,7 @@ from ..documents import (
     CHUNK_BYTES, StreamedDocument, TokenizedDocument, can_stream, decode_stream, read_document, stream_tokens, tokenize,
 )
 from ..errors import SegcliError, UsageError
-from ..runner import Stream, Totals, resource_report
+from ..runner import Stream, Totals, resource_report, span_note
 from ..state import check_target, load_memory, save_memory
 from .common import (
     CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, FormatOpt, Interrupted, MaxTokensOpt,
@@ -202,6 +202,7 @@ class Corpus:
         self.sources, self.cfg, self.field, self.max_tokens = sources, cfg, jsonl_field, max_tokens
         self.stdin_reader = stdin_reader
         self.kept: dict[int, TokenizedDocument] = {}
+        self.longest = self.total = 0  # tokens, over the checked documents
         self.sized = not any(s.is_stdin for s in sources)  # a streamed stdin has no segment count up front
 
     def __len__(self) -> int:
@@ -223,6 +224,7 @@ class Corpus:
                 continue
             td = self._tokenize(i, backend)
             n_segments += -(-len(td) // self.cfg.segment_size)
+            self.longest, self.total = max(self.longest, len(td)), self.total + len(td)
             if kept_tokens + len(td) <= KEEP_TOKENS:
                 self.kept[i] = td
                 kept_tokens += len(td)
@@ -369,6 +371,10 @@ def run_corpus(cfg: RunConfig, world: distributed.World | None, docs: list[str],
             if world is not None:
                 n_segments = sum(distributed.all_gather(world, n_segments))
             memory_state = load_memory(load_memory_, backend, cfg) if load_memory_ else None
+            note = span_note(cfg, backend.trained_length,
+                             None if not corpus.sized else corpus.longest if fresh else corpus.total)
+            if note and main and not quiet:
+                err_console.print(note, markup=False, highlight=False, soft_wrap=True)
             many = len(sources) > 1
             totals = Totals(cfg.segment_size)
             spark = SparkBins()

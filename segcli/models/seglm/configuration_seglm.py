@@ -22,6 +22,7 @@ class SegLMConfig(PreTrainedConfig):
     initializer_range: float = 0.02  # std of the normal init
     dropout: float = 0.0  # residual dropout (training only)
     smear_keys: bool = False  # keys add a learned share of the previous token's key (segcli.ops.smear)
+    trained_length: int | None = None  # tokens per training sequence: the most keys any query saw in training
     tie_word_embeddings: bool = True  # share input and output embeddings
     bos_token_id: int | None = 0  # prepended to every document (<|endoftext|>)
     eos_token_id: int | None = 0
