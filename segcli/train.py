@@ -72,13 +72,6 @@ class TrainConfig:
     repeat_prob: float = 0.0  # share of training sequences replaced by a repeated string
     repeat_len: list = field(default_factory=lambda: [8, 128])  # string length (the repeat period), uniform [lo, hi]
     repeat_ids: str = "unigram"  # how the string's ids are drawn: unigram (corpus frequencies) | uniform (any id but 0)
-    # query gains: one learned scalar per attention head multiplies its queries, i.e. sets the head's softmax
-    # temperature. Weight decay on the projections bounds query and key norms and with them how sharply a head
-    # can pick one key out of thousands in memory; the gains sit outside the decay. They are folded into the
-    # query weights when the model is saved, so the saved architecture does not change.
-    query_gain: bool = False
-    gain_lr_scale: float = 1.0  # the gains learn at lr x this
-    freeze_weights: bool = False  # train the query gains only; every other parameter stays as loaded
 
 
 def load_train_config(path: str | None, overrides: dict[str, Any], settings: dict[str, Any] | None = None) -> TrainConfig:
@@ -110,10 +103,6 @@ def load_train_config(path: str | None, overrides: dict[str, Any], settings: dic
         raise UsageError(f"train config: copy_gap_scale must be uniform or log, got {cfg.copy_gap_scale!r}")
     if cfg.repeat_ids not in ("unigram", "uniform"):
         raise UsageError(f"train config: repeat_ids must be unigram or uniform, got {cfg.repeat_ids!r}")
-    if not cfg.gain_lr_scale > 0:
-        raise UsageError(f"train config: gain_lr_scale must be > 0, got {cfg.gain_lr_scale}")
-    if cfg.freeze_weights and not cfg.query_gain:
-        raise UsageError("train config: freeze_weights needs query_gain (nothing would be trained)")
     if cfg.init_from is not None and not (Path(cfg.init_from) / "config.json").is_file():
         raise UsageError(f"train config: init_from {cfg.init_from}: not a saved model folder (no config.json)")
     return cfg
@@ -242,51 +231,13 @@ def draw_setting(cfg: TrainConfig, rng: random.Random) -> tuple[str, int, int]:
     return policy, rng.choice(cfg.segment_sizes), rng.choice(cfg.memory_sizes)
 
 
-class QueryGain(torch.nn.Module):
-    """Parametrization of a fused QKV weight (3C, C): the query rows of head h times exp(log_gain[h])."""
-
-    def __init__(self, heads: int, head_dim: int):
-        super().__init__()
-        self.head_dim = head_dim
-        self.log_gain = torch.nn.Parameter(torch.zeros(heads))  # (H,): gain 1 at the start
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        c = self.log_gain.numel() * self.head_dim
-        gain = self.log_gain.exp().repeat_interleave(self.head_dim).to(w.dtype)  # (C,) one per query row
-        return torch.cat([w[:c] * gain[:, None], w[c:]], dim=0)  # (3C, C)
-
-
-def add_query_gains(model) -> None:
-    """Give every attention layer's queries a learned per-head gain (see TrainConfig.query_gain)."""
-    from torch.nn.utils import parametrize
-
-    cfg = model.config
-    for layer in model.model.layers:
-        parametrize.register_parametrization(layer.attn.qkv, "weight", QueryGain(cfg.num_attention_heads, cfg.head_dim))
-
-
-def fold_query_gains(model) -> None:
-    """Multiply the learned gains into the query weights and drop the parametrization (no-op without gains)."""
-    from torch.nn.utils import parametrize
-
-    for layer in model.model.layers:
-        if parametrize.is_parametrized(layer.attn.qkv, "weight"):
-            parametrize.remove_parametrizations(layer.attn.qkv, "weight", leave_parametrized=True)
-
-
 def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only; the smeared-key shares at lr x smear_lr_scale (each group's
-    `lr_scale`: a share starting at 0 moves about lr per step, too slow to form copy heads in a short stage),
-    the query gains at lr x gain_lr_scale. Frozen parameters are left out."""
-    groups: dict[str, list] = {"decay": [], "no_decay": [], "smear": [], "gain": []}
+    `lr_scale`: a share starting at 0 moves about lr per step, too slow to form copy heads in a short stage)."""
+    groups: dict[str, list] = {"decay": [], "no_decay": [], "smear": []}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        kind = ("gain" if name.endswith("log_gain") else "smear" if name.endswith("key_smear")
-                else "decay" if p.dim() >= 2 else "no_decay")
-        groups[kind].append(p)
-    settings = {"decay": (cfg.weight_decay, 1.0), "no_decay": (0.0, 1.0), "smear": (0.0, cfg.smear_lr_scale),
-                "gain": (0.0, cfg.gain_lr_scale)}
+        groups["smear" if name.endswith("key_smear") else "decay" if p.dim() >= 2 else "no_decay"].append(p)
+    settings = {"decay": (cfg.weight_decay, 1.0), "no_decay": (0.0, 1.0), "smear": (0.0, cfg.smear_lr_scale)}
     return torch.optim.AdamW([{"params": ps, "weight_decay": settings[k][0], "lr_scale": settings[k][1],
                                "lr": cfg.lr * settings[k][1]}
                               for k, ps in groups.items() if ps],
@@ -356,10 +307,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Iterator[Event]:
             raise UsageError(f"init_from {cfg.init_from}: vocabulary {model.config.vocab_size} != tokenizer's {vocab}")
     else:
         model = SegLMForCausalLM(mcfg).to(device)
-    if cfg.freeze_weights:
-        model.requires_grad_(False)
-    if cfg.query_gain:
-        add_query_gains(model)  # after freezing: the gains themselves train
     opt = make_optimizer(model, cfg, device)
     np_rng = np.random.default_rng(cfg.seed)
     py_rng = random.Random(cfg.seed)
@@ -457,7 +404,6 @@ def save_checkpoint(path: Path, model, opt, step, steps, log, np_rng, py_rng) ->
 def save_final(model, cfg: TrainConfig, out: Path, log: list, seconds: float) -> Path:
     final = out / "model"
     model.eval()
-    fold_query_gains(model)
     model.config.trained_length = max(cfg.seq_len, model.config.trained_length or 0)  # run-time span notes
     # float16 storage halves the file (the bundled model must stay <= 25 MB); runs upcast to float32.
     model.to("cpu").to(torch.float16).save_pretrained(final)

@@ -36,6 +36,7 @@ def test_tiny_training_run_resume_and_load(tmp_path, doc_path):
     assert steps == [1, 2, 3, 4, 5, 6], "resume continues where the checkpoint stopped"
     assert events[-1]["event"] == "done"
     model_dir = tmp_path / "run" / "model"
+    assert json.loads((model_dir / "config.json").read_text())["trained_length"] == 128, "seq_len: the span notes' limit"
     out = runner.invoke(app, ["run", str(doc_path), "--model", str(model_dir), "--max-tokens", "100", "-q", "--format", "jsonl"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout.splitlines()[-1])["tokens"] == 100
@@ -162,67 +163,3 @@ def test_set_overrides_any_config_key_and_rejects_bad_ones(tmp_path):
                        (["--set", "smear_lr_scale=0"], "smear_lr_scale")):
         res = runner.invoke(app, ["train", "--config", str(cfg_path), "--quiet", *bad])
         assert res.exit_code == 2 and words in res.output and len(res.output.strip().splitlines()) == 1, res.output
-
-
-def test_query_gains_scale_each_heads_queries_and_fold_into_the_weights():
-    from segcli.models.seglm import SegLMConfig, SegLMForCausalLM
-    from segcli.train import add_query_gains, fold_query_gains
-
-    torch.manual_seed(0)
-    cfg = SegLMConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                      smear_keys=True, dropout=0.0)
-    model = SegLMForCausalLM(cfg).eval()
-    reference = SegLMForCausalLM(cfg).eval()
-    reference.load_state_dict(model.state_dict())
-    plain = SegLMForCausalLM(cfg).eval()
-    plain.load_state_dict(model.state_dict())
-    gains = torch.tensor([[0.5, 1.0, 2.0, 3.0], [1.5, 0.25, 1.0, 4.0]])  # (layers, heads)
-    add_query_gains(model)
-    with torch.no_grad():
-        for layer, g in zip(model.model.layers, gains):
-            layer.attn.qkv.parametrizations.weight[0].log_gain.copy_(g.log())
-        for layer, g in zip(reference.model.layers, gains):  # the plain form: scale each head's query rows by hand
-            w = layer.attn.qkv.weight.view(3, 4, 8, 32)  # (q/k/v, H, head_dim, C)
-            w[0] *= g[:, None, None]
-    x = torch.randint(0, 50, (2, 40))
-    for policy in ("fifo", "linear"):
-        want = reference(x, reference.new_memory(policy, batch=2, memory_size=16)).logits
-        got = model(x, model.new_memory(policy, batch=2, memory_size=16)).logits
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        assert (got - plain(x, plain.new_memory(policy, batch=2, memory_size=16)).logits).abs().max() > 1e-4, "gains act (far above the 1e-5 tolerance)"
-    fold_query_gains(model)
-    assert set(model.state_dict()) == set(reference.state_dict()), "folded: the saved architecture is unchanged"
-    torch.testing.assert_close(model.model.layers[1].attn.qkv.weight, reference.model.layers[1].attn.qkv.weight)
-
-
-def test_freeze_weights_trains_only_the_query_gains(tmp_path):
-    from segcli.models.seglm import SegLMForCausalLM
-
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / "a.txt").write_text((SAMPLE / "milton_areopagitica.txt").read_text(encoding="utf-8")[:80000], encoding="utf-8")
-    base = (f"corpus: {corpus}\ntokenizer: {BUNDLED_TOKENIZER}\nseq_len: 128\nbatch_size: 2\nsteps: 2\nwarmup_steps: 1\n"
-            "val_every: 2\ncheckpoint_every: 2\nval_fraction: 0.3\npolicies: {fifo: 1, linear: 1}\nsegment_sizes: [64]\n"
-            "memory_sizes: [64]\n")
-    first = tmp_path / "first.yaml"
-    first.write_text(base + f"out_dir: {tmp_path / 'a'}\n"
-                     "model: {hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64}\n")
-    assert runner.invoke(app, ["train", "--config", str(first), "--quiet"]).exit_code == 0
-    second = tmp_path / "second.yaml"
-    second.write_text(base + f"out_dir: {tmp_path / 'b'}\nquery_gain: true\nfreeze_weights: true\nlr: 0.05\n")
-    res = runner.invoke(app, ["train", "--config", str(second), "--quiet", "--init-from", str(tmp_path / "a" / "model")])
-    assert res.exit_code == 0, res.output
-    before = SegLMForCausalLM.from_pretrained(tmp_path / "a" / "model").state_dict()
-    after = SegLMForCausalLM.from_pretrained(tmp_path / "b" / "model").state_dict()
-    assert set(before) == set(after)
-    for name, w in before.items():
-        if not name.endswith("attn.qkv.weight"):
-            assert torch.equal(after[name], w), name
-            continue
-        assert torch.equal(after[name][32:], w[32:]), "keys and values untouched"
-        ratio = (after[name][:32].float() / w[:32].float()).view(2, 16 * 32)  # (heads, rows x columns of a head)
-        gain = ratio.median(dim=1).values
-        torch.testing.assert_close(ratio, gain[:, None].expand_as(ratio), rtol=2e-3, atol=2e-3)  # float16 storage
-        assert ((gain - 1).abs() > 0.02).all(), gain  # two Adam steps at lr 0.05 move log-gains ~0.05-0.1
-    bad = runner.invoke(app, ["train", "--config", str(second), "--quiet", "--set", "query_gain=false"])
-    assert bad.exit_code == 2 and "freeze_weights" in bad.output
