@@ -72,6 +72,12 @@ class TrainConfig:
     repeat_prob: float = 0.0  # share of training sequences replaced by a repeated string
     repeat_len: list = field(default_factory=lambda: [8, 128])  # string length (the repeat period), uniform [lo, hi]
     repeat_ids: str = "unigram"  # how the string's ids are drawn: unigram (corpus frequencies) | uniform (any id but 0)
+    # position jumps: in a share of the steps every row is cut in two halves (one segment each, fifo memory) and
+    # the second half's positions move `jump` further on, as if that many unseen tokens lay between them; passages
+    # of the first half reappear in the second. RoPE distances of a long gap at the cost of a short row, so the
+    # CPU can practise copying across 1,000-2,000 positions (docs/MODEL_CARD.md, "Long-range recall").
+    jump_prob: float = 0.0  # share of steps that are jump steps
+    jump: list = field(default_factory=lambda: [256, 1536])  # positions skipped, drawn uniformly [lo, hi] per step
 
 
 def load_train_config(path: str | None, overrides: dict[str, Any], settings: dict[str, Any] | None = None) -> TrainConfig:
@@ -95,10 +101,14 @@ def load_train_config(path: str | None, overrides: dict[str, Any], settings: dic
         raise UsageError(f"train config: copy_prob must be in [0, 1], got {cfg.copy_prob}")
     if not 0.0 <= cfg.repeat_prob <= 1.0 or cfg.copy_prob + cfg.repeat_prob > 1.0:
         raise UsageError(f"train config: repeat_prob must be in [0, 1 - copy_prob], got {cfg.repeat_prob}")
-    for name in ("copy_len", "copy_gap", "repeat_len"):
+    for name in ("copy_len", "copy_gap", "repeat_len", "jump"):
         lo_hi = getattr(cfg, name)
         if len(lo_hi) != 2 or not all(isinstance(v, int) and v >= 1 for v in lo_hi) or lo_hi[0] > lo_hi[1]:
             raise UsageError(f"train config: {name} must be [lo, hi] with 1 <= lo <= hi, got {lo_hi}")
+    if not 0.0 <= cfg.jump_prob <= 1.0:
+        raise UsageError(f"train config: jump_prob must be in [0, 1], got {cfg.jump_prob}")
+    if cfg.jump_prob > 0 and cfg.seq_len // 2 <= cfg.copy_len[1]:
+        raise UsageError(f"train config: jump steps need seq_len / 2 > copy_len's upper end ({cfg.copy_len[1]})")
     if cfg.copy_gap_scale not in ("uniform", "log"):
         raise UsageError(f"train config: copy_gap_scale must be uniform or log, got {cfg.copy_gap_scale!r}")
     if cfg.repeat_ids not in ("unigram", "uniform"):
@@ -217,6 +227,28 @@ def draw_batch(tokens, starts, block, cfg: TrainConfig, batch: int, rng: np.rand
     return torch.from_numpy(x), torch.from_numpy(mask), torch.from_numpy(scored)
 
 
+def jump_batch(tokens, starts, block, cfg: TrainConfig, batch: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A jump step's batch x (batch, seq_len + 1) and its scored mask: inputs 0..h-1 are the first half
+    (h = seq_len // 2), h.. the second; `copy_passages` passages of the first half are copied into the second
+    (not overlapping each other). Target h, the first token after the jump, is not scored."""
+    x = sample_batch(tokens, starts, block, cfg.seq_len, batch, rng).numpy()
+    h, n = cfg.seq_len // 2, cfg.seq_len + 1
+    scored = np.ones(x.shape, dtype=bool)
+    scored[:, h] = False
+    for b in range(batch):
+        lengths = rng.integers(cfg.copy_len[0], cfg.copy_len[1] + 1, size=cfg.copy_passages)
+        pos = h + 1
+        for m in lengths:
+            room = n - pos - int(m)
+            if room < 0:
+                break
+            dst = pos + int(rng.integers(0, room // 2 + 1))  # leaves room for the passages after it
+            src = int(rng.integers(1, h - m + 1))
+            x[b, dst : dst + m] = x[b, src : src + m]
+            pos = dst + int(m)
+    return torch.from_numpy(x), torch.from_numpy(scored)
+
+
 # -- steps --------------------------------------------------------------------
 def lr_at(step: int, cfg: TrainConfig, steps: int) -> float:
     if step < cfg.warmup_steps:
@@ -251,9 +283,10 @@ def train_policy(name: str, nc: int, cfg: TrainConfig):
 
 
 def sequence_loss(model, x: torch.Tensor, policy_name: str, ns: int, nc: int, cfg: TrainConfig, amp_dtype, backward: bool,
-                  scored: torch.Tensor | None = None) -> float:
+                  scored: torch.Tensor | None = None, jump: int = 0) -> float:
     """Stream x (B, L+1) through the memory in segments; backward per segment. Returns mean loss over the
-    targets (scored (B, L+1), optional: only where True; a segment with none scored adds nothing)."""
+    targets (scored (B, L+1), optional: only where True; a segment with none scored adds nothing). With
+    `jump`, positions skip that many before the second segment."""
     policy = train_policy(policy_name, nc, cfg)
     length = x.shape[1] - 1
     labels = x if scored is None else x.masked_fill(~scored, -100)
@@ -261,6 +294,8 @@ def sequence_loss(model, x: torch.Tensor, policy_name: str, ns: int, nc: int, cf
     mem = model.new_memory(policy, x.shape[0], dtype=amp_dtype)
     total = 0.0
     for s in range(0, length, ns):
+        if jump and s == ns:
+            mem = dataclasses.replace(mem, seen=mem.seen + jump)  # stored keys keep their positions
         inp, tgt = x[:, s : min(s + ns, length)], labels[:, s + 1 : s + ns + 1]  # the last segment may be short
         n = int((tgt != -100).sum())
         with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
@@ -334,12 +369,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> Iterator[Event]:
     ids_vocab = repeat_vocab(model, cfg)
     while step < steps:
         policy, ns, nc = draw_setting(cfg, py_rng)
-        x, _, scored = draw_batch(tokens, train_starts, block, cfg, cfg.batch_size, np_rng, ids_vocab)
+        jump = py_rng.randint(*cfg.jump) if cfg.jump_prob and py_rng.random() < cfg.jump_prob else 0
+        if jump:
+            policy, ns, nc = "fifo", cfg.seq_len // 2, max(max(cfg.memory_sizes), cfg.seq_len // 2)
+            x, scored = jump_batch(tokens, train_starts, block, cfg, cfg.batch_size, np_rng)
+        else:
+            x, _, scored = draw_batch(tokens, train_starts, block, cfg, cfg.batch_size, np_rng, ids_vocab)
         x, scored = x.to(device), scored.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg, steps) * g.get("lr_scale", 1.0)  # checkpoints before lr_scale: 1
         opt.zero_grad(set_to_none=True)
-        loss = sequence_loss(model, x, policy, ns, nc, cfg, amp_dtype, backward=True, scored=scored)
+        loss = sequence_loss(model, x, policy, ns, nc, cfg, amp_dtype, backward=True, scored=scored, jump=jump)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         opt.step()
         step += 1
@@ -351,6 +391,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Iterator[Event]:
             steps = min(steps, max(step + 1, int((cfg.max_minutes * 60 - (t_ref - t_start)) / per_step) + 10))
         rec = {"step": step, "loss": loss, "lr": lr_at(step - 1, cfg, steps), "policy": policy, "segment_size": ns,
                "memory_size": nc, "grad_norm": grad_norm, "elapsed_s": elapsed, "steps": steps}
+        if jump:
+            rec["jump"] = jump
         log.append(rec)
         yield Event("step", step, rec)
         if (step % cfg.val_every == 0 or step == steps) and len(val_starts):

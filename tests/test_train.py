@@ -163,3 +163,39 @@ def test_set_overrides_any_config_key_and_rejects_bad_ones(tmp_path):
                        (["--set", "smear_lr_scale=0"], "smear_lr_scale")):
         res = runner.invoke(app, ["train", "--config", str(cfg_path), "--quiet", *bad])
         assert res.exit_code == 2 and words in res.output and len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_jump_rows_copy_first_half_passages_into_the_second():
+    import numpy as np
+
+    from segcli.train import TrainConfig, jump_batch
+
+    cfg = TrainConfig(seq_len=256, copy_passages=3, copy_len=[8, 24])
+    ids = np.random.default_rng(1).integers(1, 8000, size=4096)  # distinct-enough runs: no chance matches of 8
+    x, scored = jump_batch(ids, np.array([0, 1000, 2000]), 1024, cfg, 6, np.random.default_rng(0))
+    assert x.shape == scored.shape == (6, 257)
+    assert not scored[:, 128].any() and scored.sum() == 6 * 256, "only the first target after the jump is unscored"
+    found = 0
+    for row in x.numpy():
+        first, second = row[1:128].tolist(), row[129:].tolist()
+        # every 8-token run that the copies put in the second half occurs in the first half
+        runs = {tuple(first[i : i + 8]) for i in range(len(first) - 7)}
+        found += sum(tuple(second[i : i + 8]) in runs for i in range(len(second) - 7))
+    assert found >= 6 * 3, found
+    tight = TrainConfig(seq_len=256, copy_passages=8, copy_len=[8, 40])  # passages fill the second half: no overrun
+    for seed in range(50):
+        jump_batch(ids, np.array([0, 1000, 2000]), 1024, tight, 4, np.random.default_rng(seed))
+
+
+def test_a_jump_moves_the_second_half_away_from_the_first(tmp_path):
+    from conftest import tiny_model
+    from segcli.train import TrainConfig, sequence_loss
+
+    model = tiny_model(smear_keys=True)
+    x = torch.randint(1, 200, (2, 65))
+    x[:, 40:56] = x[:, 5:21]  # a copy across the halves (inputs 0..31 | 32..63)
+    cfg = TrainConfig()
+    losses = [sequence_loss(model, x, "fifo", 32, 64, cfg, torch.float32, backward=False, jump=j) for j in (0, 0, 5000)]
+    assert losses[0] == losses[1] and abs(losses[2] - losses[0]) > 1e-3, losses
+    full_row = sequence_loss(model, x, "full", 64, 64, cfg, torch.float32, backward=False)
+    assert losses[0] == pytest.approx(full_row, abs=1e-5), "no jump: the halves through memory = one causal pass"
