@@ -146,8 +146,13 @@ def value(x: Any) -> Any:
     return x.value if isinstance(x, enum.Enum) else x
 
 
+def say(message: str) -> None:
+    """One plain line on stderr: no rich markup or highlighting, never wrapped."""
+    err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int) -> None:
-    err_console.print(f"segcli: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    say(f"segcli: error: {message}")
     raise typer.Exit(code)
 
 
@@ -164,7 +169,7 @@ def handle_errors(fn: Callable) -> Callable:
         except Interrupted as e:
             if debug:
                 raise
-            err_console.print(e.message(), markup=False, highlight=False, soft_wrap=True)
+            say(e.message())
             raise typer.Exit(e.exit_code) from None
         except PeerFailure as e:  # another rank of a torchrun run failed; rank 0 prints the error
             raise typer.Exit(e.exit_code) from None

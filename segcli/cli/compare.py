@@ -14,7 +14,7 @@ from ..memory import POLICY_NAMES
 from ..runner import Stream, Totals, resource_report, span_note
 from .common import (
     CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, FormatOpt, MaxTokensOpt, MemorySizeOpt,
-    ModelOpt, OutputOpt, QuietOpt, RateOpt, RevisionOpt, SeedOpt, SinkOpt, TrustOpt, err_console, handle_errors, value,
+    ModelOpt, OutputOpt, QuietOpt, RateOpt, RevisionOpt, SeedOpt, SinkOpt, TrustOpt, err_console, handle_errors, say, value,
 )
 from .output import SparkBins, Writer, default_format, fmt_bytes, fmt_num, new_table
 from .run import build_config, config_block, make_progress, prepare
@@ -84,7 +84,7 @@ def _compare(doc, segment_sizes, memory, model, memory_size, sink_tokens, compre
         backend, (tdoc,) = prepare(base, [doc], max_tokens)
         for note in dict.fromkeys(span_note(c, backend.trained_length, len(tdoc)) for c in configs):
             if note and not quiet:
-                err_console.print(note, markup=False, highlight=False, soft_wrap=True)
+                say(note)
         total = sum(-(-len(tdoc) // c.segment_size) for c in configs)
         first_rate = None
         with make_progress(quiet, total) as progress:

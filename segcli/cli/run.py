@@ -27,7 +27,7 @@ from ..state import check_target, load_memory, save_memory
 from .common import (
     CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, FormatOpt, Interrupted, MaxTokensOpt,
     MemorySizeOpt, ModelOpt, OutputOpt, Policy, QuietOpt, RateOpt, RevisionOpt, SeedOpt, SegmentSizeOpt, SinkOpt,
-    StopSignals, TrustOpt, err_console, handle_errors, value, versions,
+    StopSignals, TrustOpt, err_console, handle_errors, say, value, versions,
 )
 from .output import SparkBins, Writer, default_format, fmt_bytes, fmt_num, new_table
 
@@ -374,7 +374,7 @@ def run_corpus(cfg: RunConfig, world: distributed.World | None, docs: list[str],
             note = span_note(cfg, backend.trained_length,
                              None if not corpus.sized else corpus.longest if fresh else corpus.total)
             if note and main and not quiet:
-                err_console.print(note, markup=False, highlight=False, soft_wrap=True)
+                say(note)
             many = len(sources) > 1
             totals = Totals(cfg.segment_size)
             spark = SparkBins()
