@@ -238,14 +238,14 @@ def jump_batch(tokens, starts, block, cfg: TrainConfig, batch: int, rng: np.rand
     for b in range(batch):
         lengths = rng.integers(cfg.copy_len[0], cfg.copy_len[1] + 1, size=cfg.copy_passages)
         pos = h + 1
-        for m in lengths:
-            room = n - pos - int(m)
+        for m in lengths.tolist():
+            room = n - pos - m
             if room < 0:
                 break
             dst = pos + int(rng.integers(0, room // 2 + 1))  # leaves room for the passages after it
             src = int(rng.integers(1, h - m + 1))
             x[b, dst : dst + m] = x[b, src : src + m]
-            pos = dst + int(m)
+            pos = dst + m
     return torch.from_numpy(x), torch.from_numpy(scored)
 
 
