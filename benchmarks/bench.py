@@ -364,7 +364,7 @@ def stream_segments(backend, cfg, doc, plan: Plan, fm: FlopModel, timing_out: li
     """segcli's runner: `Stream(backend, cfg).segments(doc)`, memory prefilled first. At n_s = 1 with fifo the
     runner computes 128 tokens per pass (sliding-window form) and yields their segments together:
     `window_chunk=0` is the token-by-token path."""
-    from segcli.runner import Stream
+    from segcli.engine.stream import Stream
 
     pre = Stream(backend, dataclasses.replace(cfg, segment_size=plan.prefill_segment))
     for _ in pre.segments(slice_doc(doc, 0, plan.prefill)):
@@ -570,7 +570,7 @@ def native_loops(b: Bench, fm: FlopModel, backend, doc, inp, tgt, ns: int, plan:
     """The native model's two loops at segment size ns (Stream, bare model loop) and a function that adds
     their rows once timed."""
     from segcli.config import RunConfig
-    from segcli.runner import WINDOW_CHUNK
+    from segcli.engine.stream import WINDOW_CHUNK
 
     cfg = RunConfig(memory="fifo", memory_size=b.args.memory_size, segment_size=ns, device=b.args.device, dtype=b.args.dtype)
     inner: list[float] = []

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import UsageError
-from .memory import POLICY_NAMES, REGISTRY
+from .memory import POLICY_NAMES, REGISTRY, make_policy
 
 FORMATS = ("table", "jsonl", "json", "csv")
 DEVICES = ("auto", "cpu", "cuda")
@@ -50,6 +50,10 @@ class RunConfig:
             "compress_rate": self.compress_rate,
             "compressed_size": self.compressed_size,
         }
+
+    def policy(self):
+        """The memory policy these options describe (the one place a config becomes a policy)."""
+        return make_policy(self.memory, **self.sizes())
 
     def validate(self) -> "RunConfig":
         if self.memory not in POLICY_NAMES:

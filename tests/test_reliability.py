@@ -319,7 +319,7 @@ def test_stdin_first_segments_before_input_ends_and_sigint_while_waiting(base, d
 def test_signal_during_run_with_output_leaves_no_file(base, doc_path, tmp_path, monkeypatch, sig):
     """In-process: the signal arrives during segment 3; the loop stops before segment 4,
     exits 128 + signal, and --output leaves neither the target nor its temporary file."""
-    from segcli.backends import Backend
+    from segcli.backends.native import NativeBackend as Backend
 
     real, calls = Backend.step, []
 
@@ -340,7 +340,7 @@ def test_signal_during_run_with_output_leaves_no_file(base, doc_path, tmp_path, 
 
 def test_output_file_atomic_on_failure(base, doc_path, tmp_path, monkeypatch):
     """A run that fails mid-way leaves neither the target nor a temporary file behind."""
-    from segcli.backends import Backend
+    from segcli.backends.native import NativeBackend as Backend
 
     real, calls = Backend.step, []
 
@@ -544,7 +544,7 @@ def test_model_at_million_token_positions_is_finite(tiny_model_dir):
 
 
 def test_nan_in_a_segment_is_an_error_naming_it(base, doc_path, monkeypatch):
-    from segcli.backends import Backend
+    from segcli.backends.native import NativeBackend as Backend
 
     real, calls = Backend.step, []
 

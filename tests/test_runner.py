@@ -9,7 +9,7 @@ from conftest import SAMPLE, save_with_tokenizer, tiny_model
 from segcli.backends import load_backend
 from segcli.config import RunConfig
 from segcli.documents import Document, tokenize
-from segcli.runner import WINDOW_CHUNK, Stream, pass_size
+from segcli.engine.stream import WINDOW_CHUNK, Stream, pass_size
 
 TEXT = (SAMPLE / "hamlet.txt").read_text(encoding="utf-8")[:800]  # ~230 tokens
 
@@ -71,7 +71,7 @@ def test_passes_shorten_for_big_windows():
 
 
 def test_span_note_names_spans_past_the_trained_length():
-    from segcli.runner import attention_span, span_note
+    from segcli.engine.stream import attention_span, span_note
 
     def cfg(memory, n_s, **sizes):
         return RunConfig(memory=memory, segment_size=n_s, **sizes)

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from ..errors import UsageError
 from ..memory import POLICY_NAMES
-from ..runner import Stream, Totals, resource_report, span_note
+from ..engine.stream import Stream, Totals, resource_report, span_note
 from .common import (
     CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, FormatOpt, MaxTokensOpt, MemorySizeOpt,
     ModelOpt, OutputOpt, QuietOpt, RateOpt, RevisionOpt, SeedOpt, SinkOpt, TrustOpt, err_console, handle_errors, say, value,

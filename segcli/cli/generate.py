@@ -11,7 +11,7 @@ import typer
 from ..backends import load_backend
 from ..documents import read_document, tokenize
 from ..errors import UsageError
-from ..generate import GenerateSettings, generate as run_generate
+from ..engine.generate import GenerateSettings, generate as run_generate
 from .common import (
     CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, MemorySizeOpt, ModelOpt, Policy, QuietOpt,
     RateOpt, RevisionOpt, SeedOpt, SegmentSizeOpt, SinkOpt, TrustOpt, handle_errors,

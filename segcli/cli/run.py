@@ -22,7 +22,7 @@ from ..documents import (
     CHUNK_BYTES, StreamedDocument, TokenizedDocument, can_stream, decode_stream, read_document, stream_tokens, tokenize,
 )
 from ..errors import SegcliError, UsageError
-from ..runner import Stream, Totals, resource_report, span_note
+from ..engine.stream import Stream, Totals, resource_report, span_note
 from ..state import check_target, load_memory, save_memory
 from .common import (
     CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, FormatOpt, Interrupted, MaxTokensOpt,

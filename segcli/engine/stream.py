@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import math
 import resource
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from .backends import Backend
-from .config import RunConfig
-from .documents import StreamedDocument, TokenizedDocument
-from .errors import RunError
-from .memory import make_policy
-from .memory.base import LayerStats
+from ..backends import Backend
+from ..config import RunConfig
+from ..documents import StreamedDocument, TokenizedDocument
+from ..errors import RunError
+from ..memory.base import LayerStats
+from .loop import stream
 
 LN2 = math.log(2.0)
 MAX_PROFILE_BUCKETS = 32
@@ -91,11 +90,6 @@ def memory_report(stats: list[LayerStats], policy: str, mass: float | None) -> M
     )
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 WINDOW_CHUNK = 128  # tokens per pass when segment size 1 is a sliding window (see Stream)
 WINDOW_SCORES = 1 << 20  # at most this many (query, key) scores per head in such a pass: big windows, shorter passes
 
@@ -122,6 +116,17 @@ class Stream:
         self.band = backend.sliding_window(self.memory, cfg.segment_size) if window_chunk > 0 else None
         self.chunk = pass_size(self.band, window_chunk) if self.band else 1
 
+    @torch.inference_mode()
+    def _step(self, ids: torch.Tensor, memory):
+        """One segment; info = ([mass], [its layers' stats]), the band pass's shape for one token."""
+        logits, memory, mass = self.backend.step(ids, memory)
+        return logits, memory, ([mass], [self.backend.memory_stats(memory)])
+
+    @torch.inference_mode()
+    def _band_step(self, ids: torch.Tensor, memory):
+        logits, memory, masses, stats = self.backend.step_window(ids, memory, self.band)
+        return logits, memory, (masses, stats)
+
     def segments(self, doc: TokenizedDocument | StreamedDocument,
                  should_stop: Callable[[], bool] | None = None) -> Iterator[SegmentResult]:
         """Yield one result per segment of `doc`, continuing the current memory.
@@ -133,23 +138,19 @@ class Stream:
         backend, ns = self.backend, self.cfg.segment_size
         cum_nll, cum_tokens = 0.0, 0
         index = 0
-        for w in doc.windows(self.chunk if self.band else ns):
-            if should_stop is not None and should_stop():
-                return
+
+        def segments() -> Iterator[tuple[torch.Tensor, Any]]:
+            for w in doc.windows(self.chunk if self.band else ns):
+                if should_stop is not None and should_stop():
+                    return
+                yield torch.tensor(w.input_ids, dtype=torch.long).to(backend.device)[None], w  # (1, T)
+
+        for s in stream(self._band_step if self.band else self._step, self.memory, segments(), backend.device):
+            self.memory, w, (masses, stats) = s.memory, s.item, s.info
             with torch.inference_mode():
-                ids = torch.tensor(w.input_ids, dtype=torch.long).to(backend.device)[None]  # (1, T)
                 targets = torch.tensor(w.target_ids, dtype=torch.long).to(backend.device)  # (T,)
-                sync(backend.device)
-                t0 = time.perf_counter()
-                if self.band:
-                    logits, self.memory, masses, stats = backend.step_window(ids, self.memory, self.band)
-                else:
-                    logits, self.memory, mass = backend.step(ids, self.memory)
-                nll_t = F.cross_entropy(logits[0].float(), targets, reduction="none")
-                token_nll = nll_t.cpu()
-                seconds = time.perf_counter() - t0
-                if not self.band:
-                    masses, stats = [mass], [backend.memory_stats(self.memory)]
+                token_nll = F.cross_entropy(s.logits[0].float(), targets, reduction="none").cpu()
+            seconds = s.seconds
             parts = w.tokens() if self.band else [w]  # one segment per token when banded, else the window itself
             share = seconds / len(parts)
             all_nll = token_nll.tolist()
@@ -304,7 +305,7 @@ def attention_span(cfg: RunConfig, tokens: int | None) -> int | None:
     """The most keys one query can attend to: bounded memory plus a segment, or for unbounded memory
     the tokens streamed into it (None: not known up front, a stdin stream). The linear memory's read is
     position-free, so only its segment counts."""
-    policy = make_policy(cfg.memory, **cfg.sizes())
+    policy = cfg.policy()
     if policy.kind == "linear":
         return cfg.segment_size
     capacity = policy.capacity(cfg.segment_size)

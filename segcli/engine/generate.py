@@ -12,8 +12,9 @@ from typing import Iterator
 
 import torch
 
-from .backends import Backend
-from .config import RunConfig
+from ..backends import Backend
+from ..config import RunConfig
+from .loop import split, stream
 
 
 @dataclass
@@ -41,15 +42,13 @@ def generate(backend: Backend, prompt_ids: list[int], cfg: RunConfig, s: Generat
     """Stream `prompt_ids` through the memory, then yield up to max_new_tokens sampled ids."""
     gen = torch.Generator().manual_seed(s.seed)
     memory = backend.new_memory(cfg)
-    ids = torch.tensor(prompt_ids, dtype=torch.long)
-    logits = None
+    ids = torch.tensor(prompt_ids, dtype=torch.long, device=backend.device)[None]  # (1, N)
     with torch.inference_mode():
-        for start in range(0, len(ids), cfg.segment_size):
-            seg = ids[start : start + cfg.segment_size].to(backend.device)[None]
-            logits, memory, _ = backend.step(seg, memory)
+        for step in stream(backend.step, memory, split(ids, cfg.segment_size)):
+            logits, memory = step.logits, step.memory
         for _ in range(s.max_new_tokens):
             nxt = sample_next(logits[0, -1].float(), s, gen)
-            if s.stop_at_eos and nxt == backend.bos_id and backend.kind == "native":
+            if s.stop_at_eos and backend.eos_id is not None and nxt == backend.eos_id:
                 return
             yield nxt
             logits, memory, _ = backend.step(torch.tensor([[nxt]], device=backend.device), memory)

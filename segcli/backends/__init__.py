@@ -1,0 +1,65 @@
+"""Model backends behind one small interface (`base.Backend`), one module per kind, and a loader registry.
+
+`load_backend(cfg)` reads the checkpoint's config and hands it to the loader of its kind: the native
+`seglm` model (`native.py`) or any Hugging Face causal LM (`hf.py`). Every kind streams through the
+same memory policies (`segcli.memory`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import RunConfig
+from ..errors import UsageError
+from ..ops.layout import column_major_linears
+from .base import BUNDLED_DIR, Backend, resolve_device, resolve_dtype, resolve_model_dir
+
+Loader = Callable[[RunConfig, Path, object, torch.device, torch.dtype], Backend]
+
+
+def _native(*args) -> Backend:
+    from .native import load_native
+
+    return load_native(*args)
+
+
+def _hf(*args) -> Backend:
+    from .hf import load_hf
+
+    return load_hf(*args)
+
+
+LOADERS: dict[str, Loader] = {"native": _native, "hf": _hf}  # backend kind -> loader(cfg, path, config, device, dtype)
+
+
+def backend_kind(model_cfg) -> str:
+    """Which loader takes a checkpoint with this config."""
+    return "native" if model_cfg.model_type == "seglm" else "hf"
+
+
+def load_backend(cfg: RunConfig) -> Backend:
+    """Load the model named by cfg.model (the bundled one when None) onto cfg.device."""
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    from ..models import seglm  # noqa: F401  (registers the Auto classes)
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    path = resolve_model_dir(cfg.model, cfg.revision)
+    try:
+        model_cfg = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"{path}: config.json is not a model config ({str(e).splitlines()[0]})") from None
+    backend = LOADERS[backend_kind(model_cfg)](cfg, path, model_cfg, device, dtype)
+    if device.type == "cpu":
+        column_major_linears(backend.model)  # faster CPU matmuls, same values (segcli/ops/layout.py)
+    return backend
+
+
+__all__ = ["Backend", "BUNDLED_DIR", "LOADERS", "load_backend", "resolve_device", "resolve_dtype"]

@@ -1,0 +1,140 @@
+"""What the engine needs from a model: the `Backend` interface, and the loading helpers every backend shares.
+
+    backend = load_backend(cfg)                     # segcli.backends: the loader registered for the checkpoint
+    memory = backend.new_memory(cfg)                # an empty memory under cfg's policy
+    logits, memory, mass = backend.step(ids, memory)
+    stats = backend.memory_stats(memory)            # one LayerStats per layer
+
+A backend kind is one subclass (`native.py`, `hf.py`) registered in `segcli.backends.LOADERS`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..config import RunConfig
+from ..errors import UsageError
+from ..memory.base import LayerStats
+
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Backend:
+    """A loaded model, its tokenizer and how to step a segment through its memory."""
+
+    kind: ClassVar[str]  # the loader registry key ("native", "hf")
+    model: Any
+    tokenizer: Any  # tokenizers.Tokenizer
+    bos_id: int | None
+    device: torch.device
+    dtype: torch.dtype
+    identity: dict[str, Any]  # model, model_type, model_sha256, tokenizer_sha256, parameters (the config block)
+
+    @property
+    def trained_length(self) -> int | None:
+        """The longest span of keys the model was trained to attend over, where its config records it."""
+        return None
+
+    @property
+    def eos_id(self) -> int | None:
+        """The token that ends a generation (None: generation runs its full length)."""
+        return None
+
+    def new_memory(self, cfg: RunConfig, batch: int = 1) -> Any:
+        raise NotImplementedError
+
+    def step(self, ids: Tensor, memory) -> tuple[Tensor, Any, float | None]:
+        """ids (1, T): one segment. Returns logits (1, T, V), the memory after it, and the mean attention
+        mass on memory (None when the memory was empty)."""
+        raise NotImplementedError
+
+    def memory_stats(self, memory) -> list[LayerStats]:
+        return memory.stats()
+
+    def sliding_window(self, memory, segment_size: int) -> int | None:
+        """W when streaming `memory` at `segment_size` (1) is a causal sliding window of W keys that `step_window`
+        computes many tokens at a time; None when it must go token by token."""
+        return None
+
+    def step_window(self, ids: Tensor, memory, band: int):
+        raise NotImplementedError(f"the {self.kind} backend has no sliding-window pass")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":  # bf16 matmuls are slow on CPUs: float32 there
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_fingerprint(path: Path) -> str:
+    """sha256 over config.json and the weight files (full content up to 64 MB each, else size + ends)."""
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            continue
+        h.update(f.name.encode())
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            if size <= 64 << 20:
+                h.update(fh.read())
+            else:
+                h.update(str(size).encode() + fh.read(1 << 20))
+                fh.seek(size - (1 << 20))
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def resolve_model_dir(model: str | None, revision: str | None = None) -> Path:
+    if model is None:
+        if not (BUNDLED_DIR / "model.safetensors").exists():
+            raise UsageError("the bundled model is not installed in this copy of segcli; pass --model DIR")
+        return BUNDLED_DIR
+    p = Path(model)
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").exists():
+            raise UsageError(f"{model}: not a model directory (no config.json); pass a saved checkpoint folder")
+        return p
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        return hub_snapshot(model, revision)
+    raise UsageError(f"{model}: no such model directory")
+
+
+def hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """A hub model from the local cache, or downloaded when the network allows it."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached: try the network below
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise UsageError(f"{repo_id}: not a local folder and not in the Hugging Face cache (HF_HUB_OFFLINE is set)")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision))
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"{repo_id}: not a local folder and the hub could not provide it ({type(e).__name__})") from None

@@ -1,0 +1,106 @@
+"""The native `seglm` model: its attention layers read [Mem; segment] through the policy directly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..config import RunConfig
+from ..errors import UsageError
+from ..memory.base import LayerStats
+from .base import BUNDLED_DIR, Backend, file_sha256, model_fingerprint
+
+
+class NativeBackend(Backend):
+    kind = "native"
+
+    @property
+    def trained_length(self) -> int | None:
+        return getattr(self.model.config, "trained_length", None)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.bos_id  # the bundled tokenizer's <|endoftext|> both opens and ends a document
+
+    def new_memory(self, cfg: RunConfig, batch: int = 1):
+        return self.model.new_memory(cfg.policy(), batch)
+
+    def step(self, ids: Tensor, memory) -> tuple[Tensor, object, float | None]:
+        out = self.model(ids, memory)
+        mass = None if out.memory_mass is None else float(out.memory_mass.float().mean())
+        return out.logits, out.memory, mass
+
+    def sliding_window(self, memory, segment_size: int) -> int | None:
+        return memory.policy.sliding_window() if segment_size == 1 else None
+
+    def step_window(self, ids: Tensor, memory, band: int) -> tuple[Tensor, object, list[float | None], list[list[LayerStats]]]:
+        """ids (1, T) as T segments of one token through a sliding-window memory of `band` keys, in one pass.
+
+        Returns logits (1, T, V), the memory after the last token, and per token what `step` and
+        `memory_stats` would have returned after it: the mass (None while the memory was empty) and the
+        layers' stats.
+        """
+        policy = memory.policy
+        before = policy.slots(memory.states[0])
+        out = self.model(ids, memory, band=band)
+        t = ids.shape[1]
+        mass = out.memory_mass.float().mean(0).tolist()  # (L, T) -> T
+        mass = [None if before + i == 0 else x for i, x in enumerate(mass)]
+        per_layer = [policy.stats_each(s, before, t) for s in out.memory.states]  # L lists of T
+        return out.logits, out.memory, mass, [list(layers) for layers in zip(*per_layer)]
+
+
+def load_tokenizer(path: Path):
+    from tokenizers import Tokenizer
+
+    if (path / "tokenizer.json").exists():
+        try:
+            return Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001 - the library raises plain Exceptions
+            raise UsageError(f"{path}/tokenizer.json: cannot load tokenizer ({e})") from None
+    raise UsageError(f"{path}: no tokenizer.json next to the model")
+
+
+def load_native(cfg: RunConfig, path: Path, model_cfg, device: torch.device, dtype: torch.dtype) -> NativeBackend:
+    from ..models.seglm import SegLMForCausalLM
+
+    with torch.device("meta"):  # shapes only, no memory: name a missing or misshapen tensor before loading
+        _check_weights(path, SegLMForCausalLM(model_cfg))
+    try:
+        model = SegLMForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"{path}: cannot load the checkpoint ({str(e).splitlines()[0]})") from None
+    model.to(device).eval()
+    tok = load_tokenizer(path)
+    identity = {
+        "model": "bundled" if path == BUNDLED_DIR else str(path),
+        "model_type": "seglm",
+        "model_sha256": model_fingerprint(path),
+        "tokenizer_sha256": file_sha256(path / "tokenizer.json"),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    return NativeBackend(model, tok, model_cfg.bos_token_id, device, dtype, identity)
+
+
+def _check_weights(path: Path, model) -> None:
+    """from_pretrained fills missing tensors with random init; a user must hear about it."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UsageError(f"{path}: no *.safetensors weights")
+    names: dict[str, tuple] = {}
+    for f in files:
+        with safe_open(str(f), "pt") as sf:
+            for n in sf.keys():
+                names[n] = tuple(sf.get_slice(n).get_shape())
+    expected = {n: tuple(p.shape) for n, p in model.state_dict().items() if n != "lm_head.weight" or n in names}
+    missing = sorted(set(expected) - set(names))
+    if missing:
+        raise UsageError(f"{path}: checkpoint is missing tensors: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    wrong = [n for n in expected if names[n] != expected[n]]
+    if wrong:
+        n = wrong[0]
+        raise UsageError(f"{path}: tensor {n} has shape {list(names[n])}, the config expects {list(expected[n])}")
