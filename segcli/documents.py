@@ -55,6 +55,13 @@ class TokenizedDocument:
                 self.target_end_bytes[start:end],
             )
 
+    def slice(self, start: int, end: int) -> "TokenizedDocument":
+        """Scored tokens [start, end) as a document of their own (word count kept; positions come from the memory)."""
+        return TokenizedDocument(self.name, self.input_ids[start:end], self.target_ids[start:end],
+                                 self.target_end_bytes[start:end],
+                                 self.first_byte if start == 0 else int(self.target_end_bytes[start - 1]),
+                                 self.segment_bytes(start, end), self.n_words)
+
     def truncated(self, max_tokens: int, text: str) -> "TokenizedDocument":
         """The first `max_tokens` scored tokens (words counted over their bytes)."""
         if len(self) <= max_tokens:
