@@ -14,13 +14,14 @@ never asserts.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 import torch.nn.functional as F
 
 from segcli.ops.layout import column_major
+
+from machine import cpu_model
 
 # (out, in) of every nn.Linear weight the bundled model multiplies per token
 SHAPES = [(768, 256)] * 6 + [(256, 256)] * 6 + [(1376, 256)] * 6 + [(256, 688)] * 6 + [(8192, 256)]
@@ -46,8 +47,9 @@ def main() -> None:
     row_major = [torch.randn(o, i) for o, i in SHAPES]
     col_major = [column_major(w) for w in row_major]
     mb = sum(w.numel() * 4 for w in row_major) / 1e6
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"float32, {len(SHAPES)} matmuls, {mb:.1f} MB of weights")
+    print(f"# nn.Linear's layout vs column-major, one token's matmuls back to back: {cpu_model()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, {len(SHAPES)} matmuls, "
+          f"{mb:.1f} MB of weights")
     print("| T | nn.Linear layout (ms/token-step) | column-major (ms) | ratio |\n|---:|---:|---:|---:|")
     with torch.inference_mode():
         for t in (int(x) for x in args.rows.split(",")):
