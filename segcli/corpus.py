@@ -2,7 +2,7 @@
 
 `expand` turns the command line's inputs into a list of `Source`s (one per document,
 in document order: the order given, folders sorted by path, JSON Lines files line by
-line). A source is read only when needed (`Source.read`), so a corpus of any size is
+line). A source is read only when needed (`segcli.reader`), so a corpus of any size is
 listed in memory, not held there. Every process of a distributed run expands the same
 inputs to the same list; documents are then addressed by their index in it.
 """
@@ -13,11 +13,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .documents import Document, read_document
+import re
 from .errors import UsageError
 
 STDIN = "-"
 JSONL_SUFFIXES = (".jsonl",)  # files read record by record
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -41,17 +42,6 @@ class Source:
         here = f"{self.path}:{self.line}"
         return here if self.id == here else f"{here} (id {self.id})"
 
-    def read(self, errors: str = "strict", field: str = "text") -> Document:
-        """The document's text (a file: checked as `read_document` checks it)."""
-        if self.line is None:
-            doc = read_document(self.path, errors)
-            return Document(self.id, doc.text, doc.n_bytes)
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            raw = f.readline()
-        text = parse_record(raw, self.path, self.line, field, errors)[1]
-        return Document(self.id, text, len(text.encode("utf-8")))
-
 
 def parse_record(raw: bytes, path: str, line: int, field: str, errors: str) -> tuple[object, str]:
     """(`id` value or None, text) of one JSON Lines record, with one clear error per problem."""
@@ -73,11 +63,18 @@ def parse_record(raw: bytes, path: str, line: int, field: str, errors: str) -> t
         raise UsageError(f"{where}: field {field!r} must be a string, got {type(text).__name__}")
     if not text:
         raise UsageError(f"{where}: the document is empty (field {field!r})")
+    lone = SURROGATE.search(text)
+    if lone:  # JSON's \\ud800 escapes decode to a lone surrogate, which is not text
+        if errors == "strict":
+            raise UsageError(f"{where}: field {field!r} holds a lone surrogate (U+{ord(lone.group()):04X}) at character "
+                             f"{lone.start()}; pass --errors replace to substitute U+FFFD")
+        text = SURROGATE.sub("\ufffd", text)
     return record.get("id"), text
 
 
-def scan_jsonl(path: Path, field: str, errors: str) -> list[Source]:
-    """One source per non-blank line; every record is parsed and checked now."""
+def scan_jsonl(path: Path, field: str, errors: str, max_line_bytes: int) -> list[Source]:
+    """One source per non-blank line; every record is parsed and checked now (a line longer than
+    `max_line_bytes` is refused: a record is held whole while it is parsed)."""
     out: list[Source] = []
     name = str(path)
     try:
@@ -88,7 +85,10 @@ def scan_jsonl(path: Path, field: str, errors: str) -> list[Source]:
         raise UsageError(f"{name}: cannot read ({e.strerror})") from None
     with f:
         offset = 0
-        for line, raw in enumerate(f, start=1):
+        for line, raw in enumerate(iter(lambda: f.readline(max_line_bytes + 1), b""), start=1):
+            if len(raw) > max_line_bytes:
+                raise UsageError(f"{name}:{line}: the record is longer than {max_line_bytes >> 20} MiB, the limit for "
+                                 "one JSON Lines line; split the document or give it as a .txt file")
             if raw.strip():
                 rid, _ = parse_record(raw, name, line, field, errors)
                 out.append(Source(f"{name}:{line}" if rid is None else str(rid), name, line, offset))
@@ -109,7 +109,8 @@ def expand_folder(folder: Path, pattern: str) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def expand(inputs: list[str], glob: str = "*.txt", jsonl_field: str = "text", errors: str = "strict") -> list[Source]:
+def expand(inputs: list[str], glob: str = "*.txt", jsonl_field: str = "text", errors: str = "strict",
+           max_line_bytes: int = 64 << 20) -> list[Source]:
     """Documents in order: files as given, folders expanded with `glob`, .jsonl files record by record."""
     out: list[Source] = []
     for item in inputs:
@@ -125,7 +126,7 @@ def expand(inputs: list[str], glob: str = "*.txt", jsonl_field: str = "text", er
             raise UsageError(f"{item}: no such file")
         for f in files:
             if f.suffix.lower() in JSONL_SUFFIXES:
-                out.extend(scan_jsonl(f, jsonl_field, errors))
+                out.extend(scan_jsonl(f, jsonl_field, errors, max_line_bytes))
             else:
                 out.append(Source(item if f is p else str(f), item if f is p else str(f)))
     if sum(s.is_stdin for s in out) > 1:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import SegcliError, UsageError
+from .errors import SegcliError, Stopped, UsageError
 
 
 @dataclass(frozen=True)
@@ -173,3 +173,42 @@ class StopRound(Exception):
     def __init__(self, failure: Failure):
         super().__init__(failure.message)
         self.failure = failure
+
+
+class Agreement:
+    """Setup steps every rank runs: a failure on any rank stops every rank with the same error
+    (rank 0 raises it, the others raise `PeerFailure` and exit quietly with its code). Single process
+    (world None): errors as usual."""
+
+    def __init__(self, world: World | None):
+        self.world = world
+
+    def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.world is None:
+            return fn(*args)
+        failure, out = None, None
+        try:
+            out = fn(*args)
+        except SegcliError as e:
+            failure = Failure(str(e), e.exit_code, index=self.world.rank)
+        raise_failure(self.world, agree(self.world, failure))
+        return out
+
+
+class AgreedError(SegcliError):
+    """A failure every rank agreed on, raised on rank 0 with that failure's exit code."""
+
+    def __init__(self, failure: Failure):
+        super().__init__(failure.message)
+        self.exit_code = failure.exit_code
+
+
+def raise_failure(world: World, failure: Failure | None, done: int = 0) -> None:
+    """Raise the agreed failure: on rank 0 as the error (or `Stopped` for a signal), elsewhere `PeerFailure`."""
+    if failure is None:
+        return
+    if not world.is_main:
+        raise PeerFailure(failure)
+    if failure.signum is not None:
+        raise Stopped(failure.signum, f"stopped after {done} documents; no summary")
+    raise AgreedError(failure)

@@ -10,14 +10,13 @@ excluded from bits per byte.
 from __future__ import annotations
 
 import codecs
-import sys
+import io
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from .errors import UsageError
-from .files import require_file
 
 
 @dataclass
@@ -96,31 +95,9 @@ class Window:
 
 
 def decode(data: bytes, name: str, errors: str = "strict") -> Document:
-    if not data:
-        raise UsageError(f"{name}: the document is empty")
-    if b"\x00" in data[:65536]:
-        raise UsageError(f"{name}: looks like binary data (NUL bytes); segcli reads UTF-8 text")
-    try:
-        text = data.decode("utf-8", errors=errors)
-    except UnicodeDecodeError as e:
-        raise UsageError(
-            f"{name}: invalid UTF-8 at byte {e.start}; pass --errors replace to substitute U+FFFD"
-        ) from None
+    """Bytes held whole as one document, with `decode_stream`'s checks (empty, binary, UTF-8)."""
+    text = "".join(decode_stream(io.BytesIO(data).read, name, errors))
     return Document(name, text, len(text.encode("utf-8")))
-
-
-def read_document(path: str, errors: str = "strict") -> Document:
-    """Read a file (or '-' for stdin) as UTF-8 text, with one clear error per bad input."""
-    if path == "-":
-        return decode(sys.stdin.buffer.read(), "<stdin>", errors)
-    p = require_file(path, path, "document")
-    try:
-        data = p.read_bytes()
-    except PermissionError:
-        raise UsageError(f"{path}: permission denied") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
-    return decode(data, path, errors)
 
 
 def char_to_byte_offsets(text: str) -> np.ndarray:
@@ -146,16 +123,16 @@ def tokenize(doc: Document, backend_tokenizer, bos_id: int | None) -> TokenizedD
     return TokenizedDocument(doc.name, ids[:-1], ids[1:], ends[1:], first, int(ends[-1]) - first, n_words)
 
 
-# -- streaming: stdin read and tokenized incrementally ---------------------------------------------------------------
+# -- streaming: every input read and tokenized incrementally -------------------------------------------------------
 
 CHUNK_BYTES = 1 << 16  # bytes per read
-BINARY_PROBE_BYTES = 65536  # NUL bytes in this prefix mean binary data (as `decode`)
+BINARY_PROBE_BYTES = 65536  # NUL bytes in this prefix mean binary data
 MAX_TAIL_CHARS = 1 << 20  # a single pre-token longer than this is cut anyway (see `stream_tokens`)
 
 
 def decode_stream(read: Callable[[int], bytes], name: str, errors: str = "strict",
                   chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
-    """Decode a byte stream as UTF-8, piece by piece, with the same checks as `decode`.
+    """Decode a byte stream as UTF-8, piece by piece: the one place text input is checked (empty, binary, UTF-8).
 
     `read(n)` returns up to n bytes, b"" at the end (e.g. `sys.stdin.buffer.read1`).
     Errors name the absolute byte offset, so they read the same as for a file.
@@ -344,6 +321,14 @@ class StreamedDocument:
         if self.n_tokens == 0:
             raise UsageError(f"{self.name}: the document is shorter than one scored token")
         self.n_words = words_scored if truncated else words_all
+
+    def collect(self, block: int = 1 << 16) -> TokenizedDocument:
+        """Every window at once, as the `TokenizedDocument` that `tokenize` makes of the whole text."""
+        windows = list(self.windows(block))
+        inputs = [i for w in windows for i in w.input_ids]
+        targets = [i for w in windows for i in w.target_ids]
+        ends = np.concatenate([w.end_bytes for w in windows])
+        return TokenizedDocument(self.name, inputs, targets, ends, self.first_byte, self.n_bytes, self.n_words)
 
     def _window(self, ids: list[int], ends: np.ndarray, take: int, prev_id: int, prev_end: int) -> Window:
         window = Window(self.n_tokens, [prev_id] + ids[: take - 1], ids[:take], prev_end, ends[:take].copy())

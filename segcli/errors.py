@@ -15,3 +15,12 @@ class RunError(SegcliError):
     """The run itself failed (exit 1)."""
 
     exit_code = 1
+
+
+class Stopped(SegcliError):
+    """A stop signal (SIGINT, SIGTERM, ...) ended a run between segments; exit 128 + the signal number."""
+
+    def __init__(self, signum: int, detail: str = ""):
+        super().__init__(detail)
+        self.signum, self.detail = signum, detail
+        self.exit_code = 128 + signum

@@ -9,8 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from segcli.cli import app
-from segcli.cli.run import TIMING_FIELDS
+from segcli.engine.run import TIMING_FIELDS
 from segcli.corpus import expand
+from segcli.reader import Reader
 
 from conftest import SAMPLE
 
@@ -57,7 +58,7 @@ def test_expand_folders_globs_and_jsonl_ids(corpus):
     deep = expand([str(corpus), str(corpus / "recs.jsonl")], glob="**/*.txt")
     assert [s.id for s in deep] == [str(corpus / "b.txt"), str(corpus / "sub" / "a.txt"),
                                     "first", f"{corpus / 'recs.jsonl'}:3", "7"]  # blank line 2 skipped
-    assert deep[3].read().text.startswith((SAMPLE / "hamlet.txt").read_text(encoding="utf-8")[1800:1830])
+    assert "".join(Reader().pieces(deep[3])).startswith((SAMPLE / "hamlet.txt").read_text(encoding="utf-8")[1800:1830])
     assert [s.id for s in expand([str(corpus)], glob="*.jsonl")] == ["first", f"{corpus / 'recs.jsonl'}:3", "7"]
 
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from segcli import distributed
 from segcli.cli import app
-from segcli.cli.run import TIMING_FIELDS
+from segcli.engine.run import TIMING_FIELDS
 
 from conftest import ROOT, SAMPLE
 

@@ -20,7 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from segcli.cli import app
-from segcli.cli.run import TIMING_FIELDS
+from segcli.engine.run import TIMING_FIELDS
 from segcli.config import RunConfig, explicit_keys, resolve
 from segcli.documents import (
     Document, StreamedDocument, decode, decode_stream, stream_tokens, tokenize,
@@ -156,14 +156,14 @@ def test_unreadable_file(base, tmp_path, monkeypatch):
     """Permission denied (simulated: tests may run as root, which reads anything)."""
     p = tmp_path / "secret.txt"
     p.write_text("hello")
-    real = Path.read_bytes
+    import builtins
 
-    def deny(self):
-        if self == p:
+    def deny(path, *args, **kwargs):
+        if str(path) == str(p):
             raise PermissionError(13, "Permission denied")
-        return real(self)
+        return builtins.open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", deny)
+    monkeypatch.setattr(importlib.import_module("segcli.reader"), "open", deny, raising=False)
     assert_one_error_line(invoke("run", p, *base), 2, "permission denied")
 
 
@@ -307,7 +307,7 @@ def test_stdin_first_segments_before_input_ends_and_sigint_while_waiting(base, d
         time.sleep(30)  # "blocked" on a pipe that never sends more
         raise AssertionError("the signal did not interrupt the blocked read")
 
-    monkeypatch.setattr(importlib.import_module("segcli.cli.run"), "read_stdin", open_pipe)
+    monkeypatch.setattr(importlib.import_module("segcli.reader"), "read_stdin", open_pipe)
     res = invoke("run", "-", *base, "-s", 16)
     assert res.exit_code == 130 and res.stderr.strip() == "segcli: interrupted by SIGINT", res.output
     before = _check_jsonl(seen_at_second_read[0].splitlines())

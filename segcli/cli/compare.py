@@ -9,15 +9,15 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
+from ..engine.compare import Comparison
 from ..errors import UsageError
 from ..memory import POLICY_NAMES
-from ..engine.stream import Stream, Totals, resource_report, span_note
 from .common import (
     CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, FormatOpt, MaxTokensOpt, MemorySizeOpt,
     ModelOpt, OutputOpt, QuietOpt, RateOpt, RevisionOpt, SeedOpt, SinkOpt, TrustOpt, err_console, handle_errors, say, value,
 )
 from .output import SparkBins, Writer, default_format, fmt_bytes, fmt_num, new_table
-from .run import build_config, config_block, make_progress, prepare
+from .run import build_config, make_progress
 
 
 def parse_list(text: str, what: str, convert=str) -> list:
@@ -77,51 +77,32 @@ def _compare(doc, segment_sizes, memory, model, memory_size, sink_tokens, compre
         plots.check_target(plot, "--plot")
     fmt = default_format(value(format), output)
     writer = Writer(fmt, output)
-    sparks: list[tuple[str, SparkBins]] = []
+    sparks = {id(c): SparkBins(32) for c in configs}  # per setting, in order
     rows: list[dict[str, Any]] = []
     ok = False
     try:
-        backend, (tdoc,) = prepare(base, [doc], max_tokens)
-        for note in dict.fromkeys(span_note(c, backend.trained_length, len(tdoc)) for c in configs):
-            if note and not quiet:
-                say(note)
-        total = sum(-(-len(tdoc) // c.segment_size) for c in configs)
-        first_rate = None
-        with make_progress(quiet, total) as progress:
-            task = progress.add_task("compare", total=total, rate="")
-            for cfg in configs:
-                progress.update(task, description=f"{cfg.memory} n_s={cfg.segment_size}")
-                totals = Totals(cfg.segment_size)
-                totals.add_document(tdoc)
-                spark = SparkBins(32)
-                for r in Stream(backend, cfg).segments(tdoc):
-                    totals.add(r)
-                    spark.add(r.nll, r.tokens)
-                    progress.update(task, advance=1)
-                sparks.append((f"{cfg.memory} n_s={cfg.segment_size}", spark))
-                s = totals.summary()
-                rate = s["tokens_per_s"]
-                first_rate = first_rate or rate
-                rows.append({
-                    "type": "row", "policy": cfg.memory, "segment_size": cfg.segment_size, "tokens": s["tokens"],
-                    "loss": s["loss"], "ppl": s["ppl"], "bits_per_byte": s["bits_per_byte"],
-                    "boundary_gap": s["boundary"]["gap"], "tokens_per_s": rate,
-                    "speedup": rate / first_rate if rate and first_rate else None,
-                    "memory_bytes": s["max_memory_bytes"], "memory_updates": s["memory_updates"],
-                    "attn_mass_memory": s["attn_mass_memory"], "seconds": s["seconds"],
-                    "sizes": {k: v for k, v in cfg.sizes().items()},
-                })
-                writer.write(rows[-1])
-        writer.write({"type": "summary", "document": tdoc.name, "rows": len(configs), **resource_report(backend.device),
-                      "config": config_block(base, backend) | {"segment_sizes": sizes, "memory": policies}})
+        job = Comparison(base, configs, doc, max_tokens).prepare()
+        for note in job.notes if not quiet else ():
+            say(note)
+        with make_progress(quiet, job.total_segments) as progress:
+            task = progress.add_task("compare", total=job.total_segments, rate="")
+
+            def on_segment(cfg, r) -> None:
+                progress.update(task, advance=1, description=f"{cfg.memory} n_s={cfg.segment_size}")
+                sparks[id(cfg)].add(r.nll, r.tokens)
+
+            for rec in job.records(on_segment, {"segment_sizes": sizes, "memory": policies}):
+                rows.append(rec)
+                writer.write(rec)
         if plot:
-            plots.save(plots.compare_figure(rows, f"{tdoc.name}: what each setting costs and buys"), plot)
+            plots.save(plots.compare_figure(rows[:-1], f"{job.tokens.name}: what each setting costs and buys"), plot)
         ok = True
     finally:
-        writer.close(ok, render_table=lambda console, records: render_compare_table(console, records, sparks))
+        labelled = [(f"{c.memory} n_s={c.segment_size}", sparks[id(c)]) for c in configs]
+        writer.close(ok, render_table=lambda console, records: render_compare_table(console, records, labelled))
     if not quiet and err_console.is_terminal:
         if fmt != "table":
-            show_sparks(err_console, sparks)
+            show_sparks(err_console, labelled)
         if plot:
             err_console.print(f"wrote {plot}", markup=False, highlight=False)
 

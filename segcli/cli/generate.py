@@ -9,14 +9,15 @@ from typing import Annotated, Optional
 import typer
 
 from ..backends import load_backend
-from ..documents import read_document, tokenize
+from ..engine.run import config_block
+from ..reader import Reader
 from ..errors import UsageError
 from ..engine.generate import GenerateSettings, generate as run_generate
 from .common import (
     CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, MemorySizeOpt, ModelOpt, Policy, QuietOpt,
     RateOpt, RevisionOpt, SeedOpt, SegmentSizeOpt, SinkOpt, TrustOpt, handle_errors,
 )
-from .run import build_config, config_block
+from .run import build_config
 
 
 def generate(
@@ -58,9 +59,11 @@ def _generate(doc, max_new_tokens, temperature, top_p, format, model, memory, se
         sink_tokens=sink_tokens, compress_rate=compress_rate, compressed_size=compressed_size, device=device,
         dtype=dtype, seed=seed, errors=errors, revision=revision, trust_remote_code=trust_remote_code,
     )
-    text = read_document(doc, cfg.errors)
+    reader = Reader(cfg.errors)
+    (source,) = reader.sources([doc])
+    reader.check([source])
     backend = load_backend(cfg)
-    tdoc = tokenize(text, backend.tokenizer, backend.bos_id)
+    tdoc = reader.tokenized(source, backend)
     prompt = tdoc.input_ids + [tdoc.target_ids[-1]]
     settings = GenerateSettings(max_new_tokens, temperature, top_p, cfg.seed)
     out: list[int] = []

@@ -7,7 +7,8 @@ sharded under torchrun) as an iterator of records; `compare` runs one document u
 """
 
 from .loop import split, stream, sync
+from .run import TIMING_FIELDS, CorpusRun, RunOptions
 from .stream import WINDOW_CHUNK, SegmentResult, Stream, Totals, pass_size, resource_report, span_note
 
-__all__ = ["split", "stream", "sync", "WINDOW_CHUNK", "SegmentResult", "Stream", "Totals", "pass_size",
+__all__ = ["split", "stream", "sync", "TIMING_FIELDS", "CorpusRun", "RunOptions", "WINDOW_CHUNK", "SegmentResult", "Stream", "Totals", "pass_size",
            "resource_report", "span_note"]

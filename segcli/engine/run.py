@@ -1,0 +1,233 @@
+"""A corpus through the memory, as records: what `segcli run` writes, one process or sharded by torchrun.
+
+    job = CorpusRun(cfg, RunOptions(per_token=True), ["doc.txt", "corpus/"])
+    job.prepare()              # read and check every input, load the model: bad input fails before output
+    for record in job.records():
+        ...                    # segment (and token) records as segments finish, document records, the summary
+
+Under torchrun (`world` set) every rank runs the same setup (a failure on any rank stops all with the same
+error), documents are dealt round-robin, and rank 0 yields the records a single process would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import platform
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .. import __version__, distributed
+from ..backends import Backend, load_backend
+from ..config import RunConfig
+from ..corpus import Source
+from ..errors import SegcliError, Stopped
+from ..reader import Blocking, Reader
+from ..state import check_target, load_memory, save_memory
+from .stream import Stream, Totals, resource_report, span_note
+
+TIMING_FIELDS = ("seconds", "tokens_per_s", "peak_rss_bytes", "peak_cuda_bytes")  # vary run to run; all else is reproducible
+KEEP_TOKENS = 1 << 22  # documents tokenized while counting are kept for the run up to this many tokens in all
+
+
+@dataclass
+class RunOptions:
+    """What `segcli run` adds to a RunConfig: which documents, which records, which memory files."""
+
+    per_token: bool = False  # also one record per token
+    max_tokens: int | None = None  # score at most this many tokens of each document
+    glob: str = "*.txt"  # files taken from a folder
+    jsonl_field: str = "text"  # the text field of JSON Lines records
+    memory_across_documents: bool = True  # False: every document starts from an empty memory
+    save_memory: str | None = None  # save the memory after the last segment to this file
+    load_memory: str | None = None  # start from a memory saved with save_memory
+
+
+def versions() -> dict[str, str]:
+    import tokenizers
+    import transformers
+
+    return {"segcli": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__, "python": platform.python_version()}
+
+
+def config_block(cfg: RunConfig, backend: Backend) -> dict[str, Any]:
+    """The resolved options plus what identifies the model and the machine: enough to reproduce a run."""
+    return {
+        **dataclasses.asdict(cfg),
+        **backend.identity,
+        "device": str(backend.device),
+        "dtype": str(backend.dtype).removeprefix("torch."),
+        "bos_prepended": backend.bos_id is not None,
+        "versions": versions(),
+    }
+
+
+def token_records(backend: Backend, r) -> list[dict[str, Any]]:
+    """One record per scored token of a SegmentResult, with its UTF-8 byte span in the document."""
+    out = []
+    for i, (tid, nll) in enumerate(zip(r.token_ids, r.token_nll)):
+        out.append({
+            "type": "token", "document": r.document, "segment": r.segment, "index": r.token_start + i, "position": i,
+            "token_id": tid, "text": backend.tokenizer.decode([tid], skip_special_tokens=False),
+            "byte_start": r.byte_start if i == 0 else r.token_end_bytes[i - 1],
+            "byte_end": r.token_end_bytes[i], "nll": nll, "bits": nll / 0.6931471805599453,
+        })
+    return out
+
+
+def document_records(stream: Stream, backend: Backend, doc, index: int, totals: Totals, per_token: bool,
+                     should_stop: Callable[[], bool], with_document_record: bool) -> Iterator[dict[str, Any]]:
+    """A document's segment (and token) records as its segments finish, then its `document` record.
+    Stops between segments when `should_stop()` (the caller checks it again)."""
+    for r in stream.segments(doc, should_stop=should_stop):
+        totals.add(r)
+        yield r.record()
+        if per_token:
+            yield from token_records(backend, r)
+    if should_stop():
+        return
+    totals.add_document(doc)  # after its segments: a streamed document knows its words only then
+    if with_document_record:
+        yield {"type": "document", "document": doc.name, "index": index, **totals.summary()}
+
+
+def corpus_fingerprint(sources: list[Source]) -> str:
+    h = hashlib.sha256()
+    for s in sources:
+        h.update(f"{s.id}\0{s.path}\0{s.line}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class DocumentResult:
+    """One document's records and totals, as a rank of a distributed run sends them to rank 0."""
+
+    records: list[dict[str, Any]]
+    totals: Totals
+
+
+class CorpusRun:
+    """The documents of `inputs` streamed through one memory (or a fresh one each), as records."""
+
+    def __init__(self, cfg: RunConfig, opts: RunOptions, inputs: list[str], world: distributed.World | None = None,
+                 should_stop: Callable[[], bool] = lambda: False, blocking: Blocking = contextlib.nullcontext,
+                 signum: Callable[[], int | None] = lambda: None):
+        self.cfg, self.opts, self.inputs, self.world = cfg, opts, inputs, world
+        self.should_stop, self.signum = should_stop, signum
+        self.fresh = not opts.memory_across_documents
+        self.main = world is None or world.is_main
+        self.agreed = distributed.Agreement(world)
+        self.reader = Reader(cfg.errors, opts.max_tokens, opts.jsonl_field, opts.glob, blocking)
+        self.backend: Backend | None = None
+        self.sources: list[Source] = []
+        self.kept: dict[int, Any] = {}  # documents tokenized while counting
+        self.total_segments: int | None = None  # None: unknown up front (a stream read once)
+        self.note: str | None = None  # a note for stderr (the model's trained span exceeded)
+        if opts.save_memory:
+            check_target(opts.save_memory)
+
+    # -- setup ---------------------------------------------------------------------------------------------------
+    def prepare(self) -> "CorpusRun":
+        """Every check before the first record: the inputs listed, read and tokenized, the model loaded."""
+        world, agreed = self.world, self.agreed
+        self.sources = agreed(self.reader.sources, self.inputs)
+        if world is not None:
+            prints = distributed.all_gather(world, (len(self.sources), corpus_fingerprint(self.sources)))
+            if len(set(prints)) > 1:
+                counts = ", ".join(f"rank {k}: {n}" for k, (n, _) in enumerate(prints))
+                distributed.raise_failure(world, distributed.Failure(
+                    f"the processes see different documents ({counts}); every machine needs the same files "
+                    "at the same paths", 2))
+        mine = world.shard(len(self.sources)) if world is not None else range(len(self.sources))
+        agreed(self.reader.check, [self.sources[i] for i in mine])
+        torch.manual_seed(self.cfg.seed)
+        self.backend = agreed(load_backend, self.cfg)
+        sized = all(self.reader.reusable(self.sources[i]) for i in mine)
+        counted = agreed(self._count, mine)
+        n_segments, longest, total = counted
+        if world is not None:
+            n_segments = sum(distributed.all_gather(world, n_segments))
+        self.total_segments = n_segments if sized else None
+        self.memory = load_memory(self.opts.load_memory, self.backend, self.cfg) if self.opts.load_memory else None
+        tokens = (longest if self.fresh else total) if sized else None
+        self.note = span_note(self.cfg, self.backend.trained_length, tokens) if self.main else None
+        return self
+
+    def _count(self, indices: range) -> tuple[int, int, int]:
+        """Tokenize every document that can be read twice (a document too short to score fails here):
+        segments, longest and total tokens; the first KEEP_TOKENS tokens stay tokenized for the run."""
+        kept_tokens = n_segments = longest = total = 0
+        for i in indices:
+            s = self.sources[i]
+            if not self.reader.reusable(s):
+                continue
+            td = self.reader.tokenized(s, self.backend)
+            n_segments += -(-len(td) // self.cfg.segment_size)
+            longest, total = max(longest, len(td)), total + len(td)
+            if kept_tokens + len(td) <= KEEP_TOKENS:
+                self.kept[i] = td
+                kept_tokens += len(td)
+        return n_segments, longest, total
+
+    def document(self, i: int):
+        kept = self.kept.pop(i, None)
+        return kept if kept is not None else self.reader.document(self.sources[i], self.backend)
+
+    # -- the run -------------------------------------------------------------------------------------------------
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Segment, token and document records in document order, then the summary (rank 0 only)."""
+        assert self.backend is not None, "prepare() first"
+        cfg, backend, world = self.cfg, self.backend, self.world
+        many = len(self.sources) > 1
+        totals = Totals(cfg.segment_size)
+        stream = Stream(backend, cfg, self.memory)
+        if world is None:
+            for i in range(len(self.sources)):
+                doc_totals = Totals(cfg.segment_size)
+                s = Stream(backend, cfg) if self.fresh else stream
+                yield from document_records(s, backend, self.document(i), i, doc_totals, self.opts.per_token,
+                                            self.should_stop, many)
+                if self.should_stop():
+                    raise Stopped(self.signum() or 2, f"stopped after {totals.segments + doc_totals.segments} "
+                                                      "segments; no summary")
+                totals.merge(doc_totals)
+        else:
+            written = 0
+            try:
+                for _, result in distributed.rounds(world, len(self.sources), self._work):
+                    yield from result.records
+                    totals.merge(result.totals)
+                    written += 1
+            except distributed.StopRound as stop:
+                distributed.raise_failure(world, stop.failure, written)
+        resources = resource_report(backend.device)
+        if world is not None:  # the largest process's peaks
+            peaks = distributed.all_gather(world, resources)
+            resources = {k: max(p[k] for p in peaks) for k in resources}
+        if not self.main:
+            return
+        ids = [s.id for s in self.sources]
+        extra: dict[str, Any] = {"memory_across_documents": not self.fresh, "glob": self.opts.glob,
+                                 "jsonl_field": self.opts.jsonl_field}
+        if self.opts.save_memory:
+            save_memory(self.opts.save_memory, stream.memory, backend, {"documents": ids, "segment_size": cfg.segment_size})
+            extra["memory_file"] = self.opts.save_memory
+        yield {"type": "summary", "documents": ids, **totals.summary(), **resources,
+               "config": config_block(cfg, backend) | extra}
+
+    def _work(self, i: int) -> DocumentResult | distributed.Failure:
+        """One document on this rank, fresh memory: its records, or what stopped it."""
+        try:
+            doc_totals = Totals(self.cfg.segment_size)
+            recs = list(document_records(Stream(self.backend, self.cfg), self.backend, self.document(i), i, doc_totals,
+                                         self.opts.per_token, self.should_stop, len(self.sources) > 1))
+        except SegcliError as e:
+            return distributed.Failure(str(e), e.exit_code, index=i)
+        if self.should_stop():
+            signum = self.signum() or 2
+            return distributed.Failure("", 128 + signum, signum, index=i)
+        return DocumentResult(recs, doc_totals)
