@@ -1,24 +1,25 @@
 """Where records go: JSON Lines, JSON, CSV or a rich table, on stdout or into a file.
 
 A file given with --output is written to a temporary file beside it and renamed
-into place only when the run succeeds, so a failed run leaves nothing half-written.
+into place only when the run succeeds, so a failed run leaves nothing half-written;
+devices, FIFOs and /dev/stdout are written in place (segcli.files.AtomicOutput).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
 
-from ..files import require_writable
+from ..errors import RunError, UsageError
+from ..files import AtomicOutput
 
 
 def clean(x: Any) -> Any:
@@ -67,24 +68,52 @@ def fmt_bytes(n: int | None) -> str:
 def default_format(requested: str | None, output: str | None) -> str:
     if requested:
         return requested
-    if output:
+    if output and output != "-":
         return {".csv": "csv", ".json": "json"}.get(Path(output).suffix, "jsonl")
-    return "table" if sys.stdout.isatty() else "jsonl"
+    stdout = sys.stdout
+    return "table" if stdout is not None and _isatty(stdout) else "jsonl"
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+class PipeConsole(Console):
+    """A rich Console whose closed pipe raises BrokenPipeError (rich's own handler exits 1)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
+def stdout_stream() -> TextIO:
+    """sys.stdout, or a UsageError (exit 2, before any work) when it was closed (`>&-`)."""
+    stdout = sys.stdout
+    if stdout is None or getattr(stdout, "segcli_closed", False):
+        raise UsageError("stdout is closed; give --output FILE, or run without `>&-`")
+    return stdout
 
 
 class Writer:
-    """Collects or streams records in one format; `close(ok)` finishes the output."""
+    """Collects or streams records in one format; `close(ok)` finishes the output.
+
+    `output` (a file, or '-' for stdout) is written through files.AtomicOutput: checked and
+    opened here, before any work, and put in place only by `close(True)`; `close(False)` leaves
+    no temporary file. A write that fails (a full disk) is one RunError line (exit 1)."""
 
     def __init__(self, fmt: str, output: str | None):
         self.fmt = fmt
         self.output = output
-        self._tmp: str | None = None
+        self._out: AtomicOutput | None = None
         if output:
-            target = require_writable(output, "--output")
-            fd, self._tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-            self.stream: TextIO = os.fdopen(fd, "w", encoding="utf-8", newline="")
+            self._out = AtomicOutput(output, "--output").open()
+            self.stream: TextIO = self._out.file  # type: ignore[assignment]
+            self.where = f"--output {output}"
         else:
-            self.stream = sys.stdout
+            self.stream = stdout_stream()
+            self.where = "stdout"
         self.records: list[dict[str, Any]] = []
         self._csv: csv.DictWriter | None = None
         self._csv_fields: list[str] | None = None
@@ -92,13 +121,18 @@ class Writer:
     # -- records -------------------------------------------------------------
     def write(self, record: dict[str, Any]) -> None:
         record = clean(record)
-        if self.fmt == "jsonl":
-            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self.stream.flush()
-        elif self.fmt == "csv":
-            self._write_csv(record)
-        else:
-            self.records.append(record)
+        try:
+            if self.fmt == "jsonl":
+                self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+                self.stream.flush()
+            elif self.fmt == "csv":
+                self._write_csv(record)
+            else:
+                self.records.append(record)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise RunError(f"cannot write {self.where}: {e.strerror or e}") from None
 
     def _write_csv(self, record: dict[str, Any]) -> None:
         flat = flatten(record)
@@ -111,26 +145,37 @@ class Writer:
 
     # -- end -----------------------------------------------------------------
     def close(self, ok: bool, render_table=None) -> None:
+        """ok: write what was collected (json, table) and put the file in place. Not ok: drop the
+        file; never raises then (another error or a signal is on its way)."""
+        if not ok:
+            if self._out is not None:
+                self._out.discard()
+                self._out = None
+            else:
+                with contextlib.suppress(OSError, ValueError):
+                    self.stream.flush()
+            return
         try:
-            if ok and self.fmt == "json":
+            if self.fmt == "json":
                 json.dump(group(self.records), self.stream, ensure_ascii=False, indent=1)
                 self.stream.write("\n")
-            elif ok and self.fmt == "table" and render_table is not None:
-                tty = self.stream.isatty() if hasattr(self.stream, "isatty") else False
-                console = Console(file=self.stream, width=None if tty else 200)  # files and pipes: no wrapping
+            elif self.fmt == "table" and render_table is not None:
+                tty = _isatty(self.stream)
+                console = PipeConsole(file=self.stream, width=None if tty else 200)  # files and pipes: no wrapping
                 render_table(console, self.records)
             self.stream.flush()
+            if self._out is not None:
+                out, self._out = self._out, None
+                out.commit()
         except BrokenPipeError:
-            if ok:
-                raise
-        finally:
-            if self._tmp:
-                self.stream.close()
-                if ok:
-                    os.replace(self._tmp, self.output)
-                else:
-                    os.unlink(self._tmp)
-                self._tmp = None
+            self.close(False)
+            raise
+        except OSError as e:
+            self.close(False)
+            raise RunError(f"cannot write {self.where}: {e.strerror or e}") from None
+        except BaseException:
+            self.close(False)
+            raise
 
 
 def group(records: list[dict[str, Any]]) -> dict[str, Any]:
