@@ -16,7 +16,7 @@ from rich.console import Console
 
 from .. import __version__
 from ..distributed import PeerFailure
-from ..errors import SegcliError
+from ..errors import SegcliError, UsageError
 from ..memory import POLICY_NAMES
 
 err_console = Console(stderr=True, highlight=False)
@@ -69,8 +69,16 @@ RevisionOpt = Annotated[Optional[str], typer.Option(help="Hub revision (Hugging 
 TrustOpt = Annotated[Optional[bool], typer.Option("--trust-remote-code/--no-trust-remote-code", help="Allow a hub model's own code (off by default).")]
 
 
-class Interrupted(Exception):
-    """A SIGINT or SIGTERM stopped the run; exits 128 + the signal number (130, 143)."""
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+class Interrupted(BaseException):
+    """A SIGINT, SIGTERM, SIGHUP or SIGQUIT stopped the run; exits 128 + the signal number (130,
+    143, 129, 131).
+
+    A BaseException, as KeyboardInterrupt is: libraries' `except Exception` must not catch it
+    (huggingface_hub's lazy import catches Exception, prints `Error importing ...` on stdout and
+    re-raises; transformers' loaders turn it into another error)."""
 
     def __init__(self, signum: int, detail: str = ""):
         super().__init__(signum)
@@ -86,7 +94,7 @@ class Interrupted(Exception):
 
 
 class StopSignals:
-    """SIGINT and SIGTERM handling for a run.
+    """SIGINT, SIGTERM, SIGHUP and SIGQUIT handling for a run.
 
     Outside `deferred()` a signal raises `Interrupted` at once (model loading,
     reading files). Inside it, the first signal only sets a flag that the segment
@@ -96,7 +104,7 @@ class StopSignals:
     signal always stops at once.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = HANDLED_SIGNALS
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -147,13 +155,93 @@ def value(x: Any) -> Any:
 
 
 def say(message: str) -> None:
-    """One plain line on stderr: no rich markup or highlighting, never wrapped."""
-    err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+    """One plain line on stderr: no rich markup or highlighting, never wrapped. A stderr that is
+    gone (a hung-up terminal, `2>&-`) loses the line, not the exit code."""
+    with contextlib.suppress(OSError, ValueError):
+        err_console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int) -> None:
     say(f"segcli: error: {message}")
     raise typer.Exit(code)
+
+
+# -- closed stdin, stdout, stderr (`<&-`, `>&-`, `2>&-`) ------------------------------------------------------------------
+
+class ClosedStdin:
+    """sys.stdin when descriptor 0 was closed: reading it is a UsageError (exit 2), not an AttributeError."""
+
+    segcli_closed = True
+    MESSAGE = "stdin is closed; give the document as a file, or run without `<&-`"
+
+    @property
+    def buffer(self):
+        raise UsageError(self.MESSAGE)
+
+    def read(self, *args):
+        raise UsageError(self.MESSAGE)
+
+    readline = read1 = read
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        raise UsageError(self.MESSAGE)
+
+    def close(self) -> None:
+        pass
+
+
+def guard_std_streams() -> None:
+    """Descriptors 0, 1, 2 that are closed get a harmless stand-in (the read end of an empty pipe:
+    reads see end of file, writes fail), so the files segcli opens never land on them (a model
+    file as fd 0, the output as fd 1 where a library's print would go). sys.stdin becomes
+    ClosedStdin; sys.stdout stays None and output.stdout_stream() refuses it (exit 2); a closed
+    stderr loses the messages only. Idempotent; runs at the start of every command."""
+    import os
+
+    from ..files import CLOSED_AT_START
+
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        stream = getattr(sys, name)
+        closed = stream is None or getattr(stream, "segcli_closed", False)  # Python found it closed at start-up
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed = True
+            r, w = os.pipe()
+            if r != fd:
+                os.dup2(r, fd, inheritable=False)
+                os.close(r)
+            if w != fd:
+                os.close(w)
+        if closed:
+            CLOSED_AT_START.add(fd)
+            if name == "stdin":
+                sys.stdin = ClosedStdin()  # type: ignore[assignment]
+
+
+# -- signals outside a run ----------------------------------------------------------------------------------------------
+
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def command_signals() -> Iterator[None]:
+    """For a whole command: a handled signal raises Interrupted, so cleanups (temporary files)
+    run and handle_errors prints the one line; StopSignals refines this inside a run. The
+    previous handlers come back afterwards (start-up's, see early_signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise_interrupted) for s in HANDLED_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -163,7 +251,9 @@ def handle_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         debug = kwargs.get("debug", False)
         try:
-            return fn(*args, **kwargs)
+            guard_std_streams()
+            with command_signals():
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except Interrupted as e:
@@ -182,8 +272,18 @@ def handle_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             if debug:
                 raise
-            err_console.print("segcli: interrupted", markup=False)
+            say("segcli: interrupted by SIGINT")
             raise typer.Exit(130) from None
+        except RecursionError:
+            if debug:
+                raise
+            fail("input nested too deeply (RecursionError); rerun with --debug for the traceback", 1)
+        except MemoryError as e:
+            if debug:
+                raise
+            detail = f" ({str(e).splitlines()[0]})" if str(e) else ""
+            fail(f"out of memory{detail}; try a smaller --memory-size, --segment-size or --max-tokens "
+                 "(rerun with --debug for the traceback)", 1)
         except Exception as e:  # noqa: BLE001 - the last line of defence
             if debug:
                 raise
@@ -194,13 +294,15 @@ def handle_errors(fn: Callable) -> Callable:
 
 
 def quiet_broken_pipe() -> None:
-    """The reader went away (`| head`): stop quietly, exit 0."""
+    """The reader went away (`| head`): stop quietly, exit 0. Whatever is still buffered for
+    stdout goes nowhere (else Python's flush at exit would fail again, and print about it)."""
     import os
 
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-    except OSError:
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
         pass
     raise typer.Exit(0)
 
