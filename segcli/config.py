@@ -8,6 +8,8 @@ summary so a run can be reproduced.
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -24,6 +26,9 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_SIZE = 1 << 24  # largest segment or memory size accepted (16M pairs): larger is a typo, not a plan
 SIZE_OPTIONS = ("memory_size", "sink_tokens", "compress_rate", "compressed_size")  # policy-specific options
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.manual_seed and torch.Generator.manual_seed accept
+MAX_YAML_BYTES = 1 << 20  # a config file larger than this is not a config (a device, a log given by mistake)
+MAX_YAML_DEPTH = 32  # nesting of mappings and sequences; a config needs 3 or 4 levels
 
 
 @dataclass
@@ -56,19 +61,32 @@ class RunConfig:
         return make_policy(self.memory, **self.sizes())
 
     def validate(self) -> "RunConfig":
+        """Every field, with one line naming the value and what would be valid (exit 2)."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not _type_ok(v, hints[f.name]):
+                raise UsageError(f"--{f.name.replace('_', '-')} must be {_type_name(hints[f.name])}, got {short(v)}")
+        for name in ("model", "revision"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise UsageError(f"--{name} is empty; give a {'model directory or hub id' if name == 'model' else 'hub revision'}"
+                                 " or leave it out")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise UsageError(f"--seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]} (what torch accepts), "
+                             f"got {short(self.seed)}")
         if self.memory not in POLICY_NAMES:
             raise UsageError(f"unknown memory policy {self.memory!r}; choose one of: {', '.join(POLICY_NAMES)}")
         for name in ("segment_size", "memory_size", "compress_rate", "compressed_size", "sink_tokens"):
             low = 0 if name == "sink_tokens" else 1
             n = getattr(self, name)
             if not low <= n <= MAX_SIZE:
-                raise UsageError(f"--{name.replace('_', '-')} must be an integer from {low} to {MAX_SIZE}, got {n}")
+                raise UsageError(f"--{name.replace('_', '-')} must be an integer from {low} to {MAX_SIZE}, got {short(n)}")
         if self.device not in DEVICES:
-            raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+            raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {short(self.device)}")
         if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {short(self.dtype)}")
         if self.errors not in ("strict", "replace"):
-            raise UsageError(f"--errors must be strict or replace, got {self.errors!r}")
+            raise UsageError(f"--errors must be strict or replace, got {short(self.errors)}")
         return self
 
     def check_options_apply(self, explicit: set[str]) -> "RunConfig":
@@ -97,39 +115,151 @@ def _type_ok(value: Any, annotation: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is str:
         return isinstance(value, str)
+    if origin in (list, tuple):
+        args = typing.get_args(annotation)
+        return isinstance(value, (list, tuple)) and (not args or all(_type_ok(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict)
     return isinstance(value, annotation) if isinstance(annotation, type) else True
+
+
+def _type_name(annotation: Any) -> str:
+    """`int`, `str or null`, `list of int`: for messages."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    if origin in (list, tuple):
+        args = typing.get_args(annotation)
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlist, _short.maxdict, _short.maxlevel = 40, 40, 4, 4, 2
+
+
+def short(value: Any) -> str:
+    """A value for a one-line message, whatever its size (a huge number or nested list stays short)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** 30:
+        return f"an integer of {len(str(abs(value)))} digits"
+    return _short.repr(value)
+
+
+def _field_names(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _checked(key: str, raw_key: Any, value: Any, annotation: Any, source: str) -> Any:
+    if not _type_ok(value, annotation):
+        raise UsageError(f"{source}: key {short(raw_key)} must be {_type_name(annotation)}, "
+                         f"got {type(value).__name__} {short(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{source}: key {short(raw_key)} must be a finite number, got {value}")
+    return float(value) if annotation is float else value
 
 
 def from_mapping(cls, data: dict[str, Any], source: str = "config"):
     """Build dataclass `cls` from a mapping; unknown keys and wrong types are UsageErrors."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    out = {}
+    return from_mappings((cls,), data, source)[0]
+
+
+def from_mappings(classes: tuple[type, ...], data: dict[str, Any], source: str = "config") -> tuple:
+    """One mapping (a YAML file) into several dataclasses at once, e.g. (RunConfig, RunOptions):
+    each key goes to the class with that field (the first, if several have it); a key that none
+    of them has is an error naming every known key; wrong types and non-finite floats too."""
+    known = [_field_names(c) for c in classes]
+    parts: list[dict[str, Any]] = [{} for _ in classes]
+    seen: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
-        if key not in known:
-            raise UsageError(f"{source}: unknown key {raw_key!r}; known keys: {', '.join(sorted(known))}")
-        if not _type_ok(value, hints[key]):
-            want = getattr(hints[key], "__name__", str(hints[key]))
-            raise UsageError(f"{source}: key {raw_key!r} must be {want}, got {type(value).__name__} {value!r}")
-        out[key] = float(value) if hints[key] is float else value
-    return cls(**out)
+        if key in seen:  # `segment_size` and `segment-size` both given
+            raise UsageError(f"{source}: key {short(raw_key)} repeats {short(seen[key])}; give it once")
+        seen[key] = raw_key
+        i = next((i for i, names in enumerate(known) if key in names), None)
+        if i is None:
+            names = sorted({n for k in known for n in k})
+            raise UsageError(f"{source}: unknown key {short(raw_key)}; known keys: {', '.join(names)}")
+        parts[i][key] = _checked(key, raw_key, value, known[i][key], source)
+    return tuple(c(**p) for c, p in zip(classes, parts))
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without anchors and aliases (`&a`, `*a`: an alias bomb expands
+    exponentially in whatever walks the result), with a bounded nesting depth (deep nesting
+    otherwise ends in RecursionError) and no repeated keys (PyYAML keeps the last silently)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused("anchors and aliases (&name, *name) are not supported; write the values out", event.start_mark)
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise _Refused(f"nested more than {MAX_YAML_DEPTH} levels deep", event.start_mark)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            keys = set()
+            for key_node, _ in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                if key is not None and key in keys and key != "<<":
+                    raise _Refused(f"key {short(key)} appears twice", key_node.start_mark)
+                keys.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _Refused(yaml.YAMLError):
+    def __init__(self, problem: str, mark):
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
+def parse_yaml(text: str, name: str = "config") -> Any:
+    """Parse YAML text with the restricted loader; a UsageError (exit 2) names the problem and line."""
     try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"config file not found: {p}") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read config file {p}: {e.__class__.__name__}") from None
-    try:
-        data = yaml.safe_load(text)
+        loader = _ConfigLoader(text)
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except _Refused as e:
+        raise UsageError(f"{name} line {e.problem_mark.line + 1}: {e.problem}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UsageError(f"malformed YAML in {p}{where}") from None
+        problem = getattr(e, "problem", None)
+        raise UsageError(f"malformed YAML in {name}{where}" + (f": {problem}" if problem else "")) from None
+    except RecursionError:  # a parser path the depth bound does not cover
+        raise UsageError(f"malformed YAML in {name}: nested too deeply") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file of option: value, read with `parse_yaml` (at most MAX_YAML_BYTES)."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {p}") from None
+    except (IsADirectoryError, PermissionError, OSError) as e:
+        raise UsageError(f"cannot read config file {p}: {e.strerror or e.__class__.__name__}") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise UsageError(f"config file {p} is larger than {MAX_YAML_BYTES >> 20} MiB; a config is a short YAML mapping")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"config file {p}: not UTF-8 (byte {e.start})") from None
+    data = parse_yaml(text, str(p))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -139,9 +269,24 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def resolve(cls, config_file: str | Path | None, overrides: dict[str, Any]):
     """YAML file (if any), then CLI overrides that were given (not None)."""
-    base = from_mapping(cls, load_yaml(config_file), str(config_file)) if config_file else cls()
-    given = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(base, **given)
+    return resolve_many((cls,), config_file, overrides)[0]
+
+
+def resolve_many(classes: tuple[type, ...], config_file: str | Path | None, overrides: dict[str, Any]) -> tuple:
+    """Several dataclasses from one YAML file (see `from_mappings`), then the CLI options that were
+    given (not None), each to the class with that field. A flag must be None when not given (an
+    Optional[bool] option), or its default would override the YAML."""
+    data = load_yaml(config_file) if config_file else {}
+    bases = from_mappings(classes, data, str(config_file)) if config_file else tuple(c() for c in classes)
+    stray = set(overrides) - {f.name for c in classes for f in fields(c)}
+    if stray:
+        raise ValueError(f"options {sorted(stray)} are fields of none of {[c.__name__ for c in classes]}")
+    out = []
+    for base in bases:
+        names = {f.name for f in fields(base)}
+        given = {k: v for k, v in overrides.items() if v is not None and k in names}
+        out.append(dataclasses.replace(base, **given))
+    return tuple(out)
 
 
 def explicit_keys(cls, config_file: str | Path | None, overrides: dict[str, Any]) -> set[str]:
