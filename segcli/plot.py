@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,7 +19,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .errors import UsageError
-from .files import require_writable
+from .files import AtomicOutput, require_writable
 
 FORMATS = (".png", ".svg", ".pdf")
 MAX_SERIES = 12  # lines per panel; more are left out (named in the title)
@@ -44,21 +42,27 @@ def check_target(path: str, option: str = "--output") -> None:
 # -- reading results ----------------------------------------------------------------------------------------------------
 
 def parse_records(text: str, name: str) -> list[dict[str, Any]]:
-    """Records from JSON Lines, or from `--format json` output (records grouped by type)."""
+    """Records from JSON Lines, or from `--format json` output (records grouped by type); every
+    segment and row record checked (`check_record`), so a record cut short is one line naming it."""
     stripped = text.strip()
     if not stripped:
         raise UsageError(f"{name}: no records (empty file)")
     try:
         whole = json.loads(stripped)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         whole = None
     if isinstance(whole, dict) and "type" not in whole:  # --format json: {"segments": [...], "summary": {...}}
         out: list[dict[str, Any]] = []
-        for key in ("segments", "documents", "rows"):
-            out.extend(whole.get(key, []))
-        out.extend(whole.get("summaries", [whole["summary"]] if "summary" in whole else []))
+        for key in ("segments", "documents", "rows", "summaries"):
+            items = whole.get(key, [])
+            if not isinstance(items, list):
+                raise UsageError(f"{name}: '{key}' must be a list of records, got {type(items).__name__}")
+            for i, r in enumerate(items):
+                out.append(check_record(r, f"{name}: {key}[{i}]"))
+        if "summary" in whole:
+            out.append(check_record(whole["summary"], f"{name}: summary"))
         return out
-    records = []
+    records: list[tuple[int, Any]] = []
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -67,10 +71,57 @@ def parse_records(text: str, name: str) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise UsageError(f"{name}:{line_no}: not valid JSON ({e.msg}); plot reads the JSON Lines that "
                              "`segcli run --format jsonl` and `segcli compare --format jsonl` write") from None
-        if not isinstance(r, dict) or "type" not in r:
-            raise UsageError(f"{name}:{line_no}: not a segcli record (no 'type' field)")
-        records.append(r)
-    return records
+        except RecursionError:
+            raise UsageError(f"{name}:{line_no}: JSON nested too deeply; not a segcli record") from None
+        records.append((line_no, r))
+    return [check_record(r, f"{name}:{line_no}") for line_no, r in records]  # after the JSON: a bad line first
+
+
+_NUMBER = (int, float)
+# fields a picture needs, per record type: name -> (types allowed, may be null)
+_NEEDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "segment": {"token_end": ((int,), False), "tokens": ((int,), False), "nll": (_NUMBER, True),
+                "segment_size": ((int,), True), "document": ((str,), True)},
+    "row": {"policy": ((str,), False), "segment_size": ((int,), False), "loss": (_NUMBER, True),
+            "tokens_per_s": (_NUMBER, True)},
+}
+_MEMORY_NEEDS = {"policy": ((str,), True), "capacity": ((int,), True), "attn_mass_memory": (_NUMBER, True),
+                 "bytes": ((int,), True)}
+
+
+def check_record(r: Any, where: str) -> dict[str, Any]:
+    """A segcli record with the fields its picture needs, of the right types (a run cut short, or
+    a record edited by hand, fails here with one line instead of a KeyError)."""
+    if not isinstance(r, dict) or "type" not in r:
+        raise UsageError(f"{where}: not a segcli record (no 'type' field)")
+    needs = _NEEDS.get(r["type"])
+    if needs is None:
+        return r
+    _check_fields(r, needs, where, r["type"])
+    if r["type"] == "segment" and (r["tokens"] < 1 or r["token_end"] < 0):
+        raise UsageError(f"{where}: segment record with {r['tokens']} tokens ending at token {r['token_end']}; "
+                         "a segment has at least one token")
+    if r["type"] == "segment" and r.get("memory") is not None:
+        if not isinstance(r["memory"], dict):
+            raise UsageError(f"{where}: segment field 'memory' must be an object, got {type(r['memory']).__name__}")
+        _check_fields(r["memory"], _MEMORY_NEEDS, where, "segment memory", required=False)
+    return r
+
+
+def _check_fields(r: dict, needs: dict, where: str, what: str, required: bool = True) -> None:
+    for key, (types, nullable) in needs.items():
+        if key not in r:
+            if required and not nullable:
+                raise UsageError(f"{where}: {what} record has no '{key}' field (an incomplete record? plot reads "
+                                 "complete records of `segcli run` or `segcli compare`)")
+            continue
+        v = r[key]
+        if v is None and nullable:
+            continue
+        if isinstance(v, bool) or not isinstance(v, types):
+            want = " or ".join("a number" if t is float else "an integer" if t is int else "a string" for t in types)
+            raise UsageError(f"{where}: {what} field '{key}' must be {want}{' or null' if nullable else ''}, "
+                             f"got {json.dumps(v)[:40]}")
 
 
 @dataclass
@@ -107,7 +158,7 @@ def segment_series(records: Iterable[dict[str, Any]], document: str | None = Non
             s = groups[key] = Series(run, key[1], mem.get("policy", "?"), r.get("segment_size"), mem.get("capacity"))
         s.token_end.append(int(r["token_end"]))
         s.tokens.append(int(r["tokens"]))
-        s.nll.append(float(r["nll"]))
+        s.nll.append(math.nan if r["nll"] is None else float(r["nll"]))  # a non-finite loss is written as null
         s.attn_mass.append(mem.get("attn_mass_memory"))
         s.memory_bytes.append(int(mem.get("bytes") or 0))
     series = list(groups.values())
@@ -247,18 +298,11 @@ def figure_for(records: list[dict[str, Any]], smooth: int | None = None, documen
     raise UsageError("no segment or row records to plot (give the JSON Lines of `segcli run` or `segcli compare`)")
 
 
-def save(fig, path: str, dpi: int = 110) -> int:
-    """Write the figure atomically; returns its size in bytes."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, format=target.suffix.lstrip(".").lower())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a picture is an ordinary file
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target.stat().st_size
+def save(fig, path: str, dpi: int = 110, option: str = "--output") -> int | None:
+    """Write the figure through files.AtomicOutput (a temporary file renamed into place; a device or
+    FIFO written in place; an existing file's mode kept); returns its size in bytes (None for a
+    device or FIFO)."""
+    with AtomicOutput(path, option, binary=True) as out:
+        fig.savefig(out.file, dpi=dpi, format=Path(path).suffix.lstrip(".").lower())
+        size = out.file.tell() if out.target.kind in ("new", "regular") else None
+    return size

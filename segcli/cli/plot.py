@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import UsageError
-from ..files import require_file
-from .common import DebugOpt, QuietOpt, err_console, handle_errors
+from ..files import check_distinct, require_file
+from .common import DebugOpt, QuietOpt, handle_errors, say
 
 
 def plot(
@@ -37,6 +37,7 @@ def _plot(results, output, smooth, document, title, quiet, debug):
 
     plots.require_matplotlib()
     plots.check_target(output)
+    check_distinct({"--output": output}, list(results))
     if smooth is not None and smooth < 1:
         raise UsageError(f"--smooth must be a positive number of tokens, got {smooth}")
     records = []
@@ -44,7 +45,7 @@ def _plot(results, output, smooth, document, title, quiet, debug):
         records.extend(plots.parse_records(read_text(name), "<stdin>" if name == "-" else name))
     size = plots.save(plots.figure_for(records, smooth, document, title), output)
     if not quiet:
-        err_console.print(f"wrote {output} ({size / 1024:.0f} KiB)", markup=False, highlight=False)
+        say(f"wrote {output}" + (f" ({size / 1024:.0f} KiB)" if size is not None else ""))
 
 
 def read_text(name: str) -> str:

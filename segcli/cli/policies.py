@@ -3,33 +3,49 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from ..config import RunConfig
 from ..memory import REGISTRY
-from .common import Format
-from .output import new_table
+from .common import DebugOpt, Format, handle_errors
+from .output import PipeConsole, Writer, default_format, new_table
 
 
-def policies(format: Annotated[Optional[Format], typer.Option("--format", "-f", help="table or jsonl.")] = None) -> None:
+def policies(
+    format: Annotated[Optional[Format], typer.Option(
+        "--format", "-f", help="table (default on a terminal), jsonl (default in a pipe), json or csv.")] = None,
+    debug: DebugOpt = False,
+) -> None:
     """List the memory policies, their update rule, parameters and memory bound."""
+    _policies(format.value if format else None, debug=debug)
+
+
+@handle_errors
+def _policies(format: str | None, debug: bool = False) -> None:
     defaults = RunConfig().sizes()
     rows = []
     for name, cls in REGISTRY.items():
         rows.append({"type": "policy", "name": name, "rule": cls.rule, "parameters": list(cls.parameters),
                      "defaults": {k: defaults[k] for k in cls.parameters}, "bound": cls.size_rule})
-    fmt = (format.value if format else None) or ("table" if sys.stdout.isatty() else "jsonl")
+    fmt = default_format(format, None)
+    writer = Writer(fmt, None)  # stdout; closed stdout: one line, exit 2
     if fmt == "table":
-        table = new_table("memory policies", [("policy", "left"), ("update rule", "left"), ("parameters", "left"), ("size", "left")])
+        table = new_table("memory policies", [("policy", "left"), ("update rule", "left"), ("parameters", "left"),
+                                              ("size", "left")])
         for r in rows:
             table.add_row(r["name"], r["rule"], ", ".join(r["parameters"]) or "-", r["bound"])
-        Console().print(table)
+        PipeConsole(file=writer.stream).print(table)
+        writer.stream.flush()
     elif fmt == "json":
-        print(json.dumps(rows, indent=1))
+        writer.stream.write(json.dumps(rows, indent=1) + "\n")
+        writer.stream.flush()
+    elif fmt == "csv":  # one row per policy; the lists and the defaults as one cell each
+        for r in rows:
+            writer.write({**r, "parameters": " ".join(r["parameters"]),
+                          "defaults": " ".join(f"{k}={v}" for k, v in r["defaults"].items())})
     else:
         for r in rows:
-            print(json.dumps(r))
+            writer.write(r)
+    writer.close(True)
