@@ -53,3 +53,18 @@ def test_sampling_respects_top_p(top_p):
     draws = {sample_next(logits, GenerateSettings(temperature=1.0, top_p=top_p), g) for _ in range(300)}
     assert draws == ({0, 1, 2, 3} if top_p == 1.0 else {0})
     assert sample_next(logits, GenerateSettings(temperature=0), g) == 0
+
+
+@pytest.mark.parametrize("option,bad,message", [
+    ("--temperature", "nan", "--temperature must be a finite number >= 0"),
+    ("--temperature", "inf", "--temperature must be a finite number >= 0"),
+    ("--temperature", "-0.5", "--temperature must be a finite number >= 0"),
+    ("--top-p", "nan", "--top-p must be in (0, 1]"),
+    ("--top-p", "1.5", "--top-p must be in (0, 1]"),
+    ("--max-new-tokens", "-1", "--max-new-tokens must be >= 0"),
+], ids=lambda x: str(x))
+def test_bad_sampling_values_exit_2_with_one_line(doc_path, option, bad, message):
+    res = runner.invoke(app, ["generate", str(doc_path), option, bad, "-q", "--device", "cpu"])
+    assert res.exit_code == 2
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("segcli: error: ") and message in lines[0], res.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Annotated, Optional
 
@@ -52,8 +53,12 @@ def _generate(doc, max_new_tokens, temperature, top_p, format, model, memory, se
               compress_rate, compressed_size, device, dtype, config, seed, errors, revision, trust_remote_code, quiet, debug):
     if format not in ("text", "json"):
         raise UsageError(f"--format must be text or json, got {format!r}")
-    if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
-        raise UsageError("--max-new-tokens and --temperature must be >= 0 and --top-p in (0, 1]")
+    if max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:  # false for nan too
+        raise UsageError(f"--top-p must be in (0, 1], got {top_p}")
     cfg = build_config(
         config, model=model, memory=memory, segment_size=segment_size, memory_size=memory_size,
         sink_tokens=sink_tokens, compress_rate=compress_rate, compressed_size=compressed_size, device=device,
