@@ -10,21 +10,22 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..errors import UsageError
-from .common import DebugOpt, QuietOpt, err_console, handle_errors
+from .common import DebugOpt, DeviceOpt, QuietOpt, err_console, handle_errors, value
 
 
 def train(
-    config: Annotated[Optional[str], typer.Option("--config", "-c", help="Training YAML (see configs/train-bundled.yaml).")] = None,
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="Training YAML (segcli.train.config; the bundled model's stages: experiments/bundled-model/configs/).")] = None,
     corpus: Annotated[Optional[str], typer.Option(help="Folder of .txt files (overrides the YAML).")] = None,
     out_dir: Annotated[Optional[str], typer.Option(help="Where checkpoints and the final model go.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides the YAML and turns off max_minutes time fitting).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
+    device: DeviceOpt = None,
     init_from: Annotated[Optional[str], typer.Option(help="Start from this saved model folder (overrides the YAML).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from out_dir/checkpoint.pt.")] = False,
     log_jsonl: Annotated[Optional[str], typer.Option(help="Also append every step as JSON to this file.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE",
-                    help="Set any training-config key (value read as YAML), e.g. --set batch_size=128; repeatable.")] = None,
+                    help="Set any training-config key (value read as YAML; a dotted key sets a nested one), "
+                         "e.g. --set batch_size=128 --set tasks.copy.prob=0.5; repeatable.")] = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -37,7 +38,7 @@ SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # a number YAML 
 
 
 def parse_settings(items: list[str]) -> dict:
-    """["key=value", ...] -> {key: value read as YAML}."""
+    """["key=value", ...] -> {key: value read as YAML} (a dotted key stays dotted: segcli.train.config applies it)."""
     import yaml
 
     out = {}
@@ -57,10 +58,12 @@ def parse_settings(items: list[str]) -> dict:
 
 @handle_errors
 def _train(config, corpus, out_dir, steps, seed, device, init_from, resume, log_jsonl, set_, quiet, debug):
+    from ..backends import resolve_device
     from ..train import load_train_config, train as run_training  # heavy imports only when training
 
-    cfg = load_train_config(config, {"corpus": corpus, "out_dir": out_dir, "steps": steps, "seed": seed, "device": device,
+    cfg = load_train_config(config, {"corpus": corpus, "out_dir": out_dir, "steps": steps, "seed": seed, "device": value(device),
                                        "init_from": init_from}, parse_settings(set_ or []))
+    resolve_device(cfg.device)  # --device cuda (or device: cuda) without a GPU: exit 2 before anything is written
     log = open(log_jsonl, "a", encoding="utf-8") if log_jsonl else None
     progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=quiet)
