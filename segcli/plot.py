@@ -78,15 +78,15 @@ def parse_records(text: str, name: str) -> list[dict[str, Any]]:
 
 
 _NUMBER = (int, float)
-# fields a picture needs, per record type: name -> (types allowed, may be null)
-_NEEDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
-    "segment": {"token_end": ((int,), False), "tokens": ((int,), False), "nll": (_NUMBER, True),
-                "segment_size": ((int,), True), "document": ((str,), True)},
-    "row": {"policy": ((str,), False), "segment_size": ((int,), False), "loss": (_NUMBER, True),
-            "tokens_per_s": (_NUMBER, True)},
+# fields a picture needs, per record type: name -> (types allowed, may be null, must be there)
+_NEEDS: dict[str, dict[str, tuple[tuple[type, ...], bool, bool]]] = {
+    "segment": {"token_end": ((int,), False, True), "tokens": ((int,), False, True), "nll": (_NUMBER, True, True),
+                "segment_size": ((int,), True, False), "document": ((str,), True, False)},
+    "row": {"policy": ((str,), False, True), "segment_size": ((int,), False, True), "loss": (_NUMBER, True, False),
+            "tokens_per_s": (_NUMBER, True, False)},
 }
-_MEMORY_NEEDS = {"policy": ((str,), True), "capacity": ((int,), True), "attn_mass_memory": (_NUMBER, True),
-                 "bytes": ((int,), True)}
+_MEMORY_NEEDS = {"policy": ((str,), True, False), "capacity": ((int,), True, False),
+                 "attn_mass_memory": (_NUMBER, True, False), "bytes": ((int,), True, False)}
 
 
 def check_record(r: Any, where: str) -> dict[str, Any]:
@@ -104,14 +104,14 @@ def check_record(r: Any, where: str) -> dict[str, Any]:
     if r["type"] == "segment" and r.get("memory") is not None:
         if not isinstance(r["memory"], dict):
             raise UsageError(f"{where}: segment field 'memory' must be an object, got {type(r['memory']).__name__}")
-        _check_fields(r["memory"], _MEMORY_NEEDS, where, "segment memory", required=False)
+        _check_fields(r["memory"], _MEMORY_NEEDS, where, "segment memory")
     return r
 
 
-def _check_fields(r: dict, needs: dict, where: str, what: str, required: bool = True) -> None:
-    for key, (types, nullable) in needs.items():
+def _check_fields(r: dict, needs: dict, where: str, what: str) -> None:
+    for key, (types, nullable, required) in needs.items():
         if key not in r:
-            if required and not nullable:
+            if required:
                 raise UsageError(f"{where}: {what} record has no '{key}' field (an incomplete record? plot reads "
                                  "complete records of `segcli run` or `segcli compare`)")
             continue

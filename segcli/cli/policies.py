@@ -30,7 +30,7 @@ def _policies(format: str | None, debug: bool = False) -> None:
         rows.append({"type": "policy", "name": name, "rule": cls.rule, "parameters": list(cls.parameters),
                      "defaults": {k: defaults[k] for k in cls.parameters}, "bound": cls.size_rule})
     fmt = default_format(format, None)
-    writer = Writer(fmt, None)  # stdout; closed stdout: one line, exit 2
+    writer = Writer("csv" if fmt == "csv" else "jsonl", None)  # stdout; closed stdout: one line, exit 2
     if fmt == "table":
         table = new_table("memory policies", [("policy", "left"), ("update rule", "left"), ("parameters", "left"),
                                               ("size", "left")])
