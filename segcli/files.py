@@ -20,6 +20,7 @@ and written with `AtomicOutput`:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import os
@@ -38,6 +39,7 @@ from .errors import RunError, UsageError
 _FD_PATH = re.compile(r"^/(?:dev/fd|proc/self/fd|proc/thread-self/fd|proc/self/task/\d+/fd)/(\d+)$")
 _STD_PATH = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
 _MAX_LINKS = 40  # symbolic links followed before giving up (the kernel's own limit)
+_WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EPERM, errno.EACCES}
 CLOSED_AT_START: set[int] = set()  # of 0, 1, 2: closed when segcli started (cli.common.guard_std_streams)
 
 
@@ -384,8 +386,10 @@ class AtomicOutput:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.commit()
-        else:
-            self.discard()
+            return
+        self.discard()
+        if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError) and exc.errno in _WRITE_ERRORS:
+            raise self._error(exc) from None  # a full disk while writing: one line naming the option
 
 
 def _close_quietly(f: IO) -> None:

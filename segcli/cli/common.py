@@ -208,8 +208,7 @@ def guard_std_streams() -> None:
         closed = stream is None or getattr(stream, "segcli_closed", False)  # Python found it closed at start-up
         try:
             os.fstat(fd)
-        except OSError:
-            closed = True
+        except OSError:  # closed now; sys.<name> may still be a stand-in of its own (a test runner's)
             r, w = os.pipe()
             if r != fd:
                 os.dup2(r, fd, inheritable=False)

@@ -197,6 +197,15 @@ def test_full_device_is_one_run_error(tmp_path):
     assert stat.S_ISCHR(dev.stat().st_mode)
 
 
+@needs_root
+def test_write_error_inside_the_block_names_the_option(tmp_path):
+    """A large write fails inside `with` (as --save-memory's safetensors bytes would): one RunError."""
+    dev = mknod(tmp_path / "full", FULL_DEV)
+    with pytest.raises(RunError, match=r"^--save-memory .*full: No space left on device$"):
+        with AtomicOutput(str(dev), "--save-memory", binary=True) as out:
+            out.file.write(b"\0" * 100_000)
+
+
 def test_full_disk_on_commit_leaves_no_temporary(tmp_path, monkeypatch):
     """ENOSPC at the last moment (fsync): the temporary file goes, the old file stays."""
     p = tmp_path / "a.txt"
