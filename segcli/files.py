@@ -156,6 +156,8 @@ def output_target(path: str, option: str) -> OutputTarget:
         raise UsageError(f"{where}: {folder} is not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"{where}: folder {folder} is not writable")
+    if st is not None and not os.access(target, os.W_OK):  # the rename could replace it; `>` would refuse
+        raise UsageError(f"{where}: permission denied (a read-only file)")
     return OutputTarget(path, option, target, "new" if st is None else "regular")
 
 

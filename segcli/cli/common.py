@@ -276,7 +276,7 @@ def handle_errors(fn: Callable) -> Callable:
         except RecursionError:
             if debug:
                 raise
-            fail("input nested too deeply (RecursionError); rerun with --debug for the traceback", 1)
+            fail("RecursionError: something is nested too deeply (rerun with --debug for the traceback)", 1)
         except MemoryError as e:
             if debug:
                 raise

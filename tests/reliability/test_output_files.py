@@ -125,6 +125,15 @@ def test_unwritable_folder_refused(tmp_path, monkeypatch):
         output_target(str(tmp_path / "out.jsonl"), "--output")
 
 
+def test_read_only_file_refused(tmp_path, monkeypatch):
+    """A file the user may not write is not replaced by a rename either (simulated for root)."""
+    (tmp_path / "ro.txt").write_text("keep")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: False if Path(p).name == "ro.txt" else real(p, m))
+    with pytest.raises(UsageError, match="read-only"):
+        output_target(str(tmp_path / "ro.txt"), "--output")
+
+
 def test_closed_descriptor_refused(tmp_path):
     r, w = os.pipe()
     os.close(r), os.close(w)
