@@ -8,7 +8,7 @@ passage: a string of tokens drawn from the held-out sample documents' unigram di
 shows a repeat loss far below the first-occurrence loss; one that does not shows them equal.
 Filler is text from elsewhere in the documents. Held-out text only, so it never saw these.
 
-  python scripts/copy_probe.py --model runs/seglm-bundled-recall/model
+  python experiments/bundled-model/copy_probe.py --model runs/seglm-bundled-recall/model
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from segcli.backends import load_backend
 from segcli.config import RunConfig
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_docs"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_docs"
 DOCS = ("hamlet.txt", "milton_areopagitica.txt", "python_docs.txt")
 
 

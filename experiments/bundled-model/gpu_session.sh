@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # One lease of a GPU machine (issues 3 and 5), run from the repository root:
-#   1. stage-3 training on CUDA (configs/train-bundled-gpu.yaml) for the time the lease leaves, with
+#   1. stage-3 training on CUDA (experiments/bundled-model/configs/train-bundled-gpu.yaml) for the time the lease leaves, with
 #      tests/test_cuda.py running beside it (correctness only: no timing is taken while it runs);
 #   2. then, alone on the GPU, the benchmark on CUDA in float32 and in bfloat16.
 # Everything lands in $OUT (the device tool brings back at most 8 files): log.txt, train.jsonl,
 # model.safetensors + model-config.json (the trained model, float16), cuda-float32.json, cuda-bfloat16.json.
-#   BUDGET=580 OUT=/tmp/segcli-gpu bash scripts/gpu_session.sh
-#   CONFIG=configs/train-bundled-gpu2.yaml RUN=runs/seglm-bundled-gpu2 INIT=runs/seglm-bundled-gpu/model BUDGET=400 ...
+#   BUDGET=580 OUT=/tmp/segcli-gpu bash experiments/bundled-model/gpu_session.sh
+#   CONFIG=experiments/bundled-model/configs/train-bundled-gpu2.yaml RUN=runs/seglm-bundled-gpu2 INIT=runs/seglm-bundled-gpu/model BUDGET=400 ...
 # Needs the corpus (corpus/train) and the starting model (INIT) in place. To continue the shipped model:
-#   CONFIG=configs/train-bundled-gpu2.yaml RUN=runs/seglm-bundled-gpu3 INIT=segcli/bundled DTYPES=bfloat16 BENCH_S=120 BUDGET=580 ...
+#   CONFIG=experiments/bundled-model/configs/train-bundled-gpu2.yaml RUN=runs/seglm-bundled-gpu3 INIT=segcli/bundled DTYPES=bfloat16 BENCH_S=120 BUDGET=580 ...
 set -u
 OUT=${OUT:-/tmp/segcli-gpu}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-580}    # seconds this script may take in all
 BENCH_S=${BENCH_S:-75}   # each benchmark run
 DTYPES=${DTYPES:-float32 bfloat16}   # benchmark runs, in order (session 6's bfloat16 run needed more than 70 s)
-CONFIG=${CONFIG:-configs/train-bundled-gpu.yaml}
+CONFIG=${CONFIG:-experiments/bundled-model/configs/train-bundled-gpu.yaml}
 RUN=${RUN:-runs/seglm-bundled-gpu}               # where the run writes (passed as --out-dir)
 INIT=${INIT:-runs/seglm-bundled-recall5/model}   # the model to start from (passed as --init-from)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

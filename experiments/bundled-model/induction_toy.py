@@ -6,10 +6,10 @@ induction heads drives it towards 0; ln V is chance (4.16 at 64). Both models se
 batches from the same seed, so their curves can be compared step by step: the question it
 answers is whether seglm's architecture learns copying more slowly than a standard one.
 
-  python scripts/induction_toy.py --arch seglm --steps 1500
-  python scripts/induction_toy.py --arch llama --steps 1500
-  python scripts/induction_toy.py --arch seglm --smear-keys --steps 500   # smeared keys (segcli.ops.smear)
-  python scripts/induction_toy.py --arch seglm --smear-keys --vocab 8192 --steps 400 --threads 2
+  python experiments/bundled-model/induction_toy.py --arch seglm --steps 1500
+  python experiments/bundled-model/induction_toy.py --arch llama --steps 1500
+  python experiments/bundled-model/induction_toy.py --arch seglm --smear-keys --steps 500   # smeared keys (segcli.ops.smear)
+  python experiments/bundled-model/induction_toy.py --arch seglm --smear-keys --vocab 8192 --steps 400 --threads 2
 """
 
 from __future__ import annotations

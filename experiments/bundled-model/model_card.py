@@ -1,6 +1,6 @@
 """Measure the bundled model for docs/MODEL_CARD.md with the `segcli` CLI itself.
 
-    python scripts/model_card.py --out docs/results          # ~20 min on 2 CPU cores
+    python experiments/bundled-model/model_card.py          # ~20 min on 2 CPU cores; raw outputs in experiments/bundled-model/results/
 
 1. `segcli run` with default settings on each held-out sample document and on all
    three together (bits per byte, the acceptance numbers);
@@ -40,8 +40,8 @@ def segcli(*args: str) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("docs/results"))
-    ap.add_argument("--samples", type=Path, default=Path("sample_docs"))
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--samples", type=Path, default=Path(__file__).resolve().parents[2] / "sample_docs")
     ap.add_argument("--model", help="model folder (default: the bundled model)")
     ap.add_argument("--excerpt", type=int, default=2048)
     ap.add_argument("--excerpt-1", type=int, default=1024)
