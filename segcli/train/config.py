@@ -228,6 +228,20 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         if p not in POLICY_NAMES:
             raise UsageError(f"train config: unknown policy {p!r} in policies; choose from: {', '.join(POLICY_NAMES)}")
     check_model_keys(cfg.model)
+    for name, low in (("seq_len", 2), ("batch_size", 1), ("steps", 0), ("warmup_steps", 0), ("val_every", 1),
+                      ("val_batches", 1), ("checkpoint_every", 1), ("sink_tokens", 0), ("compress_rate", 1)):
+        if getattr(cfg, name) < low:
+            raise UsageError(f"train config: {name} must be >= {low}, got {getattr(cfg, name)}")
+    for name in ("segment_sizes", "memory_sizes"):
+        sizes = getattr(cfg, name)
+        if not sizes or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes):
+            raise UsageError(f"train config: {name} must be a non-empty list of integers >= 1, got {sizes}")
+    weights = list(cfg.policies.values())
+    if not weights or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights) \
+            or not sum(weights) > 0:
+        raise UsageError(f"train config: policies must map policy names to weights >= 0, not all 0; got {cfg.policies}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise UsageError(f"train config: val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.device not in DEVICES:
         raise UsageError(f"train config: device must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
     if not cfg.smear_lr_scale > 0:

@@ -100,6 +100,8 @@ def sequence_loss(model, x: torch.Tensor, plan: Plan, cfg: TrainConfig, amp_dtyp
     length = x.shape[1] - 1
     labels = x if scored is None else x.masked_fill(~scored, -100)
     n_scored = x.shape[0] * length if scored is None else int(scored[:, 1:].sum())
+    if not set(plan.skips) <= set(range(plan.segment_size, length, plan.segment_size)):
+        raise ValueError(f"position skips {plan.skips} must precede segments after the first (size {plan.segment_size})")
     step = ModelStep(model, amp_dtype, plan.skips)
     total = 0.0
     for seg in stream(step, model.new_memory(policy, x.shape[0], dtype=amp_dtype), split(x[:, :-1], plan.segment_size)):

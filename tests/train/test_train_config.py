@@ -1,5 +1,6 @@
 """The training config (segcli/train/config.py): base chains, the task registry's YAML, the old flat format."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 from conftest import ROOT
 from segcli.errors import UsageError
 from segcli.train import TrainConfig, from_dict, resolve_config
+from segcli.train.config import check_config
 from segcli.train.tasks import CopyTask, JumpTask, RepeatTask
 
 STAGES = ROOT / "experiments" / "bundled-model" / "configs"
@@ -25,6 +27,7 @@ def write(folder: Path, name: str, text: str) -> Path:
 def test_each_stage_override_resolves_to_the_config_its_old_full_file_gave(stage):
     got = resolve_config(STAGES / f"{stage}.yaml")
     assert got == from_dict(BEFORE[stage], stage)
+    check_config(dataclasses.replace(got, init_from=None))  # every value valid (the runs/ it starts from aside)
     text = (STAGES / f"{stage}.yaml").read_text()
     assert stage == "train-bundled" or "base: " in text, "a stage states what it changes from its base"
 
@@ -81,6 +84,9 @@ def test_base_chains_merge_tasks_and_replace_everything_else(tmp_path):
     ({"a.yaml": "tasks: [copy]\n"}, "tasks must be a mapping"),
     ({"a.yaml": "copy_prob: 0.5\ntasks: {repeat: {prob: 0.1}}\n"}, "tasks.copy.prob"),
     ({"a.yaml": "tasks: {copy: {prob: 1.5}}\n"}, "tasks.copy.prob must be in [0, 1]"),
+    ({"a.yaml": "val_every: 0\n"}, "val_every must be >= 1"),
+    ({"a.yaml": "segment_sizes: []\n"}, "segment_sizes must be a non-empty list"),
+    ({"a.yaml": "policies: {fifo: 0}\n"}, "not all 0"),
 ])
 def test_bad_configs_are_usage_errors_naming_what_is_wrong(tmp_path, files, words):
     from segcli.train import load_train_config
