@@ -203,20 +203,25 @@ def _identity(path: str) -> tuple[str, object] | None:
     return ("inode", (st.st_dev, st.st_ino)) if stat.S_ISREG(st.st_mode) else None
 
 
-def check_distinct(outputs: dict[str, str | None], inputs: list[str | None]) -> None:
+def check_distinct(outputs: dict[str, str | None], inputs: list[str | None] = (),
+                   named: dict[str, str | None] | None = None) -> None:
     """Refuse (exit 2, before any work) an output that is one of the inputs or another output.
 
     `outputs` maps an option to its path ({"--output": "out.jsonl", "--save-memory": None}; None is
-    skipped); `inputs` are the files the run reads ('-' is stdin, compared by what it is open on).
+    skipped); `inputs` are the documents the run reads ('-' is stdin, compared by what descriptor 0
+    is open on); `named` are other inputs by option ({"--config": "c.yaml"}), named in the message.
     Files compare by device and inode (hard links, other spellings, symbolic links), files that do
-    not exist yet by their resolved path."""
+    not exist yet by their resolved path; devices, FIFOs and terminals are written in place, never
+    replaced, and may be shared."""
     seen: dict[tuple[str, object], str] = {}
-    for name in inputs:
+    labelled = [("stdin" if p == "-" else f"input {p}", p) for p in inputs]
+    labelled += [(f"{option} {p}", p) for option, p in (named or {}).items()]
+    for label, name in labelled:
         if name is None:
             continue
         ident = _identity(name)
         if ident is not None:
-            seen.setdefault(ident, "stdin" if name == "-" else f"input {name}")
+            seen.setdefault(ident, label)
     for option, path in outputs.items():
         if path is None:
             continue
@@ -225,7 +230,7 @@ def check_distinct(outputs: dict[str, str | None], inputs: list[str | None]) -> 
             continue
         if ident in seen:
             other = seen[ident]
-            what = "would replace" if other.startswith(("input", "stdin")) else "is the same file as"
+            what = "is the same file as" if other.split()[0] in outputs else "would replace"
             raise UsageError(f"{option} {path} {what} {other}; give a different file")
         seen[ident] = f"{option} {path}"
 

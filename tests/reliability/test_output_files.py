@@ -306,6 +306,17 @@ def test_check_distinct_refuses_two_outputs_on_one_file(tmp_path, monkeypatch, d
         check_distinct({"--save-memory": "m.st", "--output": "m.st"}, ["doc.txt"])
 
 
+def test_check_distinct_names_other_inputs(tmp_path, monkeypatch, doc):
+    monkeypatch.chdir(tmp_path)
+    Path("c.yaml").write_text("seed: 1\n")
+    with pytest.raises(UsageError, match="--output c.yaml would replace --config c.yaml"):
+        check_distinct({"--output": "c.yaml"}, ["doc.txt"], {"--config": "c.yaml"})
+    Path("m.st").write_bytes(b"x")
+    check_distinct({"--save-memory": "m.st"}, ["doc.txt"])  # --save-memory may replace the --load-memory it read
+    with pytest.raises(UsageError, match="--output m.st would replace --load-memory m.st"):
+        check_distinct({"--output": "m.st"}, named={"--load-memory": "m.st"})
+
+
 def test_check_distinct_allows_separate_files_and_shared_devices(tmp_path, monkeypatch, doc):
     monkeypatch.chdir(tmp_path)
     check_distinct({"--output": "out.jsonl", "--save-memory": "m.st", "--plot": None}, ["doc.txt", "-"])
@@ -401,7 +412,7 @@ KINDS = ("new", "regular", "symlink", "dangling-symlink", "link-chain", "fifo", 
          "missing-folder", "trailing-slash", "folder", "through-a-file")
 INPUT_KINDS = ("input", "input-other-spelling", "input-symlink", "input-hardlink")  # need files.check_distinct in run
 DRAWN = KINDS  # + INPUT_KINDS once cli/run.py calls check_distinct
-OPTIONS = ("--output",)  # + ("--save-memory",) once state.save_memory writes through files.AtomicOutput
+OPTIONS = ("--output", "--save-memory")  # every option that writes through files.AtomicOutput
 
 
 def make_target(kind: str, d: Path, doc: Path, mode: int):
@@ -471,9 +482,13 @@ def snapshot(d: Path) -> dict[str, tuple]:
 
 
 def every_kind(test):
-    """Each kind once (explicit examples), on top of what hypothesis draws."""
+    """Each kind once for --output and the special ones for every option (explicit examples), on top
+    of what hypothesis draws."""
     for kind in DRAWN:
-        test = example(kind=kind, option=OPTIONS[-1], mode=0o640)(test)
+        test = example(kind=kind, option=OPTIONS[0], mode=0o640)(test)
+    for option in OPTIONS[1:]:
+        for kind in ("regular", "symlink", "fifo", "device", "fd-link", "trailing-slash"):
+            test = example(kind=kind, option=option, mode=0o604)(test)
     return test
 
 
@@ -507,7 +522,11 @@ def test_output_whatever_it_names(base, tmp_path_factory, kind, option, mode):
             assert after[name][0] == kind_bits, name
     if receiver is not None:
         assert res.exit_code == 0, res.output
-        assert json.loads(receiver.read_text().splitlines()[-1])["type"] == "summary"
+        if option == "--output":
+            assert json.loads(receiver.read_text().splitlines()[-1])["type"] == "summary"
+        else:  # a safetensors file: an 8-byte header length, then the JSON header
+            data = receiver.read_bytes()
+            assert json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]["segcli"]
         if kind == "regular":
             assert stat.S_IMODE(receiver.stat().st_mode) == mode
     if receiver is None and kind in ("missing-folder", "trailing-slash", "folder", "through-a-file", *INPUT_KINDS):
