@@ -17,17 +17,18 @@ from .common import (
     ModelOpt, OutputOpt, QuietOpt, RateOpt, RevisionOpt, SeedOpt, SinkOpt, TrustOpt, err_console, handle_errors, say, value,
 )
 from .output import SparkBins, Writer, default_format, fmt_bytes, fmt_num, new_table
-from .run import build_config, make_progress
+from .options import build_config, make_progress
 
 
-def parse_list(text: str, what: str, convert=str) -> list:
+def parse_list(text: str, what: str, convert=str, kind: str = "integers") -> list:
+    """A comma-separated option value as a list (`convert` each item); one UsageError line when it is not."""
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items:
         raise UsageError(f"--{what}: give a comma-separated list")
     try:
         return [convert(x) for x in items]
-    except ValueError:
-        raise UsageError(f"--{what}: {text!r} is not a comma-separated list of integers") from None
+    except (ValueError, OverflowError):
+        raise UsageError(f"--{what}: {text!r} is not a comma-separated list of {kind}") from None
 
 
 def compare(

@@ -18,7 +18,7 @@ from .common import (
     CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, MemorySizeOpt, ModelOpt, Policy, QuietOpt,
     RateOpt, RevisionOpt, SeedOpt, SegmentSizeOpt, SinkOpt, TrustOpt, handle_errors,
 )
-from .run import build_config
+from .options import build_config
 
 
 def generate(
@@ -49,8 +49,7 @@ def generate(
 
 
 @handle_errors
-def _generate(doc, max_new_tokens, temperature, top_p, format, model, memory, segment_size, memory_size, sink_tokens,
-              compress_rate, compressed_size, device, dtype, config, seed, errors, revision, trust_remote_code, quiet, debug):
+def _generate(doc, max_new_tokens, temperature, top_p, format, config, quiet, debug, **options):
     if format not in ("text", "json"):
         raise UsageError(f"--format must be text or json, got {format!r}")
     if max_new_tokens < 0:
@@ -59,11 +58,7 @@ def _generate(doc, max_new_tokens, temperature, top_p, format, model, memory, se
         raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:  # false for nan too
         raise UsageError(f"--top-p must be in (0, 1], got {top_p}")
-    cfg = build_config(
-        config, model=model, memory=memory, segment_size=segment_size, memory_size=memory_size,
-        sink_tokens=sink_tokens, compress_rate=compress_rate, compressed_size=compressed_size, device=device,
-        dtype=dtype, seed=seed, errors=errors, revision=revision, trust_remote_code=trust_remote_code,
-    )
+    cfg = build_config(config, check_apply=True, **options)
     reader = Reader(cfg.errors)
     (source,) = reader.sources([doc])
     reader.check([source])

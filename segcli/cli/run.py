@@ -5,46 +5,23 @@ the writer, write what the engine yields, show progress on stderr."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .. import distributed
 from ..backends import resolve_device
-from ..config import RunConfig, explicit_keys, resolve
+from ..config import RunConfig
 from ..engine.run import CorpusRun, RunOptions
-from ..errors import Stopped, UsageError
+from ..errors import Stopped
 from .common import (
     CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, FormatOpt, Interrupted, MaxTokensOpt,
     MemorySizeOpt, ModelOpt, OutputOpt, Policy, QuietOpt, RateOpt, RevisionOpt, SeedOpt, SegmentSizeOpt, SinkOpt,
     StopSignals, TrustOpt, err_console, handle_errors, say, value,
 )
+from .options import OutputOptions, build_configs, make_progress
 from .output import SparkBins, Writer, default_format, fmt_bytes, fmt_num, new_table
-
-CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
-OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(RunOptions))
-
-
-def build_config(config: str | None, **options: Any) -> RunConfig:
-    """RunConfig from the YAML file and the CLI options given (None: not given); checked."""
-    return resolve(RunConfig, config, {k: value(v) for k, v in options.items()}).validate()
-
-
-def config_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The RunConfig fields among a command's options."""
-    return {k: v for k, v in options.items() if k in CONFIG_FIELDS}
-
-
-def make_progress(quiet: bool, total: int | None) -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=err_console, transient=True, disable=quiet,
-    )
-
 
 def run(
     docs: Annotated[list[str], typer.Argument(
@@ -62,19 +39,21 @@ def run(
     config: ConfigOpt = None,
     format: FormatOpt = None,
     output: OutputOpt = None,
-    per_token: Annotated[bool, typer.Option("--per-token", help="Also one record per token with its surprisal.")] = False,
+    per_token: Annotated[Optional[bool], typer.Option("--per-token", help="Also one record per token with its surprisal.",
+                                                      show_default=False)] = None,
     max_tokens: MaxTokensOpt = None,
     seed: SeedOpt = None,
     errors: ErrorsOpt = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = None,
-    glob: Annotated[str, typer.Option(help="Files to take from a folder; '**/' searches subfolders (e.g. '**/*.md').")] = "*.txt",
-    jsonl_field: Annotated[str, typer.Option(help="The text field of JSON Lines records (the record id: its 'id' field, "
-                                                  "else FILE:LINE).")] = "text",
-    memory_across_documents: Annotated[bool, typer.Option(
-        "--memory-across-documents/--fresh-memory-per-document",
+    glob: Annotated[Optional[str], typer.Option(
+        help="Files to take from a folder; '**/' searches subfolders (e.g. '**/*.md'). [default: *.txt]")] = None,
+    jsonl_field: Annotated[Optional[str], typer.Option(help="The text field of JSON Lines records (the record id: its "
+                                                            "'id' field, else FILE:LINE). [default: text]")] = None,
+    memory_across_documents: Annotated[Optional[bool], typer.Option(
+        "--memory-across-documents/--fresh-memory-per-document", show_default=False,
         help="Carry one memory from document to document (default), or start each document from an empty memory "
-             "(required under torchrun).")] = True,
+             "(required under torchrun).")] = None,
     save_memory: Annotated[Optional[str], typer.Option(
         "--save-memory", help="Save the memory after the last segment to FILE (safetensors), to continue later.")] = None,
     load_memory: Annotated[Optional[str], typer.Option(
@@ -92,17 +71,9 @@ def run(
 
 
 @handle_errors
-def _run(docs: list[str], config: str | None, format, output: str | None, quiet: bool, debug: bool, **options) -> None:
-    given = config_options(options)
-    cfg = build_config(config, **given)
-    cfg.check_options_apply(explicit_keys(RunConfig, config, given))  # e.g. --sink-tokens with --memory fifo
-    opts = RunOptions(**{k: v for k, v in options.items() if k in OPTION_FIELDS})
+def _run(docs: list[str], config: str | None, quiet: bool, debug: bool, **options) -> None:
+    cfg, opts, out = build_configs(config, options, RunOptions, OutputOptions)
     fresh = not opts.memory_across_documents
-    if opts.max_tokens is not None and opts.max_tokens < 1:
-        raise UsageError(f"--max-tokens must be a positive integer, got {opts.max_tokens}")
-    if fresh and (opts.save_memory or opts.load_memory):
-        raise UsageError("--save-memory and --load-memory carry one memory through the run; "
-                         "they do not combine with --fresh-memory-per-document")
     world = distributed.detect()
     if world is not None:
         problem = None
@@ -116,7 +87,7 @@ def _run(docs: list[str], config: str | None, format, output: str | None, quiet:
         quiet = quiet or not world.is_main  # progress on rank 0 only
         distributed.init(world, resolve_device(cfg.device).type)
     try:
-        write_run(cfg, opts, docs, world, value(format), output, quiet)
+        write_run(cfg, opts, docs, world, out.format, out.output, quiet)
     except Stopped as e:
         raise Interrupted(e.signum, e.detail) from None
     finally:

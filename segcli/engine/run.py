@@ -24,7 +24,7 @@ from .. import __version__, distributed
 from ..backends import Backend, load_backend
 from ..config import RunConfig
 from ..corpus import Source
-from ..errors import SegcliError, Stopped
+from ..errors import SegcliError, Stopped, UsageError
 from ..reader import Blocking, Reader
 from ..state import check_target, load_memory, save_memory
 from .stream import Stream, Totals, resource_report, span_note
@@ -44,6 +44,14 @@ class RunOptions:
     memory_across_documents: bool = True  # False: every document starts from an empty memory
     save_memory: str | None = None  # save the memory after the last segment to this file
     load_memory: str | None = None  # start from a memory saved with save_memory
+
+    def validate(self) -> "RunOptions":
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise UsageError(f"--max-tokens must be a positive integer, got {self.max_tokens}")
+        if not self.memory_across_documents and (self.save_memory or self.load_memory):
+            raise UsageError("--save-memory and --load-memory carry one memory through the run; "
+                             "they do not combine with --fresh-memory-per-document")
+        return self
 
 
 def versions() -> dict[str, str]:
@@ -211,8 +219,7 @@ class CorpusRun:
         if not self.main:
             return
         ids = [s.id for s in self.sources]
-        extra: dict[str, Any] = {"memory_across_documents": not self.fresh, "glob": self.opts.glob,
-                                 "jsonl_field": self.opts.jsonl_field}
+        extra: dict[str, Any] = dataclasses.asdict(self.opts)  # with the RunConfig: every option of the run
         if self.opts.save_memory:
             save_memory(self.opts.save_memory, stream.memory, backend, {"documents": ids, "segment_size": cfg.segment_size})
             extra["memory_file"] = self.opts.save_memory
