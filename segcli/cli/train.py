@@ -14,13 +14,13 @@ from .common import DebugOpt, DeviceOpt, QuietOpt, err_console, handle_errors, v
 
 
 def train(
-    config: Annotated[Optional[str], typer.Option("--config", "-c", help="Training YAML (segcli.train.config; the bundled model's stages: experiments/bundled-model/configs/).")] = None,
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="Training YAML; examples: the bundled model's stages in experiments/bundled-model/.")] = None,
     corpus: Annotated[Optional[str], typer.Option(help="Folder of .txt files (overrides the YAML).")] = None,
     out_dir: Annotated[Optional[str], typer.Option(help="Where checkpoints and the final model go.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides the YAML and turns off max_minutes time fitting).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     device: DeviceOpt = None,
-    init_from: Annotated[Optional[str], typer.Option(help="Start from this saved model folder (overrides the YAML).")] = None,
+    init_from: Annotated[Optional[str], typer.Option(help="Start from this saved model folder, or bundled (overrides the YAML).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from out_dir/checkpoint.pt.")] = False,
     log_jsonl: Annotated[Optional[str], typer.Option(help="Also append every step as JSON to this file.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE",

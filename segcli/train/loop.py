@@ -31,7 +31,7 @@ from ..models.seglm import SegLMConfig, SegLMForCausalLM
 from . import tasks as data_tasks
 from .checkpoint import load_checkpoint, save_checkpoint, save_final
 from .config import TrainConfig
-from .data import TextSource, split_blocks, tokenize_corpus
+from .data import TextSource, corpus_files, split_blocks, tokenize_corpus
 from .tasks import Plan, RowTask
 
 
@@ -129,6 +129,7 @@ class Event:
 def train(cfg: TrainConfig, resume: bool = False) -> Iterator[Event]:
     """Train; yields events for the CLI to show. The final model lands in out_dir/model."""
     device = resolve_device(cfg.device)  # --device cuda without a GPU: a usage error before anything is written
+    corpus_files(Path(cfg.corpus))  # so is a corpus with no text
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     amp_dtype = torch.bfloat16 if (cfg.amp and device.type == "cuda") else torch.float32

@@ -91,3 +91,11 @@ def test_set_overrides_any_config_key_and_rejects_bad_ones(tmp_path):
                        (["--set", "smear_lr_scale=0"], "smear_lr_scale"), (["--set", "policies={lru: 1}"], "lru")):
         res = runner.invoke(app, ["train", "--config", str(cfg_path), "--quiet", *bad])
         assert res.exit_code == 2 and words in res.output and len(res.output.strip().splitlines()) == 1, (bad, res.output)
+
+
+def test_a_corpus_without_text_exits_2_before_anything_is_written(elsewhere):
+    (elsewhere / "empty").mkdir()
+    (elsewhere / "t.yaml").write_text("corpus: empty\nout_dir: run\n" + MODEL + TINY)
+    res = runner.invoke(app, ["train", "--config", "t.yaml", "--quiet"])
+    assert res.exit_code == 2 and "no .txt files" in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not (elsewhere / "run").exists()
