@@ -28,7 +28,7 @@ from typing import Any
 from ..config import DEVICES, from_mapping, load_yaml
 from ..errors import UsageError
 from ..memory import POLICY_NAMES
-from .tasks import TASKS, Task, check_tasks, make_tasks
+from .tasks import Task, check_tasks, make_tasks
 
 BUNDLED = "bundled"  # tokenizer / init_from: the package's own
 LEGACY_BUNDLED = {"tokenizer": "segcli/bundled/tokenizer.json", "init_from": "segcli/bundled"}  # repo-root relative

@@ -110,7 +110,7 @@ def sequence_loss(model, x: torch.Tensor, plan: Plan, cfg: TrainConfig, amp_dtyp
         n = int((tgt != -100).sum())
         if not n:
             continue
-        with step.autocast(x.device):
+        with step.autocast(x.device):  # the loss SegLMForCausalLM computes from labels, computed here from the logits
             loss = F.cross_entropy(seg.logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
         w = n / max(1, n_scored)
         if backward:
