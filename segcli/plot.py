@@ -1,9 +1,10 @@
 """Pictures of results: what the loss and the memory did along a document, and what each
 setting of `compare` cost and bought.
 
-Input is the records `segcli run` and `segcli compare` write (JSON Lines, or `--format json`).
-Segment records are grouped into one line per run and document (several runs' outputs can
-be concatenated into one file: a `summary` record ends each run). matplotlib is an optional
+Input is the records `segcli run`, `segcli compare` and `segcli probe` write (JSON Lines, or
+`--format json`). Segment records are grouped into one line per run and document (several runs'
+outputs can be concatenated into one file: a `summary` record ends each run); probe records make
+the needle-in-a-haystack heatmap, one panel per task and setting. matplotlib is an optional
 dependency (`pip install 'segcli[plot]'`); figures are built with its object API (no pyplot
 state) and written atomically.
 """
@@ -53,7 +54,7 @@ def parse_records(text: str, name: str) -> list[dict[str, Any]]:
         whole = None
     if isinstance(whole, dict) and "type" not in whole:  # --format json: {"segments": [...], "summary": {...}}
         out: list[dict[str, Any]] = []
-        for key in ("segments", "documents", "rows", "summaries"):
+        for key in ("segments", "documents", "rows", "probes", "summaries", "probe_summarys"):
             items = whole.get(key, [])
             if not isinstance(items, list):
                 raise UsageError(f"{name}: '{key}' must be a list of records, got {type(items).__name__}")
@@ -83,7 +84,11 @@ _NEEDS: dict[str, dict[str, tuple[tuple[type, ...], bool, bool]]] = {
     "segment": {"token_end": ((int,), False, True), "tokens": ((int,), False, True), "nll": (_NUMBER, True, True),
                 "segment_size": ((int,), True, False), "document": ((str,), True, False)},
     "row": {"policy": ((str,), False, True), "segment_size": ((int,), False, True), "loss": (_NUMBER, True, False),
-            "tokens_per_s": (_NUMBER, True, False)},
+            "tokens_per_s": (_NUMBER, True, False), "model": ((str,), True, False)},
+    "probe": {"task": ((str,), False, True), "length": ((int,), False, True), "depth": (_NUMBER, False, True),
+              "policy": ((str,), False, True), "segment_size": ((int,), False, True), "correct": ((bool,), False, True),
+              "memory_capacity": ((int,), True, False), "sizes": ((dict,), False, False)},
+    "probe_summary": {"trained_length": ((int,), True, False)},
 }
 _MEMORY_NEEDS = {"policy": ((str,), True, False), "capacity": ((int,), True, False),
                  "attn_mass_memory": (_NUMBER, True, False), "bytes": ((int,), True, False)}
@@ -113,13 +118,14 @@ def _check_fields(r: dict, needs: dict, where: str, what: str) -> None:
         if key not in r:
             if required:
                 raise UsageError(f"{where}: {what} record has no '{key}' field (an incomplete record? plot reads "
-                                 "complete records of `segcli run` or `segcli compare`)")
+                                 "complete records of `segcli run`, `segcli compare` or `segcli probe`)")
             continue
         v = r[key]
         if v is None and nullable:
             continue
-        if isinstance(v, bool) or not isinstance(v, types):
-            want = " or ".join("a number" if t is float else "an integer" if t is int else "a string" for t in types)
+        if (isinstance(v, bool) and bool not in types) or not isinstance(v, types):
+            want = " or ".join({float: "a number", int: "an integer", bool: "true or false", dict: "an object"}.get(t, "a string")
+                               for t in types)
             raise UsageError(f"{where}: {what} field '{key}' must be {want}{' or null' if nullable else ''}, "
                              f"got {json.dumps(v)[:40]}")
 
@@ -253,7 +259,9 @@ def compare_figure(rows: list[dict[str, Any]], title: str | None = None):
 
     if not rows:
         raise UsageError("no compare rows to plot (give the output of `segcli compare --format jsonl`)")
-    labels = [f"{r['policy']} n_s={r['segment_size']}" for r in rows]
+    models = {r.get("model") for r in rows}
+    labels = [(f"{Path(str(r.get('model'))).name} · " if len(models) > 1 else "") + f"{r['policy']} n_s={r['segment_size']}"
+              for r in rows]
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     colors = [f"C{policies.index(r['policy']) % 10}" for r in rows]
     y = np.arange(len(rows))[::-1]
@@ -284,9 +292,120 @@ def compare_figure(rows: list[dict[str, Any]], title: str | None = None):
     return fig
 
 
+@dataclass
+class Panel:
+    """One heatmap: the probe records of one task under one setting."""
+
+    task: str
+    policy: str
+    segment_size: int
+    sizes: dict[str, Any]
+    capacity: int | None  # memory slots (None: unbounded)
+    model: str | None
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        sizes = ", ".join(f"{k}={v}" for k, v in self.sizes.items())
+        return f"{self.task} · {self.policy} n_s={self.segment_size}" + (f" ({sizes})" if sizes else "")
+
+    def grid(self) -> tuple[list[int], list[float], np.ndarray]:
+        """Lengths (x), depths (y) and the accuracy at each (NaN where no prompt ran)."""
+        lengths = sorted({int(r["length"]) for r in self.records})
+        depths = sorted({float(r["depth"]) for r in self.records})
+        hits = np.zeros((len(depths), len(lengths)))
+        n = np.zeros_like(hits)
+        for r in self.records:
+            i, j = depths.index(float(r["depth"])), lengths.index(int(r["length"]))
+            hits[i, j] += bool(r["correct"])
+            n[i, j] += 1
+        with np.errstate(invalid="ignore"):
+            return lengths, depths, np.where(n > 0, hits / np.maximum(n, 1), np.nan)
+
+
+def probe_panels(records: Iterable[dict[str, Any]]) -> list[Panel]:
+    """Probe records grouped by task and setting (model, policy, sizes, segment size), in order of appearance."""
+    panels: dict[tuple, Panel] = {}
+    for r in records:
+        if r.get("type") != "probe":
+            continue
+        sizes = r.get("sizes") or {}
+        key = (r["task"], r.get("model"), r["policy"], r["segment_size"], json.dumps(sizes, sort_keys=True))
+        p = panels.get(key)
+        if p is None:
+            p = panels[key] = Panel(r["task"], r["policy"], r["segment_size"], sizes, r.get("memory_capacity"), r.get("model"))
+        p.records.append(r)
+    return list(panels.values())
+
+
+def column_position(value: float, lengths: list[int]) -> float:
+    """Where a token count falls on an axis whose columns are `lengths` (column i centred at i), interpolated
+    on a log scale between columns and clipped to the grid's edges."""
+    if len(lengths) == 1:
+        return 0.0 if value == lengths[0] else (-0.5 if value < lengths[0] else 0.5)
+    x = float(np.interp(math.log(max(value, 1)), [math.log(n) for n in lengths], range(len(lengths))))
+    if value < lengths[0]:
+        x = -0.5
+    elif value > lengths[-1]:
+        x = len(lengths) - 0.5
+    return x
+
+
+def probe_figure(records: list[dict[str, Any]], title: str | None = None):
+    """The needle-in-a-haystack heatmap: depth (y) x prompt length (x), coloured by accuracy, one panel per task
+    and setting; dashed lines at the memory budget (its slots plus a segment: the most tokens a query can see)
+    and dotted at the model's trained length (from the probe summary) where they fall on the grid."""
+    from matplotlib.figure import Figure
+
+    panels = probe_panels(records)
+    if not panels:
+        raise UsageError("no probe records to plot (give the JSON Lines of `segcli probe`)")
+    shown, left_out = panels[:MAX_SERIES], len(panels) - MAX_SERIES
+    trained = next((r.get("trained_length") for r in reversed(records) if r.get("type") == "probe_summary"), None)
+    cols = min(3, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig = Figure(figsize=(4.2 * cols + 1.0, 3.4 * rows + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    image = None
+    for ax, panel in zip(axes, shown):
+        lengths, depths, acc = panel.grid()
+        image = ax.imshow(acc, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(len(lengths)), [f"{n:,}" for n in lengths], rotation=45 if len(lengths) > 4 else 0)
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel("needle depth (%)")
+        ax.set_title(panel.label, fontsize=9)
+        if acc.size <= 64:
+            for (i, j), v in np.ndenumerate(acc):
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="black")
+        lines = []
+        if panel.policy != "none" and panel.capacity is not None:
+            budget = panel.capacity + panel.segment_size
+            lines.append((budget, "--", f"memory + segment {budget:,}"))
+        if trained:
+            lines.append((trained, ":", f"trained {trained:,}"))
+        for value, style, label in lines:
+            side = " (left of the grid)" if value < lengths[0] else " (right of the grid)" if value > lengths[-1] else ""
+            ax.axvline(column_position(value, lengths), color="black", ls=style, lw=1.2, label=label + side)
+        if lines:
+            ax.legend(loc="lower left", fontsize=7, framealpha=0.8)
+    for ax in axes[len(shown):]:
+        ax.set_visible(False)
+    if image is not None:
+        fig.colorbar(image, ax=axes[: len(shown)].tolist(), label="accuracy", shrink=0.8)
+    heading = title or "Does the memory remember? accuracy by needle depth and prompt length"
+    if left_out > 0:
+        heading += f" (first {MAX_SERIES} of {len(panels)} panels)"
+    fig.suptitle(heading)
+    return fig
+
+
 def figure_for(records: list[dict[str, Any]], smooth: int | None = None, document: str | None = None,
                title: str | None = None):
-    """Segment records: lines along the document; otherwise compare rows: bars."""
+    """Segment records: lines along the document; probe records: the heatmap; otherwise compare rows: bars."""
+    if any(r.get("type") == "probe" for r in records):
+        return probe_figure(records, title)
     if any(r.get("type") == "segment" for r in records):
         series = segment_series(records, document)
         if not series:
@@ -295,7 +414,8 @@ def figure_for(records: list[dict[str, Any]], smooth: int | None = None, documen
     rows = [r for r in records if r.get("type") == "row"]
     if rows:
         return compare_figure(rows, title)
-    raise UsageError("no segment or row records to plot (give the JSON Lines of `segcli run` or `segcli compare`)")
+    raise UsageError("no segment, row or probe records to plot (give the JSON Lines of `segcli run`, `segcli compare` "
+                     "or `segcli probe`)")
 
 
 def save(fig, path: str, dpi: int = 110, option: str = "--output") -> int | None:

@@ -8,6 +8,7 @@ from .compare import compare
 from .generate import generate
 from .plot import plot
 from .policies import policies
+from .probe import probe
 from .run import run
 from .train import train
 
@@ -25,6 +26,7 @@ app.command()(policies)
 app.command()(train)
 app.command()(generate)
 app.command()(plot)
+app.command()(probe)
 
 
 def main() -> None:
