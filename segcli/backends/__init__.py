@@ -1,8 +1,9 @@
 """Model backends behind one small interface (`base.Backend`), one module per kind, and a loader registry.
 
 `load_backend(cfg)` reads the checkpoint's config and hands it to the loader of its kind: the native
-`seglm` model (`native.py`) or any Hugging Face causal LM (`hf.py`). Every kind streams through the
-same memory policies (`segcli.memory`).
+`seglm` model (`native.py`), a Hugging Face causal LM with recurrent layers (mamba, rwkv, xlstm and the
+hybrids: `recurrent.py`, whose layers' own state is their memory) or any other Hugging Face causal LM
+(`hf.py`). Every kind streams through the same memory policies (`segcli.memory`).
 """
 
 from __future__ import annotations
@@ -32,12 +33,22 @@ def _hf(*args) -> Backend:
     return load_hf(*args)
 
 
-LOADERS: dict[str, Loader] = {"native": _native, "hf": _hf}  # backend kind -> loader(cfg, path, config, device, dtype)
+def _recurrent(*args) -> Backend:
+    from .recurrent import load_recurrent
+
+    return load_recurrent(*args)
+
+
+LOADERS: dict[str, Loader] = {"native": _native, "hf": _hf, "recurrent": _recurrent}  # backend kind -> loader(cfg, path, config, device, dtype)
 
 
 def backend_kind(model_cfg) -> str:
     """Which loader takes a checkpoint with this config."""
-    return "native" if model_cfg.model_type == "seglm" else "hf"
+    if model_cfg.model_type == "seglm":
+        return "native"
+    from .recurrent import is_recurrent
+
+    return "recurrent" if is_recurrent(model_cfg) else "hf"
 
 
 def load_backend(cfg: RunConfig) -> Backend:

@@ -1,0 +1,387 @@
+"""Recurrent and hybrid Hugging Face causal LMs: the layers' own state is their memory (DESIGN §1).
+
+Mamba, Mamba2, RWKV, xLSTM and the recurrent layers of hybrids (jamba, zamba, zamba2, bamba, falcon_h1, qwen3_next,
+lfm2, recurrent_gemma, minimax, granitemoehybrid, kimi_linear, nemotron_h, ...) keep a fixed-size state (a conv
+window and an SSM, linear-attention or RNN state) that the layer itself updates once per segment: the seed's
+`Mem = Update(S_kv, Mem_pre)` in its purest form. A stream's memory (`RecurrentMemory`) is the model's own cache
+object for that stream: every policy but `none` carries the recurrent states from segment to segment, `none`
+starts every segment from a fresh one, and the policy acts on the attention layers of hybrids (`full`: the model's
+own key-value cache; `none`: the segment alone; other policies are refused on hybrids until segcli's policy cache
+layers keep the model's own attention semantics, see `POLICY_ON_ATTENTION`).
+
+A family is one `Family` object (how its stream state is made, how the forward continues it, what its parts are),
+looked up by model type in `FAMILIES`; every family that uses transformers' Cache API for its states (conv and
+recurrent states in `LinearAttentionLayer`s) is `CacheFamily`, with no code of its own. Where a transformers code
+path is wrong for a segment that continues a state, `recurrent_routes` installs an exact route on the loaded
+model's own modules. A family segcli has not been checked on (`VERIFIED`) is probed once at load: a short random
+sequence in one forward against the same in pieces; a difference is refused with one line, never reported.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..config import RunConfig
+from ..errors import UsageError
+from ..memory import MemoryPolicy
+from ..memory.base import LayerStats
+from ..memory.recurrent_state import StateStats, attention_stats, recurrent_stats
+from .base import Backend, file_sha256, model_fingerprint
+from .recurrent_routes import Route, install_routes
+
+RECURRENT_LAYER_TYPES = frozenset({"linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba"})
+OWN_STATE = frozenset({"rwkv", "xlstm", "recurrent_gemma"})  # model types whose state is not a transformers Cache
+# Model types whose streaming is tested equal to one forward at n_s 1, 7, 32 and "first chunk, then single tokens"
+# (tests/recurrent); any other recurrent model type is probed at load (`probe_continuation`).
+VERIFIED = frozenset({
+    "mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm", "jamba", "zamba", "zamba2", "bamba", "falcon_h1", "qwen3_next",
+    "lfm2", "recurrent_gemma", "minimax", "granitemoehybrid", "kimi_linear", "nemotron_h",
+})
+POLICY_ON_ATTENTION = ("full", "none")  # policies the attention layers of a hybrid can follow exactly today
+PROBE_TOKENS = 12
+
+
+def layer_types(model_cfg) -> list[str]:
+    cfg = model_cfg.get_text_config() if hasattr(model_cfg, "get_text_config") else model_cfg
+    types = getattr(cfg, "layer_types", None) or getattr(cfg, "layers_block_type", None) or []
+    return list(types) if isinstance(types, (list, tuple)) else []
+
+
+def is_recurrent(model_cfg) -> bool:
+    """Whether a checkpoint's config describes a model with recurrent layers (this backend's kind)."""
+    return model_cfg.model_type in OWN_STATE or any(t in RECURRENT_LAYER_TYPES for t in layer_types(model_cfg))
+
+
+@functools.cache
+def _forward_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def cache_argument(model) -> str:
+    """The name the model's forward takes its cache under: `cache` (transformers 5.24), `cache_params` (the mamba
+    family in 5.17) or `past_key_values` (other families in 5.17). A wrong name would be swallowed by **kwargs and
+    the model would run every segment from an empty state."""
+    params = _forward_parameters(type(model))
+    for name in ("cache", "cache_params", "past_key_values"):
+        if name in params:
+            return name
+    raise UsageError(f"{model.config.model_type}: its forward takes no cache argument; segcli cannot carry its state")
+
+
+# -- families --------------------------------------------------------------------------------------------------------
+
+class Family:
+    """How one family keeps a stream's state. The default: a transformers Cache built from the config."""
+
+    def new_cache(self, model) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=model.config)
+
+    def forward(self, model, ids: Tensor, pos: Tensor, cache: Any) -> tuple[Tensor, Any]:
+        kw = {cache_argument(model): cache}
+        if "position_ids" in _forward_parameters(type(model)):  # absolute positions (bamba's RoPE restarts without)
+            kw["position_ids"] = pos
+        out = model(input_ids=ids, use_cache=True, **kw)
+        return out.logits, cache
+
+    def components(self, model, cache: Any, seen: int) -> list[StateStats]:
+        """The memory's parts: attention caches and recurrent states, one StateStats each (see recurrent_state)."""
+        from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
+
+        out = []
+        for i, layer in enumerate(getattr(cache, "layers", [])):
+            if isinstance(layer, CacheLayerMixin):
+                window = getattr(layer, "sliding_window", None)
+                out.append(attention_stats(i, _tensor(getattr(layer, "keys", None)), _tensor(getattr(layer, "values", None)),
+                                           None if window is None else window - 1, seen))
+            if isinstance(layer, LinearAttentionCacheLayerMixin):
+                conv = [t for t in layer.conv_states.values() if isinstance(t, Tensor)]
+                states = [t for t in layer.recurrent_states.values() if isinstance(t, Tensor)]
+                if conv or states or not isinstance(layer, CacheLayerMixin):
+                    out.append(recurrent_stats(i, conv, states, [], seen if (conv or states) else 0))
+        return out
+
+    def attention_layers(self, model) -> int:
+        return sum(t in ("full_attention", "sliding_attention", "chunked_attention", "hybrid", "hybrid_sliding",
+                         "attention") for t in layer_types(model.config))
+
+
+def _tensor(x: Any) -> Tensor | None:
+    return x if isinstance(x, Tensor) else None
+
+
+class MiniMaxFamily(Family):
+    """MiniMax keeps its lightning-attention states in a cache of its own (`MiniMaxCache`, no config) whose layer 0,
+    a linear layer, never grows, while sequence lengths and mask sizes are read from layer 0: segcli's subclass reads
+    them from the first attention layer, so that a segment that continues the cache gets the right positions and
+    mask (the issue measured minimax exact only with a hand-made 4D mask otherwise)."""
+
+    def new_cache(self, model) -> Any:
+        from transformers.cache_utils import DynamicLayer
+
+        types = layer_types(model.config)
+        cache = _minimax_cache_class(_model_module(model).MiniMaxCache)()
+        cache.layers = [DynamicLayer() for _ in types]
+        cache.layer_class_to_replicate = None
+        cache.linear_cache = [None] * len(types)  # None: a fresh lightning state (the layer makes zeros)
+        first = next((i for i, t in enumerate(types) if t != "linear_attention"), 0)
+        cache.attention_layer = {i: first for i, t in enumerate(types) if t == "linear_attention"}
+        return cache
+
+    def components(self, model, cache: Any, seen: int) -> list[StateStats]:
+        types = layer_types(model.config)
+        out = [s for s in super().components(model, cache, seen) if types[s.layer] != "linear_attention"]
+        for i, t in enumerate(types):
+            if t == "linear_attention":
+                kv = cache.linear_cache[i] if i < len(cache.linear_cache) else None
+                kv = kv if isinstance(kv, Tensor) else None
+                out.append(recurrent_stats(i, [], [kv] if kv is not None else [], [], seen if kv is not None else 0))
+        return out
+
+
+@functools.cache
+def _minimax_cache_class(base: type) -> type:
+    class StreamCache(base):
+        attention_layer: dict[int, int] = {}  # linear layer -> the attention layer that answers for it
+
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return super().get_seq_length(self.attention_layer.get(layer_idx, layer_idx))
+
+        def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+            return super().get_mask_sizes(query_length, self.attention_layer.get(layer_idx, layer_idx))
+
+    return StreamCache
+
+
+class RwkvFamily(Family):
+    """RWKV (v4) passes its state as `state=`: five tensors (B, hidden, layers): the feed-forward and attention
+    token shifts (a width-2 convolution window), the WKV numerator and denominator, and their running maximum
+    (a log-scale stabiliser: bytes, no norm)."""
+
+    def new_cache(self, model) -> Any:
+        return None  # the model makes the zero state on the first call
+
+    def forward(self, model, ids: Tensor, pos: Tensor, cache: Any) -> tuple[Tensor, Any]:
+        out = model(input_ids=ids, state=cache, use_cache=True)
+        return out.logits, out.state
+
+    def components(self, model, cache: Any, seen: int) -> list[StateStats]:
+        n = model.config.num_hidden_layers
+        if cache is None:
+            return [recurrent_stats(i, [], [], [], 0) for i in range(n)]
+        return [recurrent_stats(i, [cache[0][:, :, i], cache[1][:, :, i]], [cache[2][:, :, i], cache[3][:, :, i]],
+                                [cache[4][:, :, i]], seen) for i in range(n)]
+
+    def attention_layers(self, model) -> int:
+        return 0
+
+
+class XlstmFamily(Family):
+    """xLSTM's `xLSTMCache` holds per block (C, n, m): the matrix memory, the normaliser and the log-scale
+    stabiliser m (bytes, no norm). The cache sizes its heads from the config's q/k width rounded up to 64 while the
+    layers use hidden_size x qk_dim_factor unrounded (a hidden size of 64 with the default factor 0.5: 64 against
+    32); segcli sizes the state from the layers themselves, so such models stream too."""
+
+    def new_cache(self, model) -> Any:
+        cfg = model.config
+        mod = _model_module(model)
+        param = next(model.parameters())
+        cache = mod.xLSTMCache(cfg, 1, dtype=param.dtype, device=param.device)
+        layer = model.backbone.blocks[0].mlstm_layer
+        heads = cfg.num_heads
+        dqk, dv = layer.qk_dim // heads, layer.v_dim // heads
+        z = functools.partial(torch.zeros, dtype=param.dtype, device=param.device)
+        cache.rnn_state = {i: (z(1, heads, dqk, dv), z(1, heads, dqk), z(1, heads, 1)) for i in cache.rnn_state}
+        return cache
+
+    def components(self, model, cache: Any, seen: int) -> list[StateStats]:
+        return [recurrent_stats(i, [], [c, n], [m], seen) for i, (c, n, m) in sorted(cache.rnn_state.items())]
+
+    def attention_layers(self, model) -> int:
+        return 0
+
+
+@dataclass
+class GriffinState:
+    """recurrent_gemma's stream state: its attention layers' cache, and per recurrent block the conv window and the
+    RG-LRU state, which the model keeps on its modules; segcli keeps them here and puts them back for each call."""
+
+    cache: Any
+    blocks: dict[int, tuple[Tensor | None, Tensor | None]] = field(default_factory=dict)  # layer -> (conv, lru)
+
+
+class RecurrentGemmaFamily(Family):
+    def _blocks(self, model) -> dict[int, Any]:
+        return {i: layer.temporal_block for i, layer in enumerate(model.model.layers)
+                if hasattr(layer.temporal_block, "rg_lru")}
+
+    def new_cache(self, model) -> Any:
+        return GriffinState(super().new_cache(model), {i: (None, None) for i in self._blocks(model)})
+
+    def forward(self, model, ids: Tensor, pos: Tensor, cache: GriffinState) -> tuple[Tensor, Any]:
+        blocks = self._blocks(model)
+        for i, b in blocks.items():  # None: the block starts from zeros (it makes them itself)
+            b.conv1d_state, b.rg_lru.recurrent_states = cache.blocks[i]
+        try:
+            logits, _ = super().forward(model, ids, pos, cache.cache)
+            cache.blocks = {i: (b.conv1d_state, b.rg_lru.recurrent_states) for i, b in blocks.items()}
+        finally:
+            for b in blocks.values():  # the model holds no stream's state between calls
+                b.conv1d_state = b.rg_lru.recurrent_states = None
+        return logits, cache
+
+    def components(self, model, cache: GriffinState, seen: int) -> list[StateStats]:
+        out = super().components(model, cache.cache, seen)
+        for i, (conv, lru) in sorted(cache.blocks.items()):
+            parts = [t for t in (conv, lru) if t is not None]
+            out.append(recurrent_stats(i, [conv] if conv is not None else [], [lru] if lru is not None else [], [],
+                                       seen if parts else 0))
+        return out
+
+    def attention_layers(self, model) -> int:
+        return len(model.model.layers) - len(self._blocks(model))
+
+
+FAMILIES: dict[str, Family] = {"minimax": MiniMaxFamily(), "rwkv": RwkvFamily(), "xlstm": XlstmFamily(),
+                               "recurrent_gemma": RecurrentGemmaFamily()}  # model type -> family; others: Family()
+
+
+def _model_module(model):
+    import sys
+
+    return sys.modules[type(model).__module__]
+
+
+# -- the backend -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class RecurrentMemory:
+    """One stream's memory: the family's state object, the policy, tokens seen and tokens since the last reset."""
+
+    policy: MemoryPolicy
+    cache: Any
+    seen: int = 0
+    since_reset: int = 0
+
+
+@dataclass
+class RecurrentBackend(Backend):
+    kind: ClassVar[str] = "recurrent"
+    family: Family = field(default_factory=Family)
+    routes: list[Route] = field(default_factory=list)  # exact routes installed on the model's layers
+    n_attention: int = 0  # attention layers (0: a pure recurrent model)
+
+    @property
+    def model_type(self) -> str:
+        return self.model.config.model_type
+
+    def check_policy(self, policy: MemoryPolicy) -> None:
+        if self.n_attention and policy.name not in POLICY_ON_ATTENTION:
+            raise UsageError(
+                f"{self.model_type}: --memory {policy.name} on its {self.n_attention} attention layer"
+                f"{'s' if self.n_attention > 1 else ''} is not supported yet (segcli's policy caches do not keep "
+                "a hybrid model's own attention semantics); use --memory full or --memory none")
+
+    def notes(self, cfg: RunConfig) -> list[str]:
+        """Lines for stderr, once per run: the exact routes taken, and what the policy does here."""
+        out = [f"note: {self.model_type}: exact route: {r.note}" for r in self.routes]
+        if not self.n_attention and cfg.memory not in ("full", "none"):
+            out.append(f"note: {self.model_type} has no attention layers: --memory {cfg.memory} carries the recurrent "
+                       "state from segment to segment as full does (only none resets it)")
+        return out
+
+    def new_memory(self, cfg: RunConfig, batch: int = 1) -> RecurrentMemory:
+        if batch != 1:
+            raise UsageError(f"{self.model_type}: segcli streams one document at a time (batch {batch})")
+        policy = cfg.policy()
+        self.check_policy(policy)
+        return RecurrentMemory(policy, self.family.new_cache(self.model))
+
+    def step(self, ids: Tensor, memory: RecurrentMemory) -> tuple[Tensor, RecurrentMemory, float | None]:
+        t = ids.shape[1]
+        pos = torch.arange(memory.seen, memory.seen + t, device=ids.device)[None]  # (1, T) absolute
+        reset = memory.policy.name == "none"
+        cache = self.family.new_cache(self.model) if reset else memory.cache
+        logits, cache = self.family.forward(self.model, ids, pos, cache)
+        memory.seen += t
+        if reset:  # nothing of this segment reaches the next: the memory between segments is empty
+            memory.cache, memory.since_reset = self.family.new_cache(self.model), 0
+        else:
+            memory.cache, memory.since_reset = cache, memory.since_reset + t
+        return logits, memory, None
+
+    def memory_stats(self, memory: RecurrentMemory) -> list[LayerStats]:
+        """Attention caches first (layer order), then recurrent and conv states (layer order): the report's per-layer
+        fields (slots, capacity, oldest age) come from its first entry, an attention layer where there is one."""
+        parts = self.family.components(self.model, memory.cache, memory.since_reset)
+        return [p for p in parts if p.kind == "attention"] + [p for p in parts if p.kind != "attention"]
+
+    def probe_continuation(self) -> float:
+        """max |logit difference| between one forward over PROBE_TOKENS random tokens and the same tokens streamed
+        as segments of 5, 1, 1 and 5 tokens, relative to the largest logit."""
+        gen = torch.Generator().manual_seed(0)
+        vocab = self.model.config.get_text_config().vocab_size
+        ids = torch.randint(0, vocab, (1, PROBE_TOKENS), generator=gen).to(self.device)
+        pos = torch.arange(PROBE_TOKENS, device=self.device)[None]
+        with torch.inference_mode():
+            whole, _ = self.family.forward(self.model, ids, pos, self.family.new_cache(self.model))
+            cache, parts, start = self.family.new_cache(self.model), [], 0
+            for n in (5, 1, 1, PROBE_TOKENS - 7):
+                logits, cache = self.family.forward(self.model, ids[:, start:start + n], pos[:, start:start + n], cache)
+                parts.append(logits)
+                start += n
+        whole = whole.float()
+        return float((torch.cat(parts, 1).float() - whole).abs().max() / whole.abs().max().clamp_min(1e-6))
+
+
+def probe_tolerance(dtype: torch.dtype) -> float:
+    return 1e-4 if dtype == torch.float32 else 5e-2  # rounding of one forward against pieces, relative to the logits
+
+
+def load_recurrent(cfg: RunConfig, path: Path, model_cfg, device: torch.device, dtype: torch.dtype) -> RecurrentBackend:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=cfg.revision,
+                                                     trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        raise UsageError(f"{path}: cannot load as a causal LM ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    model.to(device).eval()
+    backend_tok = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
+    if backend_tok is None:
+        raise UsageError(f"{path}: segcli needs a fast tokenizer (tokenizer.json)")
+    model_type = model.config.model_type
+    family = FAMILIES.get(model_type, Family())
+    routes = install_routes(model)
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    identity = {
+        "model": str(path),
+        "model_type": model_type,
+        "model_sha256": model_fingerprint(path),
+        "tokenizer_sha256": file_sha256(path / "tokenizer.json") if (path / "tokenizer.json").exists() else None,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "max_positions": None,
+        "exact_routes": [r.name for r in routes],
+    }
+    backend = RecurrentBackend(model, backend_tok, bos, device, dtype, identity, family=family, routes=routes,
+                               n_attention=family.attention_layers(model))
+    if model_type not in VERIFIED:
+        try:
+            gap = backend.probe_continuation()
+        except Exception as e:  # noqa: BLE001 - a family whose cache segcli cannot drive
+            raise UsageError(f"{model_type}: segcli cannot stream this family's recurrent state "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it is not supported") from None
+        if not gap <= probe_tolerance(dtype):
+            raise UsageError(f"{model_type}: streaming its recurrent state in segments differs from one forward "
+                             f"(relative logit gap {gap:.1e} on a {PROBE_TOKENS}-token probe); segcli has no exact "
+                             "route for this family and refuses it")
+    return backend
