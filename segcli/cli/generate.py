@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from typing import Annotated, Optional
 
 import typer
@@ -19,6 +18,7 @@ from .common import (
     RateOpt, RevisionOpt, SeedOpt, SegmentSizeOpt, SinkOpt, TrustOpt, handle_errors,
 )
 from .options import build_config
+from .output import stdout_stream
 
 
 def generate(
@@ -50,6 +50,7 @@ def generate(
 
 @handle_errors
 def _generate(doc, max_new_tokens, temperature, top_p, format, config, quiet, debug, **options):
+    stdout = stdout_stream()  # a closed stdout: one line, exit 2, before any work
     if format not in ("text", "json"):
         raise UsageError(f"--format must be text or json, got {format!r}")
     if max_new_tokens < 0:
@@ -73,13 +74,13 @@ def _generate(doc, max_new_tokens, temperature, top_p, format, config, quiet, de
         if format == "text":
             full = backend.tokenizer.decode(out)
             if not full.endswith("\ufffd"):  # wait for the rest of a split UTF-8 character
-                sys.stdout.write(full[len(shown):])
-                sys.stdout.flush()
+                stdout.write(full[len(shown):])
+                stdout.flush()
                 shown = full
     full = backend.tokenizer.decode(out)
     if format == "text":
-        sys.stdout.write(full[len(shown):] + "\n")
+        stdout.write(full[len(shown):] + "\n")
     else:
-        print(json.dumps({"type": "generation", "prompt_tokens": len(prompt), "generated_tokens": len(out),
-                          "token_ids": out, "text": full, "temperature": temperature, "top_p": top_p,
-                          "config": config_block(cfg, backend)}, ensure_ascii=False))
+        stdout.write(json.dumps({"type": "generation", "prompt_tokens": len(prompt), "generated_tokens": len(out),
+                                 "token_ids": out, "text": full, "temperature": temperature, "top_p": top_p,
+                                 "config": config_block(cfg, backend)}, ensure_ascii=False) + "\n")

@@ -87,7 +87,7 @@ def _run(docs: list[str], config: str | None, quiet: bool, debug: bool, **option
         quiet = quiet or not world.is_main  # progress on rank 0 only
         distributed.init(world, resolve_device(cfg.device).type)
     try:
-        write_run(cfg, opts, docs, world, out.format, out.output, quiet)
+        write_run(cfg, opts, docs, world, out.format, out.output, quiet, config)
     except Stopped as e:
         raise Interrupted(e.signum, e.detail) from None
     finally:
@@ -96,13 +96,13 @@ def _run(docs: list[str], config: str | None, quiet: bool, debug: bool, **option
 
 
 def write_run(cfg: RunConfig, opts: RunOptions, docs: list[str], world, format: str | None, output: str | None,
-              quiet: bool) -> None:
+              quiet: bool, config: str | None = None) -> None:
     """Open the writer (rank 0), prepare the corpus run and write every record it yields."""
     main = world is None or world.is_main
     fmt = default_format(format, output)
     with StopSignals() as signals:
         job = CorpusRun(cfg, opts, docs, world, should_stop=signals, blocking=signals.immediate,
-                        signum=lambda: signals.signum)
+                        signum=lambda: signals.signum, outputs={"--output": output}, other_inputs={"--config": config})
         writer = job.agreed(lambda: Writer(fmt, output) if main else None)  # --output: rank 0 writes it
         spark = SparkBins()
         ok = False

@@ -25,6 +25,7 @@ from ..backends import Backend, load_backend
 from ..config import RunConfig
 from ..corpus import Source
 from ..errors import SegcliError, Stopped, UsageError
+from ..files import check_distinct
 from ..reader import Blocking, Reader
 from ..state import check_target, load_memory, save_memory
 from .stream import Stream, Totals, resource_report, span_note
@@ -123,10 +124,15 @@ class CorpusRun:
 
     def __init__(self, cfg: RunConfig, opts: RunOptions, inputs: list[str], world: distributed.World | None = None,
                  should_stop: Callable[[], bool] = lambda: False, blocking: Blocking = contextlib.nullcontext,
-                 signum: Callable[[], int | None] = lambda: None):
+                 signum: Callable[[], int | None] = lambda: None, outputs: dict[str, str | None] | None = None,
+                 other_inputs: dict[str, str | None] | None = None):
         self.cfg, self.opts, self.inputs, self.world = cfg, opts, inputs, world
         self.should_stop, self.signum = should_stop, signum
         self.fresh = not opts.memory_across_documents
+        # Files the run writes ({"--output": path}; --save-memory added) and other files it reads ({"--config": path}):
+        # none may be a document or another output.
+        self.outputs = {**(outputs or {}), "--save-memory": opts.save_memory}
+        self.other_inputs = {**(other_inputs or {}), "--load-memory": opts.load_memory}
         self.main = world is None or world.is_main
         self.agreed = distributed.Agreement(world)
         self.reader = Reader(cfg.errors, opts.max_tokens, opts.jsonl_field, opts.glob, blocking)
@@ -143,6 +149,10 @@ class CorpusRun:
         """Every check before the first record: the inputs listed, read and tokenized, the model loaded."""
         world, agreed = self.world, self.agreed
         self.sources = agreed(self.reader.sources, self.inputs)
+        load = {"--load-memory": self.other_inputs["--load-memory"]}  # --save-memory may replace the file it loaded
+        agreed(lambda: (check_distinct(self.outputs, [s.path for s in self.sources],
+                                       {k: v for k, v in self.other_inputs.items() if k not in load}),
+                        check_distinct({k: v for k, v in self.outputs.items() if k != "--save-memory"}, named=load)))
         if world is not None:
             prints = distributed.all_gather(world, (len(self.sources), corpus_fingerprint(self.sources)))
             if len(set(prints)) > 1:

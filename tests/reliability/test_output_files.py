@@ -411,7 +411,7 @@ def test_cli_disk_full_mid_run_one_line_no_temporary(tiny_model_dir, doc, tmp_pa
 KINDS = ("new", "regular", "symlink", "dangling-symlink", "link-chain", "fifo", "device", "fd-link",
          "missing-folder", "trailing-slash", "folder", "through-a-file")
 INPUT_KINDS = ("input", "input-other-spelling", "input-symlink", "input-hardlink")  # need files.check_distinct in run
-DRAWN = KINDS  # + INPUT_KINDS once cli/run.py calls check_distinct
+DRAWN = KINDS + INPUT_KINDS
 OPTIONS = ("--output", "--save-memory")  # every option that writes through files.AtomicOutput
 
 
@@ -533,7 +533,6 @@ def test_output_whatever_it_names(base, tmp_path_factory, kind, option, mode):
         assert res.exit_code == 2 and set(after) == set(before)
 
 
-@pytest.mark.xfail(reason="cli/run.py must call files.check_distinct (issue 21); remove this mark then", strict=False)
 @pytest.mark.parametrize("kind", INPUT_KINDS)
 def test_output_onto_an_input_is_refused(base, tmp_path, kind):
     doc = tmp_path / "doc.txt"

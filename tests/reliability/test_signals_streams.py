@@ -133,8 +133,6 @@ EARLY = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(reason="segcli/__main__.py must install the start-up handlers before importing segcli.cli "
-                          "(issue 21); remove this mark then", strict=False)
 def test_signal_during_start_up_imports():
     """`python -m segcli`: a signal before any command runs is one line on stderr, exit 143, nothing on stdout."""
     p = subprocess.run([sys.executable, "-c", EARLY], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
