@@ -35,7 +35,12 @@ def compare(
     doc: Annotated[str, typer.Argument(help="Document file; '-' reads stdin.", show_default=False)],
     segment_sizes: Annotated[str, typer.Option(help="Comma-separated segment sizes, e.g. 1,16,128.")] = "16,128",
     memory: Annotated[Optional[str], typer.Option(help=f"Comma-separated policies ({', '.join(POLICY_NAMES)}).")] = None,
-    model: ModelOpt = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="Model directory or hub id (default: the bundled model); a comma-separated list "
+                              "compares several models on the same document, each with its own tokenizer.")] = None,
+    reference: Annotated[Optional[str], typer.Option(
+        help="Also stream this policy beside every row (e.g. full) and report the row's divergence from it: "
+             "kl_div, top1_agreement, delta_loss, key_token_loss.")] = None,
     memory_size: MemorySizeOpt = None,
     sink_tokens: SinkOpt = None,
     compress_rate: RateOpt = None,
@@ -56,21 +61,28 @@ def compare(
     debug: DebugOpt = False,
 ) -> None:
     """Run one document under several segment sizes and memory policies on the same tokens and
-    show, in one table, what each costs (time, memory) and buys (loss, boundary effect)."""
+    show, in one table, what each costs (time, memory) and buys (loss, boundary effect). With
+    --reference POLICY, every row also reports how far its predictions are from that policy's; with
+    --model A,B, every model runs every setting (bits per byte compares them)."""
     _compare(**locals())
 
 
 @handle_errors
-def _compare(doc, segment_sizes, memory, model, memory_size, sink_tokens, compress_rate, compressed_size, device,
+def _compare(doc, segment_sizes, memory, model, reference, memory_size, sink_tokens, compress_rate, compressed_size, device,
              dtype, config, format, output, max_tokens, seed, errors, revision, trust_remote_code, plot, quiet, debug):
+    models = list(dict.fromkeys(parse_list(model, "model"))) if model is not None else None
     base = build_config(
-        config, model=model, memory_size=memory_size, sink_tokens=sink_tokens, compress_rate=compress_rate,
+        config, model=models[0] if models else None, memory_size=memory_size, sink_tokens=sink_tokens, compress_rate=compress_rate,
         compressed_size=compressed_size, device=device, dtype=dtype, seed=seed, errors=errors, revision=revision,
         trust_remote_code=trust_remote_code,
     )
     sizes = parse_list(segment_sizes, "segment-sizes", int)
     policies = parse_list(memory, "memory") if memory else [base.memory]
     configs = [dataclasses.replace(base, memory=p, segment_size=n).validate() for p in policies for n in sizes]
+    if reference is not None and reference not in POLICY_NAMES:
+        raise UsageError(f"--reference: unknown memory policy {reference!r}; choose one of: {', '.join(POLICY_NAMES)}")
+    if models is None and base.model is not None:
+        models = [base.model]  # from the YAML
     if plot:  # before any model work: matplotlib there, the picture writable
         from .. import plot as plots
 
@@ -78,11 +90,13 @@ def _compare(doc, segment_sizes, memory, model, memory_size, sink_tokens, compre
         plots.check_target(plot, "--plot")
     fmt = default_format(value(format), output)
     writer = Writer(fmt, output)
-    sparks = {id(c): SparkBins(32) for c in configs}  # per setting, in order
+    names = models or [base.model]
+    settings = [(m, c) for m in names for c in configs]  # the rows, in order
+    sparks = {(m, c.memory, c.segment_size): SparkBins(32) for m, c in settings}
     rows: list[dict[str, Any]] = []
     ok = False
     try:
-        job = Comparison(base, configs, doc, max_tokens).prepare()
+        job = Comparison(base, configs, doc, max_tokens, reference=reference, models=models).prepare()
         for note in job.notes if not quiet else ():
             say(note)
         with make_progress(quiet, job.total_segments) as progress:
@@ -90,22 +104,40 @@ def _compare(doc, segment_sizes, memory, model, memory_size, sink_tokens, compre
 
             def on_segment(cfg, r) -> None:
                 progress.update(task, advance=1, description=f"{cfg.memory} n_s={cfg.segment_size}")
-                sparks[id(cfg)].add(r.nll, r.tokens)
+                sparks[(cfg.model, cfg.memory, cfg.segment_size)].add(r.nll, r.tokens)
 
-            for rec in job.records(on_segment, {"segment_sizes": sizes, "memory": policies}):
+            extra = {"segment_sizes": sizes, "memory": policies, "reference": reference}
+            for rec in job.records(on_segment, extra):
                 rows.append(rec)
                 writer.write(rec)
         if plot:
             plots.save(plots.compare_figure(rows[:-1], f"{job.tokens.name}: what each setting costs and buys"), plot)
         ok = True
     finally:
-        labelled = [(f"{c.memory} n_s={c.segment_size}", sparks[id(c)]) for c in configs]
+        label = model_names(names)
+        labelled = [(f"{label[m] + ' · ' if len(names) > 1 else ''}{c.memory} n_s={c.segment_size}",
+                     sparks[(m, c.memory, c.segment_size)]) for m, c in settings]
         writer.close(ok, render_table=lambda console, records: render_compare_table(console, records, labelled))
     if not quiet and err_console.is_terminal:
         if fmt != "table":
             show_sparks(err_console, labelled)
         if plot:
             err_console.print(f"wrote {plot}", markup=False, highlight=False)
+
+
+def short_model(model: str | None) -> str:
+    """A model's name for a table: the bundled model, or the last part of its path or hub id."""
+    if model is None or model == "bundled":
+        return "bundled"
+    return model.rstrip("/").rsplit("/", 1)[-1] or model
+
+
+def model_names(models: list[str | None]) -> dict[str | None, str]:
+    """Short names for the models of a table, the whole path or id where short names would collide."""
+    short = {m: short_model(m) for m in models}
+    if len(set(short.values())) < len(short):
+        return {m: "bundled" if m in (None, "bundled") else str(m) for m in models}
+    return short
 
 
 def spark_scale(sparks: list[tuple[str, SparkBins]]) -> tuple[float | None, float | None]:
@@ -127,18 +159,33 @@ def show_sparks(console: Console, sparks: list[tuple[str, SparkBins]]) -> None:
 def render_compare_table(console: Console, records: list[dict[str, Any]],
                          sparks: list[tuple[str, SparkBins]] | None = None) -> None:
     lo, hi = spark_scale(sparks or [])
-    columns = ["policy", "n_s", "tokens", "loss", "ppl", "bits/byte", "boundary gap", "tok/s", "speed-up", "memory",
-               "updates"]
+    rows = [r for r in records if r["type"] == "row"]
+    label = model_names(list(dict.fromkeys(r.get("model") for r in rows)))
+    many = len(label) > 1
+    divergence = any("kl_div" in r for r in rows)
+    columns = (["model"] if many else []) + ["policy", "n_s", "tokens", "loss", "ppl", "bits/byte", "boundary gap",
+                                             "tok/s", "speed-up", "memory", "updates"]
+    if divergence:
+        columns += ["KL ± se", "top-1", "Δloss", "key loss (n)"]
     if lo is not None:
         columns.append("loss per segment")
-    table = new_table("compare", [(c, "left" if c == "loss per segment" else "right") for c in columns])
-    for i, r in enumerate(r for r in records if r["type"] == "row"):
-        cells = [r["policy"], str(r["segment_size"]), str(r["tokens"]), fmt_num(r["loss"]), fmt_num(r["ppl"], 2),
-                 fmt_num(r["bits_per_byte"]), fmt_num(r["boundary_gap"]), fmt_num(r["tokens_per_s"], 0),
-                 f"{fmt_num(r['speedup'], 2)}×", fmt_bytes(r["memory_bytes"]), str(r["memory_updates"])]
+    table = new_table("compare", [(c, "left" if c in ("loss per segment", "model") else "right") for c in columns])
+    for i, r in enumerate(rows):
+        cells = ([label[r.get("model")]] if many else []) + [
+            r["policy"], str(r["segment_size"]), str(r["tokens"]), fmt_num(r["loss"]), fmt_num(r["ppl"], 2),
+            fmt_num(r["bits_per_byte"]), fmt_num(r["boundary_gap"]), fmt_num(r["tokens_per_s"], 0),
+            f"{fmt_num(r['speedup'], 2)}×", fmt_bytes(r["memory_bytes"]), str(r["memory_updates"])]
+        if divergence:
+            key = "-" if r.get("key_tokens") is None else f"{fmt_num(r.get('key_token_loss'), 3)} ({r['key_tokens']})"
+            cells += [f"{fmt_num(r.get('kl_div'))} ± {fmt_num(r.get('kl_div_stderr'))}",
+                      fmt_num(r.get("top1_agreement"), 3), fmt_num(r.get("delta_loss")), key]
         if lo is not None and sparks is not None and i < len(sparks):
             cells.append(sparks[i][1].render(lo, hi))
         table.add_row(*cells)
     console.print(table)
+    if divergence:
+        ref = rows[0].get("reference")
+        console.print(f"KL(reference ‖ row) in nats per token, reference {ref} at each row's segment size; "
+                      "key tokens: loss under the reference < 2 nats and under none > 2 nats higher", style="dim")
     if lo is not None:
         console.print(f"loss per segment: {lo:.2f} (▁) to {hi:.2f} (█), same scale in every row", style="dim")
