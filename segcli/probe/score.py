@@ -3,21 +3,27 @@
     s = score(backend, cfg, prompt)          # one streaming pass over prompt + answer
     s.correct, s.answer_nll, s.in_memory
 
+    pre = Prefix(backend, cfg, ids)          # a context streamed once ...
+    lp, greedy = pre.continuation(a_ids)     # ... and continued by several answers (lm-eval's choices), or
+    new_ids = pre.decode(16)                 # decoded greedily after it
+
 The BOS token, the prompt and the answer are one token stream cut into segments of n_s from its start (at
 n_s = 1 under a sliding-window policy, `Backend.step_window` passes as `Stream` does); the logits at the
 answer's positions give its NLL and whether the argmax is the answer at every one of its tokens (greedy exact
 match, without generating). A cell therefore costs one pass over its prompt plus the answer's tokens.
 
-`generate_tokens > 0` also decodes greedily after the prompt: the memory is copied before the segment where the
-prompt ends, that segment's prompt part is stepped from the copy, then one token per step, as `segcli generate`
-does; the teacher-forced pass is unchanged by it.
+A `Prefix` streams every segment of the context but the one its last token falls in, and keeps that memory;
+each continuation steps that last segment's context tokens and its own tokens from a copy of it (the last one
+from the memory itself), so the segments are exactly those of the context and the continuation streamed as one
+document, and the context's earlier segments are computed once for all continuations. Generation steps the
+same tail, then one token per step, as `segcli generate` does.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +47,7 @@ class Score:
     generated: str | None = None  # greedy continuation of the prompt (with generate_tokens)
 
 
-def held(cfg: RunConfig, positions: range, query: int) -> bool | None:
+def held(cfg: RunConfig, positions, query: int) -> bool | None:
     """Whether every stream position in `positions` is among the keys the query at `query` attends to: its own
     segment (positions from the segment's start up to the query), or what the policy holds of the earlier ones.
     Exact pairs only: None where the policy keeps summaries (average, compressive's pooled slots, linear) or
@@ -82,51 +88,82 @@ def stepper(backend: Backend, memory, segment_size: int):
     return backend.step, segment_size
 
 
-@torch.inference_mode()
+class Prefix:
+    """A context streamed through a fresh memory up to the segment its last token falls in."""
+
+    @torch.inference_mode()
+    def __init__(self, backend: Backend, cfg: RunConfig, ids: list[int]):
+        if not ids:
+            raise ValueError("a prefix needs at least one token")
+        self.backend, self.device = backend, backend.device
+        self.memory = backend.new_memory(cfg)
+        self.step, self.size = stepper(backend, self.memory, cfg.segment_size)
+        start = (len(ids) - 1) // self.size * self.size  # where the segment holding the last context token starts
+        self.tail = ids[start:]
+        self.seconds, self.tokens, self.spent = 0.0, start, False
+        head = torch.tensor(ids[:start], dtype=torch.long, device=self.device)[None]  # (1, start)
+        for s in stream(self.step, self.memory, split(head, self.size), self.device):
+            self.memory = s.memory
+            self.seconds += s.seconds
+
+    def _memory(self, last: bool) -> Any:
+        """The memory to continue from: a copy, or the memory itself for the last continuation."""
+        if self.spent:
+            raise RuntimeError("the prefix's memory was given to its last continuation")
+        self.spent = last
+        return self.memory if last else copy.deepcopy(self.memory)
+
+    def _stream(self, ids: list[int], memory) -> tuple[list[torch.Tensor], Any]:
+        x = torch.tensor(ids, dtype=torch.long, device=self.device)[None]  # (1, T)
+        rows = []
+        for s in stream(self.step, memory, split(x, self.size), self.device):
+            rows.append(s.logits[0])
+            memory = s.memory
+            self.seconds += s.seconds
+        self.tokens += len(ids)
+        return rows, memory
+
+    @torch.inference_mode()
+    def continuation(self, cont: list[int], last: bool = False) -> tuple[torch.Tensor, bool]:
+        """Per-token log-probs (A,) of `cont` after the context, and whether it is the greedy continuation (the
+        argmax at every one of its tokens)."""
+        rows, _ = self._stream(self.tail + cont[:-1], self._memory(last))
+        logits = torch.cat(rows)[len(self.tail) - 1 :].float()  # (A, V)
+        targets = torch.tensor(cont, dtype=torch.long, device=self.device)
+        lp = F.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
+        return lp, bool((logits.argmax(-1) == targets).all())
+
+    @torch.inference_mode()
+    def decode(self, n: int, pick: Callable[[torch.Tensor], int] | None = None, stop: Callable[[list[int]], bool] | None = None,
+               eos: int | None = None, last: bool = False) -> list[int]:
+        """Up to n tokens after the context, one per step: `pick(logits (V,))` (greedy by default), ending at
+        `eos` or when `stop(tokens so far)` says so. Not counted in `seconds` or `tokens`."""
+        pick = pick or (lambda logits: int(logits.argmax()))
+        seconds, tokens = self.seconds, self.tokens
+        rows, memory = self._stream(self.tail, self._memory(last))
+        logits = rows[-1][-1].float()
+        out: list[int] = []
+        while len(out) < n:
+            nxt = pick(logits)
+            if eos is not None and nxt == eos:
+                break
+            out.append(nxt)
+            if stop is not None and stop(out):
+                break
+            step_logits, memory, _ = self.backend.step(torch.tensor([[nxt]], device=self.device), memory)
+            logits = step_logits[0, -1].float()
+        self.seconds, self.tokens = seconds, tokens
+        return out
+
+
 def score(backend: Backend, cfg: RunConfig, prompt: Prompt, generate_tokens: int = 0) -> Score:
     bos = [] if backend.bos_id is None else [backend.bos_id]
-    seq = bos + prompt.ids + prompt.answer_ids
-    n_ans = len(prompt.answer_ids)
-    first = len(seq) - n_ans - 1  # stream position whose logits predict the answer's first token
-    offset = len(bos)  # stream position of prompt token 0
-    device = backend.device
-    ids = torch.tensor(seq[:-1], dtype=torch.long, device=device)[None]  # (1, N)
-    targets = torch.tensor(prompt.answer_ids, dtype=torch.long, device=device)  # (A,)
-    memory = backend.new_memory(cfg)
-    step, size = stepper(backend, memory, cfg.segment_size)
-    fork, fork_start = (copy.deepcopy(memory), 0) if generate_tokens and first < size else (None, 0)
-    rows: list[torch.Tensor] = []
-    seconds = 0.0
-    for s in stream(step, memory, split(ids, size), device):
-        start = s.item
-        end = start + s.logits.shape[1]
-        seconds += s.seconds
-        if end > first:
-            rows.append(s.logits[0, max(first - start, 0) :].float())  # (<=T, V)
-        if generate_tokens and fork is None and start + size <= first < start + 2 * size:
-            fork, fork_start = copy.deepcopy(s.memory), start + size  # the memory before the prompt's last segment
-    logits = torch.cat(rows)[:n_ans]  # (A, V)
-    nll = F.cross_entropy(logits, targets, reduction="none")  # (A,)
-    correct = bool((logits.argmax(-1) == targets).all())
-    needle = [p + offset for a, b in prompt.needle for p in range(a, b)]
-    in_mem = held(cfg, needle, first)
+    pre = Prefix(backend, cfg, bos + prompt.ids)
     generated = None
     if generate_tokens:  # not timed: `seconds` is the probe's cost, one pass
-        generated = backend.tokenizer.decode(greedy(backend, step, fork, ids[:, fork_start : first + 1], size,
-                                                    generate_tokens))
-    return Score(correct, float(nll.sum()), n_ans, nll.tolist(), in_mem, ids.shape[1], seconds, generated)
-
-
-def greedy(backend: Backend, step, memory: Any, rest: torch.Tensor, size: int, n: int) -> list[int]:
-    """Step the prompt's remaining tokens `rest` (1, R) from `memory`, then decode n tokens greedily, one per
-    step (stopping at the end-of-text token)."""
-    for s in stream(step, memory, split(rest, size)):
-        logits, memory = s.logits, s.memory
-    out: list[int] = []
-    for _ in range(n):
-        nxt = int(logits[0, -1].float().argmax())
-        if backend.eos_id is not None and nxt == backend.eos_id:
-            break
-        out.append(nxt)
-        logits, memory, _ = backend.step(torch.tensor([[nxt]], device=backend.device), memory)
-    return out
+        generated = backend.tokenizer.decode(pre.decode(generate_tokens, eos=backend.eos_id))
+    lp, correct = pre.continuation(prompt.answer_ids, last=True)
+    nll = (-lp).tolist()
+    first = len(bos) + len(prompt.ids) - 1  # stream position whose logits predict the answer's first token
+    needle = [p + len(bos) for a, b in prompt.needle for p in range(a, b)]
+    return Score(correct, float(-lp.sum()), len(nll), nll, held(cfg, needle, first), pre.tokens, pre.seconds, generated)

@@ -126,9 +126,9 @@ def test_reference_errors_are_one_line(tiny_model_dir, doc_path):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    from test_hf import build
+    from probe_tiny_hf import build_llama
 
-    return build("llama", tmp_path_factory.mktemp("compare-llama") / "model")
+    return build_llama(tmp_path_factory.mktemp("compare-llama") / "model")
 
 
 def test_several_models_in_one_table(tiny_model_dir, hf_dir, doc_path):

@@ -43,9 +43,9 @@ def untimed(recs: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    from test_hf import build
+    from probe_tiny_hf import build_llama
 
-    return build("llama", tmp_path_factory.mktemp("probe-cli-llama") / "model")
+    return build_llama(tmp_path_factory.mktemp("probe-cli-llama") / "model")
 
 
 @pytest.fixture(scope="module", params=["native", "hf"])

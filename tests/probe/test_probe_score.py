@@ -38,9 +38,9 @@ def native(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def hf_llama(tmp_path_factory):
-    from test_hf import build
+    from probe_tiny_hf import build_llama
 
-    path = build("llama", tmp_path_factory.mktemp("probe-llama") / "model")
+    path = build_llama(tmp_path_factory.mktemp("probe-llama") / "model")
     return load_backend(RunConfig(model=str(path), device="cpu"))
 
 
@@ -123,3 +123,29 @@ def test_generate_decodes_greedily_from_the_prompt(backend, ns):
             out.append(nxt)
             logits, memory, _ = backend.step(torch.tensor([[nxt]]), memory)
     assert with_text.generated == backend.tokenizer.decode(out)
+
+
+@pytest.mark.parametrize("memory, ns", [("full", 7), ("fifo", 1), ("fifo", 16), ("xl", 16), ("none", 64)])
+def test_a_prefix_continued_several_ways_equals_one_stream_each(backend, memory, ns):
+    """lm-eval's choices: the context's earlier segments once, each continuation from a copy of that memory, with
+    the segments of context + continuation streamed as one document."""
+    from segcli.probe.score import Prefix
+
+    ctx = [backend.bos_id] + backend.tokenizer.encode(FILLER.read_text(encoding="utf-8")[:400]).ids
+    conts = [backend.tokenizer.encode(t).ids for t in (" the river", " a quiet morning in the town", " x")]
+    cfg = RunConfig(memory=memory, segment_size=ns, memory_size=24)
+    pre = Prefix(backend, cfg, ctx)
+    got = [pre.continuation(c, last=i == len(conts) - 1) for i, c in enumerate(conts)]
+    for (lp, greedy), cont in zip(got, conts):
+        seq = ctx + cont
+        memory_, rows = backend.new_memory(cfg), []
+        with torch.inference_mode():
+            for start in range(0, len(seq) - 1, ns):
+                logits, memory_, _ = backend.step(torch.tensor([seq[:-1][start : start + ns]]), memory_)
+                rows.append(logits[0])
+        ref = F.log_softmax(torch.cat(rows)[len(ctx) - 1 :].float(), -1)
+        want = ref.gather(-1, torch.tensor(cont)[:, None])[:, 0]
+        assert lp.tolist() == pytest.approx(want.tolist(), abs=1e-4)
+        assert greedy == bool((ref.argmax(-1) == torch.tensor(cont)).all())
+    with pytest.raises(RuntimeError, match="last continuation"):
+        pre.continuation(conts[0])
