@@ -84,7 +84,7 @@ def shutdown(timeout_s: float = 60) -> None:
 
     Without the barrier a rank that finishes first tears its connections down while a peer's gloo
     threads still use them, and that peer can abort at exit ("terminate called without an active
-    exception", seen once in six runs of tests/test_distributed.py). The barrier is bounded (gloo's
+    exception", seen once in six runs of tests/engine/test_distributed.py). The barrier is bounded (gloo's
     monitored barrier) so a peer that died cannot hang the others; if it fails they leave anyway. NCCL has
     no bounded barrier (a plain one would wait out the group's 30-minute timeout for a dead peer), so
     GPU groups leave without one."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lease of a GPU machine (issues 3 and 5), run from the repository root:
 #   1. stage-3 training on CUDA (experiments/bundled-model/configs/train-bundled-gpu.yaml) for the time the lease leaves, with
-#      tests/test_cuda.py running beside it (correctness only: no timing is taken while it runs);
+#      tests/engine/test_cuda.py running beside it (correctness only: no timing is taken while it runs);
 #   2. then, alone on the GPU, the benchmark on CUDA in float32 and in bfloat16.
 # Everything lands in $OUT (the device tool brings back at most 8 files): log.txt, train.jsonl,
 # model.safetensors + model-config.json (the trained model, float16), cuda-float32.json, cuda-bfloat16.json.
@@ -27,8 +27,8 @@ echo "== machine ($(date -u +%FT%TZ), commit ${GIT_COMMIT:-unknown})"
 nvidia-smi -L
 python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 
-echo "== tests/test_cuda.py (in the background)"
-(timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py > /tmp/pytest-cuda.txt 2>&1; echo "pytest exit $?" >> /tmp/pytest-cuda.txt) &
+echo "== tests/engine/test_cuda.py (in the background)"
+(timeout 300 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py > /tmp/pytest-cuda.txt 2>&1; echo "pytest exit $?" >> /tmp/pytest-cuda.txt) &
 PYTEST_PID=$!
 
 train() {  # $1: extra --set, $2: out dir
@@ -59,7 +59,7 @@ fi
 cp "$RUN/model/model.safetensors" "$OUT/" && cp "$RUN/model/config.json" "$OUT/model-config.json"
 tail -n 3 "$OUT/train.jsonl" | cut -c1-600
 
-wait $PYTEST_PID; echo "== tests/test_cuda.py"; tail -n 15 /tmp/pytest-cuda.txt
+wait $PYTEST_PID; echo "== tests/engine/test_cuda.py"; tail -n 15 /tmp/pytest-cuda.txt
 
 for dt in $DTYPES; do
     echo "== benchmark, CUDA $dt (timeout $BENCH_S s, $(left) s left)"
