@@ -9,7 +9,7 @@ where the installed transformers lacks the family (the CI job on 5.17 skips thos
 from __future__ import annotations
 
 V = 8192  # the bundled tokenizer's vocabulary
-INIT = 0.08  # initializer_range: far from uniform attention and gates, so that position and state bugs show
+INIT = 0.25  # initializer_range: far from uniform logits, attention and gates, so that position and state bugs show
 _ATT = dict(num_attention_heads=4, num_key_value_heads=2)
 
 FAMILIES: dict[str, tuple[str, dict]] = {
