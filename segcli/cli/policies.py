@@ -1,4 +1,10 @@
-"""`segcli policies`: the memory policies, their update rule and parameters."""
+"""`segcli policies`: the memory policies, their update rule and parameters, and what each does to which layer kind.
+
+Attention layers (every layer of a transformer, the attention layers of a hybrid) keep what the policy's rule keeps.
+Recurrent layers (Mamba, RWKV, xLSTM, gated delta nets, the recurrent layers of hybrids) keep their own fixed-size
+state, updated by the layer itself once per segment: every policy but `none` carries it to the next segment, and
+`none` resets it (DESIGN §1).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..backends.recurrent import POLICY_ON_ATTENTION
 from ..config import RunConfig
 from ..memory import REGISTRY
 from .common import DebugOpt, Format, handle_errors
@@ -18,8 +25,23 @@ def policies(
         "--format", "-f", help="table (default on a terminal), jsonl (default in a pipe), json or csv.")] = None,
     debug: DebugOpt = False,
 ) -> None:
-    """List the memory policies, their update rule, parameters and memory bound."""
+    """List the memory policies, their update rule, parameters and memory bound, and what each does to the
+    recurrent layers (Mamba, RWKV, xLSTM, ...) and to the attention layers of hybrid models."""
     _policies(format.value if format else None, debug=debug)
+
+
+def recurrent_rule(name: str) -> str:
+    """What policy `name` does to a recurrent layer's state (conv window and SSM / linear-attention / RNN state)."""
+    return "state reset at every segment" if name == "none" else "state carried (the layer's own update)"
+
+
+def hybrid_rule(name: str) -> str:
+    """What policy `name` does to the attention layers of a hybrid (recurrent + attention) model today."""
+    if name == "full":
+        return "the model's own key-value cache"
+    if name in POLICY_ON_ATTENTION:
+        return "the segment alone"
+    return "refused (not exact on hybrids yet)"
 
 
 @handle_errors
@@ -28,14 +50,17 @@ def _policies(format: str | None, debug: bool = False) -> None:
     rows = []
     for name, cls in REGISTRY.items():
         rows.append({"type": "policy", "name": name, "rule": cls.rule, "parameters": list(cls.parameters),
-                     "defaults": {k: defaults[k] for k in cls.parameters}, "bound": cls.size_rule})
+                     "defaults": {k: defaults[k] for k in cls.parameters}, "bound": cls.size_rule,
+                     "recurrent_layers": recurrent_rule(name), "hybrid_attention_layers": hybrid_rule(name)})
     fmt = default_format(format, None)
     writer = Writer("csv" if fmt == "csv" else "jsonl", None)  # stdout; closed stdout: one line, exit 2
     if fmt == "table":
-        table = new_table("memory policies", [("policy", "left"), ("update rule", "left"), ("parameters", "left"),
-                                              ("size", "left")])
+        table = new_table("memory policies", [("policy", "left"), ("update rule (attention layers)", "left"),
+                                              ("parameters", "left"), ("size", "left"), ("recurrent layers", "left"),
+                                              ("hybrids' attention layers", "left")])
         for r in rows:
-            table.add_row(r["name"], r["rule"], ", ".join(r["parameters"]) or "-", r["bound"])
+            table.add_row(r["name"], r["rule"], ", ".join(r["parameters"]) or "-", r["bound"], r["recurrent_layers"],
+                          r["hybrid_attention_layers"])
         PipeConsole(file=writer.stream).print(table)
         writer.stream.flush()
     elif fmt == "json":
