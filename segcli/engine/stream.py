@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import resource
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterator
 
 import torch
@@ -63,10 +63,13 @@ class SegmentResult:
     token_end_bytes: list[int] = field(default_factory=list, repr=False)  # UTF-8 offset where each token ends
 
     def record(self) -> dict[str, Any]:
-        d = asdict(self)
-        for private in ("token_nll", "token_ids", "byte_start", "token_end_bytes"):
-            d.pop(private)
+        """The JSON record: every public field (the per-token lists stay out; `asdict` would deep-copy them first)."""
+        d = {name: getattr(self, name) for name in RECORD_FIELDS}
+        d["memory"] = dict(vars(self.memory))
         return d
+
+
+RECORD_FIELDS = tuple(f.name for f in fields(SegmentResult) if f.repr)  # the serialised fields, in order
 
 
 def safe_exp(x: float) -> float:
