@@ -1,4 +1,9 @@
-"""Any Hugging Face causal LM, streamed through segcli's policies as transformers cache layers (`segcli.hf`)."""
+"""Any Hugging Face causal LM, streamed through segcli's policies as transformers cache layers (`segcli.hf`).
+
+The model runs the attention implementation transformers picks for it (SDPA where the family has it, else
+eager), so what is streamed is the model's own computation; only `--memory linear` switches it to segcli's
+attention function ("segcli": the model's own eager attention plus the linear read), and back afterwards.
+"""
 
 from __future__ import annotations
 
@@ -10,63 +15,123 @@ from torch import Tensor
 
 from ..config import RunConfig
 from ..errors import UsageError
-from ..hf import SegcliCache, cache_kwarg, make_cache, register_attention
+from ..ops.layout import column_major_linears
+from ..hf import (
+    SegcliCache, cache_kwarg, extra_mask, make_cache, model_features, register_attention, track_memory_mass,
+    visible_in_stream,
+)
 from .base import Backend, file_sha256, model_fingerprint
-
-
-def _attention_modules(model) -> list:
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
 
 
 @dataclass
 class HFBackend(Backend):
     kind = "hf"
-    attn_modules: list = field(default_factory=list)  # the model's attention modules (they record the memory mass)
+    attn_implementation: str = "sdpa"  # what the model was loaded with (linear runs switch to "segcli" and back)
+    hooks: list = field(default_factory=list)  # eager attention: hooks reading the mass on memory
+    load_args: dict = field(default_factory=dict)  # how to load the checkpoint again (path, revision, ...)
+
+    def _use_attention(self, name: str) -> None:
+        cfg = self.model.config.get_text_config()
+        if cfg._attn_implementation == name:
+            return
+        if name == "segcli":
+            register_attention()
+        try:
+            self.model.set_attn_implementation(name)
+        except (ValueError, ImportError, KeyError):
+            pass
+        if cfg._attn_implementation != name:
+            family, cls = self.identity["model_type"], type(self.model).__name__
+            if name == "segcli":
+                raise UsageError(f"{family}: --memory linear needs segcli's attention function, and {cls} does not "
+                                 "take another attention implementation; use another policy")
+            raise UsageError(f"{family}: {cls} has no {name} attention in this transformers")
+
+    def use_attention_implementation(self, name: str) -> None:
+        """Run the model under another of transformers' attention implementations ("eager", "sdpa") from now on:
+        switched in place where the family allows it, else loaded again with it."""
+        try:
+            self._use_attention(name)
+        except UsageError:
+            self.model = _load_model(**self.load_args, attn_implementation=name).to(self.device).eval()
+            if self.device.type == "cpu":
+                column_major_linears(self.model)
+            self._use_attention(name)
+        self.attn_implementation = name
+        self.identity["attn_implementation"] = name
+        for h in self.hooks:
+            h.remove()
+        self.hooks = track_memory_mass(self.model) if name == "eager" else []
+
+    @torch.inference_mode()
+    def reference_logits(self, ids: Tensor, rule: tuple[str, int, int] | None = None) -> Tensor | None:
+        """(N, V) logits of one plain forward of ids (1, N), no cache, the model's own attention; with `rule`
+        ((policy, segment size, memory size), see segcli.hf.visible_in_stream) every mask the model builds is
+        intersected with what that stream lets a query see. None when the model builds no mask to intersect."""
+        self._use_attention(self.attn_implementation)
+        pos = torch.arange(ids.shape[1], device=ids.device)[None]
+        if rule is None:
+            return self.model(input_ids=ids, position_ids=pos).logits[0]
+        with extra_mask(self.model, visible_in_stream(*rule)) as calls:
+            logits = self.model(input_ids=ids, position_ids=pos).logits[0]
+        return logits if calls else None
 
     def new_memory(self, cfg: RunConfig, batch: int = 1) -> SegcliCache:
-        return make_cache(self.model, cfg.policy())
+        policy = cfg.policy()
+        self._use_attention("segcli" if policy.kind == "linear" else self.attn_implementation)
+        return make_cache(self.model, policy)
 
     def step(self, ids: Tensor, memory: SegcliCache):
         t = ids.shape[1]
         start = memory.seen
-        limit = self.identity.get("max_positions")
+        self._use_attention("segcli" if memory.policy.kind == "linear" else self.attn_implementation)
+        feats = model_features(self.model)
+        limit = feats.position_limit
         if limit is not None and start + t > limit:
             raise UsageError(
-                f"{self.identity['model']}: learned absolute positions end at {limit} tokens; this model cannot stream "
-                f"past them (use --max-tokens {limit} or a rotary model)")
-        masses: list[Tensor] = []
-        for mod in self.attn_modules:
-            mod._segcli_layer = memory.layers[mod.layer_idx]
-            mod._segcli_masses = masses
+                f"{self.identity['model']}: {feats.limit_reason}; a stream past them is not the model's own "
+                f"(use --max-tokens {limit})")
         pos = torch.arange(start, start + t, device=ids.device)[None]
         out = self.model(input_ids=ids, position_ids=pos, use_cache=True, **{cache_kwarg(self.model): memory})
-        mass = float(torch.stack(masses).mean()) if masses else None
-        return out.logits, memory, mass
+        return out.logits, memory, memory.memory_mass()
 
 
 def load_hf(cfg: RunConfig, path: Path, model_cfg, device: torch.device, dtype: torch.dtype) -> HFBackend:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    load_args = dict(path=path, dtype=dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=register_attention())
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"{path}: cannot load as a causal LM ({str(e).splitlines()[0]})") from None
+    model = _load_model(**load_args)
     model.to(device).eval()
     backend_tok = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
     if backend_tok is None:
         raise UsageError(f"{path}: segcli needs a fast tokenizer (tokenizer.json)")
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    text_cfg = model.config.get_text_config()
-    has_rotary = any(type(m).__name__.endswith("RotaryEmbedding") for m in model.modules())
+    attn = model.config.get_text_config()._attn_implementation
     identity = {
         "model": str(path),
         "model_type": model.config.model_type,
         "model_sha256": model_fingerprint(path),
         "tokenizer_sha256": file_sha256(path / "tokenizer.json") if (path / "tokenizer.json").exists() else None,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "max_positions": None if has_rotary else getattr(text_cfg, "max_position_embeddings", None),
+        "attn_implementation": attn,
     }
-    return HFBackend(model, backend_tok, bos, device, dtype, identity, attn_modules=_attention_modules(model))
+    hooks = track_memory_mass(model) if attn == "eager" else []
+    return HFBackend(model, backend_tok, bos, device, dtype, identity, attn_implementation=attn, hooks=hooks,
+                     load_args=load_args)
+
+
+def _load_model(path: Path, dtype: torch.dtype, revision, trust_remote_code: bool, attn_implementation=None):
+    """The checkpoint as a causal LM (attn_implementation None: the one transformers picks for the family)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision,
+                                                    trust_remote_code=trust_remote_code,
+                                                    attn_implementation=attn_implementation)
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        what = f"with attn_implementation={attn_implementation!r}" if attn_implementation else "as a causal LM"
+        raise UsageError(f"{path}: cannot load {what} ({str(e).splitlines()[0]})") from None

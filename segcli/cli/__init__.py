@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from .check import check
 from .compare import compare
 from .generate import generate
 from .plot import plot
@@ -27,6 +28,7 @@ app.command()(train)
 app.command()(generate)
 app.command()(plot)
 app.command()(probe)
+app.command()(check)
 
 
 def main() -> None:

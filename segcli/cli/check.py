@@ -1,0 +1,129 @@
+"""`segcli check`: does segcli stream this model exactly? Streamed runs against one plain forward of the model."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from ..backends import load_backend
+from ..documents import Document, tokenize
+from ..engine.check import DEFAULT_TOKENS, SEGMENT_SIZES, CheckReport, check as run_check, sample_text
+from ..errors import UsageError
+from ..reader import Reader
+from .common import (
+    CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, MemorySizeOpt, ModelOpt, Policy, QuietOpt,
+    RateOpt, RevisionOpt, SegmentSizeOpt, SinkOpt, TrustOpt, handle_errors, say, value,
+)
+from .options import build_config
+from .output import PipeConsole, default_format, new_table, stdout_stream
+
+VERDICT_STYLE = {"exact": "green", "differs": "bold red", "refused": "yellow"}
+SHORT = {"memory_size": "n_c", "sink_tokens": "n_sink", "compress_rate": "c", "compressed_size": "n_cm"}
+
+
+def check(
+    doc: Annotated[Optional[str], typer.Argument(
+        help="Text to stream (default: the start of a sample document); '-' reads stdin.", show_default=False)] = None,
+    model: ModelOpt = None,
+    memory: Annotated[Optional[Policy], typer.Option(help="Memory policy to check besides full.")] = None,
+    segment_size: SegmentSizeOpt = None,
+    memory_size: MemorySizeOpt = None,
+    sink_tokens: SinkOpt = None,
+    compress_rate: RateOpt = None,
+    compressed_size: CompressedOpt = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens of the text to stream.")] = DEFAULT_TOKENS,
+    segment_sizes: Annotated[str, typer.Option(help="Segment sizes of the full-memory runs, comma-separated.")] = (
+        ",".join(map(str, SEGMENT_SIZES))),
+    attn_implementation: Annotated[Optional[str], typer.Option(
+        help="eager or sdpa (default: the one transformers picks for the model).")] = None,
+    device: DeviceOpt = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32 (default: exact comparisons), bfloat16, float16.")] = None,
+    config: ConfigOpt = None,
+    format: Annotated[Optional[str], typer.Option("--format", "-f", help="table (default on a terminal) or json.")] = None,
+    errors: ErrorsOpt = None,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Check that segcli streams a Hugging Face model exactly: its text streamed under full memory at several
+    segment sizes, and under the given policy where DESIGN §1 has an equivalence (fifo at segment size 1 = a
+    sliding window within the model's own windows, xl = fifo with n_c = n_s, a memory larger than the text =
+    full), each against one plain forward of the model's own attention. Prints each setting's delta NLL and max
+    |delta logit| and a verdict; exit 0 when exact, 1 when it differs, 2 when refused."""
+    _check(**locals())
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise UsageError(f"--segment-sizes must be positive integers separated by commas, got {text!r}")
+    return sizes
+
+
+@handle_errors
+def _check(doc, max_tokens, segment_sizes, attn_implementation, format, config, quiet, debug, **options):
+    stdout = stdout_stream()
+    fmt = format or ("table" if default_format(None, None) == "table" else "json")
+    if fmt not in ("table", "json"):
+        raise UsageError(f"--format must be table or json, got {fmt!r}")
+    if attn_implementation not in (None, "eager", "sdpa"):
+        raise UsageError(f"--attn-implementation must be eager or sdpa, got {attn_implementation!r}")
+    if max_tokens < 2:
+        raise UsageError(f"--max-tokens must be at least 2, got {max_tokens}")
+    sizes = _sizes(segment_sizes)
+    options = {k: value(v) for k, v in options.items()}
+    options["dtype"] = options.get("dtype") or "float32"
+    cfg = build_config(config, check_apply=True, **options)
+    reader = Reader(cfg.errors, max_tokens)
+    source = None
+    if doc is not None:
+        (source,) = reader.sources([doc])
+        reader.check([source])
+    backend = load_backend(cfg)
+    if backend.kind != "hf":
+        raise UsageError(f"segcli check compares Hugging Face models with their own plain forward; the {backend.kind} "
+                         "backend is not one (pass --model DIR of a transformers checkpoint)")
+    if attn_implementation:
+        backend.use_attention_implementation(attn_implementation)
+    if source is not None:
+        tdoc = reader.tokenized(source, backend)
+    else:
+        text = sample_text()
+        tdoc = tokenize(Document("sample", text, len(text.encode("utf-8"))), backend.tokenizer,
+                        backend.bos_id).truncated(max_tokens, text)
+    if len(tdoc) < 2:
+        raise UsageError(f"{tdoc.name}: needs at least 2 tokens to check, got {len(tdoc)}")
+    report = run_check(backend, tdoc, cfg, sizes)
+    if not quiet:
+        for note in report.notes:
+            say(f"note: {note}")
+    if fmt == "json":
+        stdout.write(json.dumps(report.record(), indent=1) + "\n")
+    else:
+        render(report, PipeConsole(file=stdout))
+    stdout.flush()
+    raise typer.Exit(report.exit_code)
+
+
+def render(report: CheckReport, console) -> None:
+    table = new_table(f"segcli check: {report.family} ({report.attn_implementation} attention, {report.dtype}), "
+                      f"{report.tokens} tokens", [
+        ("memory", "left"), ("n_s", "right"), ("sizes", "left"), ("compared with", "left"), ("dNLL", "right"),
+        ("max |dlogit|", "right"), ("verdict", "left")])
+    for s in report.settings:
+        sizes = " ".join(f"{SHORT.get(k, k)}={v}" for k, v in s.sizes.items()) or "-"
+        table.add_row(s.policy, str(s.segment_size), sizes, s.reference,
+                      f"{s.delta_nll:+.1e}" if s.delta_nll is not None else "-",
+                      f"{s.max_dlogit:.1e}" if s.max_dlogit is not None else "-",
+                      f"[{VERDICT_STYLE[s.verdict]}]{s.verdict}[/]")
+    console.print(table)
+    for s in report.settings:
+        if s.reason:
+            console.print(f"refused: {s.reason}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"verdict: [{VERDICT_STYLE[report.verdict]}]{report.verdict}[/]", highlight=False)
