@@ -113,6 +113,53 @@ class Family:
         return sum(t in ("full_attention", "sliding_attention", "chunked_attention", "hybrid", "hybrid_sliding",
                          "attention") for t in layer_types(model.config))
 
+    def export(self, model, cache: Any) -> dict[str, Tensor | int]:
+        """The state's tensors and counts by name (a memory file's entries: recurrent_files)."""
+        from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
+
+        out: dict[str, Tensor | int] = {}
+        for i, layer in enumerate(getattr(cache, "layers", [])):
+            if isinstance(layer, LinearAttentionCacheLayerMixin):
+                for k, started in layer.has_previous_state.items():
+                    for part, states in (("conv", layer.conv_states), ("state", layer.recurrent_states)):
+                        if started and isinstance(states.get(k), Tensor):
+                            out[f"layer{i}.{part}{k}"] = states[k]
+            if isinstance(layer, CacheLayerMixin) and isinstance(getattr(layer, "keys", None), Tensor) \
+                    and layer.keys.numel():
+                out[f"layer{i}.keys"], out[f"layer{i}.values"] = layer.keys, layer.values
+                if hasattr(layer, "cumulative_length"):
+                    out[f"layer{i}.cumulative_length"] = int(layer.cumulative_length)
+        return out
+
+    def restore(self, model, entries: dict[str, Tensor | int], cache: Any = None) -> Any:
+        """A fresh state object (`cache`, else a new one) holding `entries` (as `export` named them; checked by
+        recurrent_files)."""
+        from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
+
+        cache = self.new_cache(model) if cache is None else cache
+        for i, layer in enumerate(getattr(cache, "layers", [])):
+            if isinstance(layer, LinearAttentionCacheLayerMixin):
+                for k in layer.has_previous_state:
+                    conv, state = entries.get(f"layer{i}.conv{k}"), entries.get(f"layer{i}.state{k}")
+                    for t in (conv, state):
+                        if t is not None:
+                            layer.device, layer.dtype = t.device, t.dtype
+                    if conv is not None:
+                        layer.conv_states[k], layer.is_conv_states_initialized[k] = conv.clone(), True
+                        layer.conv_kernel_size[k] = conv.shape[-1]
+                    if state is not None:
+                        layer.recurrent_states[k], layer.is_recurrent_states_initialized[k] = state.clone(), True
+                    layer.has_previous_state[k] = conv is not None or state is not None
+            keys = entries.get(f"layer{i}.keys")
+            if isinstance(layer, CacheLayerMixin) and keys is not None:
+                layer.device, layer.dtype = keys.device, keys.dtype
+                layer.keys, layer.values, layer.is_initialized = keys.clone(), entries[f"layer{i}.values"].clone(), True
+                if hasattr(layer, "_sliding_window_tensor"):
+                    layer._sliding_window_tensor = layer._sliding_window_tensor.to(keys.device)
+                if f"layer{i}.cumulative_length" in entries:
+                    layer.cumulative_length = entries[f"layer{i}.cumulative_length"]
+        return cache
+
 
 def _tensor(x: Any) -> Tensor | None:
     return x if isinstance(x, Tensor) else None
@@ -145,6 +192,18 @@ class MiniMaxFamily(Family):
                 kv = kv if isinstance(kv, Tensor) else None
                 out.append(recurrent_stats(i, [], [kv] if kv is not None else [], [], seen if kv is not None else 0))
         return out
+
+    def export(self, model, cache: Any) -> dict[str, Tensor | int]:
+        out = super().export(model, cache)
+        out.update({f"layer{i}.linear": kv for i, kv in enumerate(cache.linear_cache) if isinstance(kv, Tensor)})
+        return out
+
+    def restore(self, model, entries: dict[str, Tensor | int]) -> Any:
+        cache = super().restore(model, entries)
+        for i in range(len(cache.linear_cache)):
+            kv = entries.get(f"layer{i}.linear")
+            cache.linear_cache[i] = kv.clone() if kv is not None else None
+        return cache
 
 
 @functools.cache
@@ -183,6 +242,14 @@ class RwkvFamily(Family):
     def attention_layers(self, model) -> int:
         return 0
 
+    NAMES = ("ffn_shift", "attention_shift", "numerator", "denominator", "maximum")  # state[0..4], (B, hidden, L)
+
+    def export(self, model, cache: Any) -> dict[str, Tensor | int]:
+        return {} if cache is None else dict(zip(self.NAMES, cache))
+
+    def restore(self, model, entries: dict[str, Tensor | int]) -> Any:
+        return [entries[n].clone() for n in self.NAMES] if self.NAMES[0] in entries else None
+
 
 class XlstmFamily(Family):
     """xLSTM's `xLSTMCache` holds per block (C, n, m): the matrix memory, the normaliser and the log-scale
@@ -207,6 +274,19 @@ class XlstmFamily(Family):
 
     def attention_layers(self, model) -> int:
         return 0
+
+    def export(self, model, cache: Any) -> dict[str, Tensor | int]:
+        out: dict[str, Tensor | int] = {"seqlen_offset": int(cache.seqlen_offset.sum())}
+        for i, (c, n, m) in cache.rnn_state.items():
+            out.update({f"layer{i}.C": c, f"layer{i}.n": n, f"layer{i}.m": m})
+        return out
+
+    def restore(self, model, entries: dict[str, Tensor | int]) -> Any:
+        cache = self.new_cache(model)
+        if "layer0.C" in entries:
+            cache.rnn_state = {i: tuple(entries[f"layer{i}.{p}"].clone() for p in "Cnm") for i in cache.rnn_state}
+            cache.seqlen_offset += entries.get("seqlen_offset", 0)
+        return cache
 
 
 @dataclass
@@ -248,6 +328,17 @@ class RecurrentGemmaFamily(Family):
 
     def attention_layers(self, model) -> int:
         return len(model.model.layers) - len(self._blocks(model))
+
+    def export(self, model, cache: GriffinState) -> dict[str, Tensor | int]:
+        out = super().export(model, cache.cache)
+        for i, (conv, lru) in cache.blocks.items():
+            out.update({k: v for k, v in ((f"layer{i}.conv", conv), (f"layer{i}.lru", lru)) if v is not None})
+        return out
+
+    def restore(self, model, entries: dict[str, Tensor | int]) -> Any:
+        blocks = {i: tuple(entries[k].clone() if k in entries else None for k in (f"layer{i}.conv", f"layer{i}.lru"))
+                  for i in self._blocks(model)}
+        return GriffinState(super().restore(model, entries, Family.new_cache(self, model)), blocks)
 
 
 FAMILIES: dict[str, Family] = {"minimax": MiniMaxFamily(), "rwkv": RwkvFamily(), "xlstm": XlstmFamily(),
