@@ -70,7 +70,33 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                                       layers_block_type=["mamba", "attention", "mlp"])),
 }
 
-EXTRA_FAMILIES: dict[str, tuple[str, dict]] = {}
+EXTRA_FAMILIES: dict[str, tuple[str, dict]] = {
+    "qwen3_5_text": ("qwen3_5_text", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, **_ATT, head_dim=16,
+                                          linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                                          linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"])),
+    "lfm2_moe": ("lfm2_moe", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                                  **_ATT, num_experts=2, num_experts_per_tok=1, num_dense_layers=1,
+                                  layer_types=["conv", "full_attention"])),
+    "lfm3": ("lfm3", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, **_ATT, head_dim=16,
+                          sliding_window=16, pad_token_id=0, layer_types=["conv", "sliding_attention", "full_attention"])),
+    "olmo_hybrid": ("olmo_hybrid", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=4, linear_num_key_heads=4, linear_num_value_heads=4,
+                                        linear_key_head_dim=16, linear_value_head_dim=16, pad_token_id=0,
+                                        layer_types=["linear_attention", "full_attention"])),
+    "bailing_hybrid": ("bailing_hybrid", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                              qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=8, head_dim=8,
+                                              num_experts=2, num_experts_per_token=1, num_expert_group=1,
+                                              linear_head_dim=16, linear_num_heads=4, pad_token_id=0,
+                                              layer_types=["linear_attention", "full_attention"])),
+    "zaya": ("zaya", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          moe_intermediate_size=64, num_experts=2, num_experts_per_tok=1, router_hidden_size=16)),
+    "lara_mini": ("lara_mini", dict(hidden_size=64, num_hidden_layers=3, **_ATT, head_dim=16, linear_key_head_dim=16,
+                                    linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                                    moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=2,
+                                    num_experts_per_tok=1, sliding_window=16,
+                                    layer_types=["linear_attention", "sliding_attention", "full_attention"])),
+}
 
 
 def build_config(name: str):

@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recurrent_families import FAMILIES, build_config  # noqa: E402
+from recurrent_families import EXTRA_FAMILIES, FAMILIES, build_config  # noqa: E402
 
 from conftest import BUNDLED_TOKENIZER, SAMPLE  # noqa: E402
 from segcli.cli import app  # noqa: E402
@@ -39,7 +39,7 @@ def save_model(name: str, path: Path, config=None) -> Path:
 
     cfg = config if config is not None else build_config(name)
     if cfg is None:
-        pytest.skip(f"this transformers has no {FAMILIES[name][0]}")
+        pytest.skip(f"this transformers has no {(FAMILIES.get(name) or EXTRA_FAMILIES[name])[0]}")
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tok = PreTrainedTokenizerFast(tokenizer_file=str(BUNDLED_TOKENIZER), bos_token="<|endoftext|>",
@@ -142,3 +142,23 @@ def test_pure_recurrent_state_has_a_constant_size(name, tmp_path, doc):
     assert len(sizes) == 1 and sizes.pop() > 0, name
     assert all(r["memory"]["capacity"] == 0 and r["memory"]["slots"] == 0 for r in records)
     assert records[-1]["memory"]["oldest_age"] == records[-1]["token_end"]  # the state summarises every token
+
+
+@pytest.mark.parametrize("name", list(EXTRA_FAMILIES))
+def test_unlisted_families_stream_exactly_or_are_refused(name, tmp_path, doc):
+    """Recurrent and hybrid families nobody lists in issue 18 go through the load-time probe: each streams as one
+    forward does, or is refused in one line (exit 2); never a number of a different model."""
+    path = save_model(name, tmp_path / "model")
+    ref, _ = plain_forward(path, token_ids(path, doc))
+    for ns in (1, 7):
+        res = runner.invoke(app, ["run", str(doc), "--model", str(path), "-q", "--format", "jsonl", "--device", "cpu",
+                                  "--memory", "full", "-s", str(ns), "--per-token"])
+        if res.exit_code == 2:
+            lines = [x for x in res.stderr.splitlines() if x.strip()]
+            assert len(lines) == 1 and lines[0].startswith(f"segcli: error: {FAMILIES.get(name, EXTRA_FAMILIES[name])[0]}"), res.output
+            return
+        assert res.exit_code == 0, res.output
+        records = [json.loads(x) for x in res.stdout.splitlines()]
+        tokens = torch.tensor([r["nll"] for r in records if r["type"] == "token"])
+        assert abs(float(tokens.sum()) - float(ref.sum())) <= REL * abs(float(ref.sum())), (name, ns)
+        assert float((tokens - ref).abs().max()) < 1e-3, (name, ns)
