@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -71,6 +72,8 @@ def compare(
 def _compare(doc, segment_sizes, memory, model, reference, memory_size, sink_tokens, compress_rate, compressed_size, device,
              dtype, config, format, output, max_tokens, seed, errors, revision, trust_remote_code, plot, quiet, debug):
     models = list(dict.fromkeys(parse_list(model, "model"))) if model is not None else None
+    if models:  # "bundled" names the bundled model (unless a folder of that name is there)
+        models = [None if m == "bundled" and not Path(m).exists() else m for m in models]
     base = build_config(
         config, model=models[0] if models else None, memory_size=memory_size, sink_tokens=sink_tokens, compress_rate=compress_rate,
         compressed_size=compressed_size, device=device, dtype=dtype, seed=seed, errors=errors, revision=revision,

@@ -47,6 +47,18 @@ class ProbeSpec:
     generate: bool = False  # also decode greedily and record the text
 
 
+def position_limit(backend: Backend) -> int | None:
+    """The most stream positions the model can take as its own (GPT-2's learned positions), where known."""
+    limit = getattr(backend, "position_limit", None) or backend.identity.get("max_positions")
+    if limit is None and backend.kind == "hf":
+        try:
+            from ..hf import model_features
+        except ImportError:
+            return None
+        limit = model_features(backend.model).position_limit
+    return limit
+
+
 def record_key(r: dict[str, Any]) -> tuple:
     return (r["task"], r["length"], float(r["depth"]), r["sample"], r["policy"], r["segment_size"],
             json.dumps(r["sizes"], sort_keys=True))
@@ -101,6 +113,11 @@ class ProbeGrid:
             p = self.prompt(*cell)
             self.fingerprints[cell] = self.fingerprint(p)
             longest = max(longest, len(p.ids) + len(p.answer_ids))
+        limit = position_limit(self.backend)
+        if limit is not None and longest + 1 > limit:
+            raise UsageError(f"{self.backend.identity.get('model')}: the model streams only its first {limit} positions "
+                             f"(learned absolute positions end there) and the longest prompt with its answer takes "
+                             f"{longest + 1}; give --lengths of at most {limit - (longest + 1 - max(self.spec.lengths))}")
         notes = [span_note(c, self.backend.trained_length, longest) for c in self.configs]
         self.notes = [x for x in dict.fromkeys(notes) if x]
         for where, r in previous or []:
@@ -186,8 +203,8 @@ class ProbeGrid:
         for r in records:
             settings.setdefault((r["task"], r["policy"], r["segment_size"], json.dumps(r["sizes"], sort_keys=True)),
                                 []).append(r)
-        by_setting = [{"task": t, "policy": p, "segment_size": n, "sizes": json.loads(z), **aggregate(rs)}
-                      for (t, p, n, z), rs in settings.items()]
+        by_setting = [{"task": t, "policy": p, "segment_size": n, "sizes": json.loads(z), **aggregate(rs),
+                       "by_distance": by_distance(rs)} for (t, p, n, z), rs in settings.items()]
         hay = self.haystack
         spec = self.spec
         extra = {
@@ -205,8 +222,26 @@ class ProbeGrid:
         }
 
 
+def distance_bucket(d: int) -> tuple[int, int]:
+    """[lo, hi) of powers of two holding a distance: 0-63, 64-127, 128-255, ..."""
+    if d < 64:
+        return 0, 64
+    lo = 1 << (int(d).bit_length() - 1)
+    return lo, 2 * lo
+
+
+def by_distance(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records' accuracy and answer NLL by needle distance (tokens from the needle to the question), in
+    power-of-two buckets."""
+    buckets: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for r in rs:
+        buckets.setdefault(distance_bucket(r["distance"]), []).append(r)
+    return [{"distance_from": lo, "distance_to": hi, **aggregate(b)} for (lo, hi), b in sorted(buckets.items())]
+
+
 def aggregate(rs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy, mean answer NLL, mean distance and the share of prompts whose needle was held, over records."""
+    """Accuracy, mean answer NLL, mean distance and the share of prompts whose needle was held (of those where the
+    policy can say: `in_memory_known`), over records."""
     n = len(rs)
     known = [r["in_memory"] for r in rs if r["in_memory"] is not None]
     nll = [r["answer_nll"] for r in rs if r["answer_nll"] is not None and math.isfinite(r["answer_nll"])]
@@ -215,7 +250,8 @@ def aggregate(rs: list[dict[str, Any]]) -> dict[str, Any]:
         "accuracy": sum(bool(r["correct"]) for r in rs) / n if n else None,
         "answer_nll": sum(nll) / len(nll) if nll else None,
         "distance": sum(r["distance"] for r in rs) / n if n else None,
-        "in_memory": sum(known) / len(known) if known else None,
+        "in_memory": sum(known) / len(known) if known else None,  # share held, of the prompts where it is known
+        "in_memory_known": len(known),
     }
 
 

@@ -51,7 +51,7 @@ def held(cfg: RunConfig, positions, query: int) -> bool | None:
     """Whether every stream position in `positions` is among the keys the query at `query` attends to: its own
     segment (positions from the segment's start up to the query), or what the policy holds of the earlier ones.
     Exact pairs only: None where the policy keeps summaries (average, compressive's pooled slots, linear) or
-    is not known here."""
+    is not known here; False for compressive once the needle is older than its pooled slots can reach."""
     ns = cfg.segment_size
     seg = (query // ns) * ns  # segments are cut from the stream's start
     earlier = [p for p in positions if p < seg]
@@ -71,8 +71,11 @@ def held(cfg: RunConfig, positions, query: int) -> bool | None:
     if name == "sink":
         window_start = max(policy.sink_tokens, seg - policy.memory_size)
         return all(p < policy.sink_tokens or p >= window_start for p in earlier)
-    if name == "compressive" and lo >= seg - policy.memory_size:
-        return True  # still in the exact FIFO part
+    if name == "compressive":
+        if lo >= seg - policy.memory_size:
+            return True  # still in the exact FIFO part
+        if lo < seg - policy.memory_size - policy.compressed_size * policy.compress_rate:
+            return False  # older than anything the compressed slots can summarise
     return None
 
 

@@ -24,3 +24,16 @@ def build_llama(path: Path) -> Path:
                                   eos_token="<|endoftext|>")
     tok.save_pretrained(path)
     return path
+
+
+def build_gpt2(path: Path, n_positions: int = 128) -> Path:
+    """A tiny GPT-2: learned absolute positions that end at `n_positions`."""
+    from transformers import GPT2Config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=8192, n_embd=32, n_layer=2, n_head=2,
+                                                        n_positions=n_positions, bos_token_id=0, eos_token_id=0))
+    model.save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_file=str(BUNDLED_TOKENIZER), bos_token="<|endoftext|>",
+                            eos_token="<|endoftext|>").save_pretrained(path)
+    return path

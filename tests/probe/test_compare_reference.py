@@ -131,35 +131,34 @@ def hf_dir(tmp_path_factory):
     return build_llama(tmp_path_factory.mktemp("compare-llama") / "model")
 
 
-def test_several_models_in_one_table(tiny_model_dir, hf_dir, doc_path):
-    res = invoke("compare", doc_path, "--model", f"{tiny_model_dir},{hf_dir}",
-                 "--device", "cpu", "-q", "--format", "jsonl", "--memory", "fifo,none", "--memory-size", "64",
-                 "--segment-sizes", "32", "--max-tokens", "300")
-    rs, summary = rows(res)
-    assert [(r["model"], r["policy"]) for r in rs] == [(str(tiny_model_dir), "fifo"), (str(tiny_model_dir), "none"),
-                                                       (str(hf_dir), "fifo"), (str(hf_dir), "none")]
-    assert [m["model"] for m in summary["models"]] == [str(tiny_model_dir), str(hf_dir)]
+def test_several_models_in_one_table(hf_dir, doc_path):
+    """The bundled model (its own BPE) and a tiny Llama, each with its own tokenizer, on one document."""
+    opts = ["--device", "cpu", "-q", "--format", "jsonl", "--memory", "fifo,none", "--memory-size", "64",
+            "--segment-sizes", "32", "--max-tokens", "200"]
+    rs, summary = rows(invoke("compare", doc_path, "--model", f"bundled,{hf_dir}", *opts))
+    assert [(r["model"], r["policy"]) for r in rs] == [("bundled", "fifo"), ("bundled", "none"), (str(hf_dir), "fifo"),
+                                                       (str(hf_dir), "none")]
+    assert [m["model"] for m in summary["models"]] == ["bundled", str(hf_dir)]
     assert [m["model_type"] for m in summary["models"]] == ["seglm", "llama"]
-    assert summary["config"]["models"] == [str(tiny_model_dir), str(hf_dir)] and summary["rows"] == 4
+    assert summary["config"]["models"] == ["bundled", str(hf_dir)] and summary["rows"] == 4
     for r in rs:
         assert r["bits_per_byte"] > 0 and r["tokens_per_s"] > 0 and r["memory_bytes"] >= 0 and r["bytes"] > 0
         assert r["bits_per_byte"] == pytest.approx(r["loss"] * r["tokens"] / math.log(2) / r["bytes"])
+    by = {(r["model"], r["policy"]): r for r in rs}
+    assert by[("bundled", "fifo")]["bits_per_byte"] < by[(str(hf_dir), "fifo")]["bits_per_byte"]  # trained vs random
     # each model alone gives the same numbers
-    for m in (tiny_model_dir, hf_dir):
-        alone, _ = rows(invoke("compare", doc_path, "--model", m, "--device", "cpu", "-q", "--format", "jsonl",
-                               "--memory", "fifo,none", "--memory-size", "64", "--segment-sizes", "32",
-                               "--max-tokens", "300"))
-        assert [r["loss"] for r in alone] == [r["loss"] for r in rs if r["model"] == str(m)]
-    table = invoke("compare", doc_path, "--model", f"{tiny_model_dir},{hf_dir}", "--device", "cpu", "-q", "--format",
+    for m, name in ((None, "bundled"), (hf_dir, str(hf_dir))):
+        alone, _ = rows(invoke("compare", doc_path, *(["--model", m] if m else []), *opts))
+        assert [r["loss"] for r in alone] == [r["loss"] for r in rs if r["model"] == name]
+    table = invoke("compare", doc_path, "--model", f"bundled,{hf_dir}", "--device", "cpu", "-q", "--format",
                    "table", "--memory", "fifo", "--segment-sizes", "32", "--max-tokens", "100", "--reference", "full")
     assert table.exit_code == 0, table.output
-    assert "KL ± se" in table.stdout and "key loss (n)" in table.stdout
+    assert "KL ± se" in table.stdout and "key loss (n)" in table.stdout and "bundled" in table.stdout
+    assert sum("fifo │" in line for line in table.stdout.splitlines()) == 2
     from segcli.cli.compare import model_names
 
-    assert sum("fifo │" in line for line in table.stdout.splitlines()) == 2
-    # both folders are called "model": the table names them by their whole paths
-    assert model_names([str(tiny_model_dir), str(hf_dir)]) == {str(tiny_model_dir): str(tiny_model_dir),
-                                                             str(hf_dir): str(hf_dir)}
+    # two folders both called "model": the table names them by their whole paths
+    assert model_names(["/a/model", "/b/model"]) == {"/a/model": "/a/model", "/b/model": "/b/model"}
     assert model_names([None, "org/some-model"]) == {None: "bundled", "org/some-model": "some-model"}
 
 

@@ -238,3 +238,13 @@ def test_bad_values_are_one_line_and_exit_2(tiny_model_dir, tmp_path, args, need
     assert res.exit_code == 2, res.output
     lines = [x for x in res.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("segcli: error: ") and needle in lines[0], res.stderr
+
+
+def test_prompts_past_learned_positions_are_refused_before_any_record(tmp_path):
+    from probe_tiny_hf import build_gpt2
+
+    model = build_gpt2(tmp_path / "gpt2", n_positions=128)
+    res = invoke("probe", "--model", model, "-q", "--format", "jsonl", "--lengths", "100,200", "--depths", "50")
+    assert res.exit_code == 2 and res.stdout == ""
+    assert "streams only its first 128 positions" in res.stderr and "at most 12" in res.stderr
+    assert records(invoke("probe", "--model", model, "-q", "--format", "jsonl", "--lengths", "120", "--depths", "50"))

@@ -110,7 +110,8 @@ def cfg(memory, **kw) -> RunConfig:
     ("sink", {"segment_size": 100, "memory_size": 200, "sink_tokens": 4}, range(2, 6), 1050, False),
     ("sink", {"segment_size": 100, "memory_size": 200, "sink_tokens": 4}, range(800, 810), 1050, True),
     ("compressive", {"segment_size": 100, "memory_size": 200}, range(800, 810), 1050, True),
-    ("compressive", {"segment_size": 100, "memory_size": 200}, range(10, 20), 1050, None),
+    ("compressive", {"segment_size": 100, "memory_size": 200}, range(300, 310), 1050, None),  # pooled: 512 back
+    ("compressive", {"segment_size": 100, "memory_size": 200}, range(10, 20), 1050, False),  # beyond 200 + 128 x 4
     ("average", {"segment_size": 100}, range(10, 20), 1050, None),
     ("linear", {"segment_size": 100}, range(10, 20), 1050, None),
     ("linear", {"segment_size": 100}, range(1010, 1020), 1050, True),
