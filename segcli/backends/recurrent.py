@@ -5,9 +5,12 @@ lfm2, recurrent_gemma, minimax, granitemoehybrid, kimi_linear, nemotron_h, ...) 
 window and an SSM, linear-attention or RNN state) that the layer itself updates once per segment: the seed's
 `Mem = Update(S_kv, Mem_pre)` in its purest form. A stream's memory (`RecurrentMemory`) is the model's own cache
 object for that stream: every policy but `none` carries the recurrent states from segment to segment, `none`
-starts every segment from a fresh one, and the policy acts on the attention layers of hybrids (`full`: the model's
-own key-value cache; `none`: the segment alone; other policies are refused on hybrids until segcli's policy cache
-layers keep the model's own attention semantics, see `POLICY_ON_ATTENTION`).
+starts every segment from a fresh one, and the policy acts on the attention layers of hybrids: `full` is the model's
+own key-value cache, `none` the segment alone, and every other policy runs segcli's policy cache layers
+(`segcli.hf.PolicyLayer`, which keep the model's own attention, masks and windows) on the attention layers, next
+to the model's own recurrent layers in one Cache (`Family.policy_cache`; a layer with both, zamba's or falcon_h1's,
+is a `HybridPolicyLayer`). What that machinery refuses for a transformer (the linear memory, which changes the
+attention function; slots chosen by content inside sliding windows) is refused here too, in one line.
 
 A family is one `Family` object (how its stream state is made, how the forward continues it, what its parts are),
 looked up by model type in `FAMILIES`; every family that uses transformers' Cache API for its states (conv and
@@ -19,6 +22,7 @@ sequence in one forward against the same in pieces; a difference is refused with
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass, field
@@ -44,7 +48,7 @@ VERIFIED = frozenset({
     "mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm", "jamba", "zamba", "zamba2", "bamba", "falcon_h1", "qwen3_next",
     "lfm2", "recurrent_gemma", "minimax", "granitemoehybrid", "kimi_linear", "nemotron_h",
 })
-POLICY_ON_ATTENTION = ("full", "none")  # policies the attention layers of a hybrid can follow exactly today
+POLICY_ON_ATTENTION = ("full", "none")  # policies a hybrid's attention layers follow with the model's own cache
 PROBE_TOKENS = 12
 
 
@@ -96,9 +100,13 @@ class Family:
         """The memory's parts: attention caches and recurrent states, one StateStats each (see recurrent_state)."""
         from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
 
+        from ..hf import PolicyLayer
+
         out = []
         for i, layer in enumerate(getattr(cache, "layers", [])):
-            if isinstance(layer, CacheLayerMixin):
+            if isinstance(layer, PolicyLayer):
+                out.append(StateStats(**dataclasses.asdict(layer.stats()), kind="attention", layer=i))
+            elif isinstance(layer, CacheLayerMixin):
                 window = getattr(layer, "sliding_window", None)
                 out.append(attention_stats(i, _tensor(getattr(layer, "keys", None)), _tensor(getattr(layer, "values", None)),
                                            None if window is None else window - 1, seen))
@@ -112,6 +120,44 @@ class Family:
     def attention_layers(self, model) -> int:
         return sum(t in ("full_attention", "sliding_attention", "chunked_attention", "hybrid", "hybrid_sliding",
                          "attention") for t in layer_types(model.config))
+
+    policy_caches: ClassVar[bool] = True  # whether other policies than full and none can run on its attention layers
+
+    def layer_kinds(self, model) -> tuple[list, dict[int, Any], list[tuple[int, int]]]:
+        """Per layer, how its attention part attends (segcli.hf.LayerKind; "shared" for a layer without one), the
+        model's own cache layers for the layers without attention, and (index, states) of the layers with both."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
+
+        from ..hf import LayerKind
+
+        types = layer_types(model.config)
+        kinds, placeholders, both = [], {}, []
+        for i, layer in enumerate(DynamicCache(config=model.config).layers):
+            window = getattr(layer, "sliding_window", None)
+            chunked = i < len(types) and types[i] == "chunked_attention"
+            kind = LayerKind("full") if window is None else LayerKind("chunked" if chunked else "sliding", int(window))
+            if isinstance(layer, LinearAttentionCacheLayerMixin) and isinstance(layer, CacheLayerMixin):
+                both.append((i, layer.number_of_states))
+            elif not isinstance(layer, CacheLayerMixin):  # recurrent or placeholder layers stay the model's own
+                placeholders[i] = layer
+                kind = LayerKind("shared")
+            kinds.append(kind)
+        return kinds, placeholders, both
+
+    def policy_cache(self, model, policy: MemoryPolicy) -> Any:
+        """A Cache whose attention layers keep `policy`'s memory (segcli.hf's PolicyLayer, with the model's own
+        attention and masks) and whose recurrent layers are the model's own."""
+        from ..hf import SegcliCache, rotary_shifts
+
+        kinds, placeholders, both = self.layer_kinds(model)
+        shifts = rotary_shifts(model) if policy.name == "sink" else None
+        cache = SegcliCache(policy, shift_keys=shifts, kinds=kinds, placeholders=placeholders)
+        for i, n in both:
+            mine = cache.layers[i]
+            cache.layers[i] = HybridPolicyLayer(policy, mine.kind, mine.shift_keys, mine.positions, i, mine.frame,
+                                                number_of_states=n)
+        return cache
 
     def export(self, model, cache: Any) -> dict[str, Tensor | int]:
         """The state's tensors and counts by name (a memory file's entries: recurrent_files)."""
@@ -161,11 +207,41 @@ class Family:
         return cache
 
 
+def _hybrid_policy_layer_class() -> type:
+    from transformers.cache_utils import LinearAttentionLayer
+
+    from ..hf import PolicyLayer
+
+    class HybridPolicyLayer(PolicyLayer, LinearAttentionLayer):
+        """A layer that holds both a recurrent state (its mamba part: conv and SSM states, as transformers'
+        LinearAttentionLayer keeps them) and an attention memory under a segcli policy (PolicyLayer): zamba's and
+        zamba2's hybrid layers, falcon_h1's."""
+
+        def __init__(self, policy, kind, shift_keys, positions, index, frame, number_of_states: int = 1):
+            PolicyLayer.__init__(self, policy, kind, shift_keys, positions, index, frame)
+            LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+
+        def lazy_initialization(self, *args, **kwargs) -> None:
+            if len(args) == 2 and not kwargs:  # (key_states, value_states): the attention part
+                return PolicyLayer.lazy_initialization(self, *args)
+            return LinearAttentionLayer.lazy_initialization(self, *args, **kwargs)
+
+    return HybridPolicyLayer
+
+
+def HybridPolicyLayer(*args, **kwargs):  # noqa: N802 - builds the class on first use (transformers imported lazily)
+    global HybridPolicyLayer
+    HybridPolicyLayer = _hybrid_policy_layer_class()
+    return HybridPolicyLayer(*args, **kwargs)
+
+
 def _tensor(x: Any) -> Tensor | None:
     return x if isinstance(x, Tensor) else None
 
 
 class MiniMaxFamily(Family):
+    policy_caches = False  # its own cache class: only full and none on its attention layers
+
     """MiniMax keeps its lightning-attention states in a cache of its own (`MiniMaxCache`, no config) whose layer 0,
     a linear layer, never grows, while sequence lengths and mask sizes are read from layer 0: segcli's subclass reads
     them from the first attention layer, so that a segment that continues the cache gets the right positions and
@@ -299,6 +375,8 @@ class GriffinState:
 
 
 class RecurrentGemmaFamily(Family):
+    policy_caches = False  # its state lives on its modules: only full and none on its attention layers
+
     def _blocks(self, model) -> dict[int, Any]:
         return {i: layer.temporal_block for i, layer in enumerate(model.model.layers)
                 if hasattr(layer.temporal_block, "rg_lru")}
@@ -369,17 +447,59 @@ class RecurrentBackend(Backend):
     family: Family = field(default_factory=Family)
     routes: list[Route] = field(default_factory=list)  # exact routes installed on the model's layers
     n_attention: int = 0  # attention layers (0: a pure recurrent model)
+    _bounded: str | None = None  # bounded_check's finding, once per model ("" where a bounded memory is exact)
 
     @property
     def model_type(self) -> str:
         return self.model.config.model_type
 
     def check_policy(self, policy: MemoryPolicy) -> None:
-        if self.n_attention and policy.name not in POLICY_ON_ATTENTION:
-            raise UsageError(
-                f"{self.model_type}: --memory {policy.name} on its {self.n_attention} attention layer"
-                f"{'s' if self.n_attention > 1 else ''} is not supported yet (segcli's policy caches do not keep "
-                "a hybrid model's own attention semantics); use --memory full or --memory none")
+        """One UsageError line where `policy` cannot run on this model's attention layers as the model computes them."""
+        if not self.n_attention or policy.name in POLICY_ON_ATTENTION:
+            return
+        layers = f"its {self.n_attention} attention layer{'s' if self.n_attention > 1 else ''}"
+        if not self.family.policy_caches:
+            raise UsageError(f"{self.model_type}: --memory {policy.name} on {layers} is not supported (its cache is "
+                             "its own, not one segcli's policy layers can join); use --memory full or --memory none")
+        if policy.kind == "linear":
+            raise UsageError(f"{self.model_type}: --memory linear changes the attention of {layers} and segcli does "
+                             "not run its attention function on hybrid models; use another policy")
+        from ..hf import Features, refusal
+
+        kinds = [k for k in self.family.layer_kinds(self.model)[0] if k.kind != "shared"]
+        attn = self.model.config.get_text_config()._attn_implementation
+        reason = refusal(Features(self.model_type, attn, tuple(kinds), None, None), policy) or self.bounded_check()
+        if reason:
+            raise UsageError(f"{reason} (--memory {policy.name})" if reason.startswith(self.model_type) else reason)
+
+    def bounded_check(self) -> str | None:
+        """Why a bounded memory on the attention layers does not reproduce the model (None: it does), found once
+        on three tokens: two into a fifo memory of one slot, then one more, against one plain forward whose
+        attention masks say the same (segcli.hf.extra_mask); the recurrent layers carry their state in both."""
+        if self._bounded is not None:
+            return self._bounded or None
+        from ..hf import extra_mask, visible_in_stream
+        from ..memory import make_policy
+
+        vocab = self.model.config.get_text_config().vocab_size
+        ids = ((torch.arange(3) * 11 + 5) % vocab)[None].to(self.device)
+        pos = torch.arange(3, device=self.device)[None]
+        try:
+            with torch.inference_mode():
+                cache = self.family.policy_cache(self.model, make_policy("fifo", memory_size=1))
+                first, cache = self.family.forward(self.model, ids[:, :2], pos[:, :2], cache)
+                last, cache = self.family.forward(self.model, ids[:, 2:], pos[:, 2:], cache)
+                with extra_mask(self.model, visible_in_stream("fifo", 2, 1)) as calls:
+                    plain, _ = self.family.forward(self.model, ids, pos, self.family.new_cache(self.model))
+            streamed = torch.cat([first, last], 1).float()
+            gap = float((streamed - plain.float()).abs().max() / plain.float().abs().max().clamp_min(1.0))
+            self._bounded = "" if calls and gap <= probe_tolerance(self.dtype) else (
+                f"{self.model_type}: a bounded memory on its attention layers does not reproduce the model (relative "
+                f"logit gap {gap:.1e} on a three-token check)")
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:
+            self._bounded = (f"{self.model_type}: its attention layers do not cache key-value pairs segcli's policy "
+                             f"layers can hold ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]})")
+        return self._bounded or None
 
     def notes(self, cfg: RunConfig) -> list[str]:
         """Lines for stderr, once per run: the exact routes taken, and what the policy does here."""
@@ -394,7 +514,12 @@ class RecurrentBackend(Backend):
             raise UsageError(f"{self.model_type}: segcli streams one document at a time (batch {batch})")
         policy = cfg.policy()
         self.check_policy(policy)
-        return RecurrentMemory(policy, self.family.new_cache(self.model))
+        return RecurrentMemory(policy, self._fresh(policy))
+
+    def _fresh(self, policy: MemoryPolicy) -> Any:
+        if self.n_attention and policy.name not in POLICY_ON_ATTENTION:
+            return self.family.policy_cache(self.model, policy)
+        return self.family.new_cache(self.model)
 
     def step(self, ids: Tensor, memory: RecurrentMemory) -> tuple[Tensor, RecurrentMemory, float | None]:
         t = ids.shape[1]
@@ -407,7 +532,8 @@ class RecurrentBackend(Backend):
             memory.cache, memory.since_reset = self.family.new_cache(self.model), 0
         else:
             memory.cache, memory.since_reset = cache, memory.since_reset + t
-        return logits, memory, None
+        mass = getattr(cache, "memory_mass", None)  # segcli.hf's policy cache: from the model's own probabilities
+        return logits, memory, mass() if mass is not None else None
 
     def memory_stats(self, memory: RecurrentMemory) -> list[LayerStats]:
         """Attention caches first (layer order), then recurrent and conv states (layer order): the report's per-layer

@@ -30,7 +30,12 @@ MAX_COUNT = 1 << 53
 
 
 def save_state(backend: RecurrentBackend, memory: RecurrentMemory) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The memory's tensors (own CPU storage, contiguous: safetensors refuses shared storage) and its description."""
+    """The memory's tensors (own CPU storage, contiguous: safetensors refuses shared storage) and its description.
+    ValueError for a hybrid under a policy other than full and none: its attention layers then hold segcli.hf
+    policy states, which this format does not write yet."""
+    if any(type(layer).__name__.endswith("PolicyLayer") for layer in getattr(memory.cache, "layers", [])):
+        raise ValueError(f"{backend.model_type}: saving --memory {memory.policy.name} on a hybrid's attention layers "
+                         "is not supported yet; save under --memory full or none")
     entries = backend.family.export(backend.model, memory.cache)
     tensors = {PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in entries.items() if isinstance(v, Tensor)}
     counts = {k: int(v) for k, v in entries.items() if not isinstance(v, Tensor)}

@@ -36,12 +36,14 @@ def recurrent_rule(name: str) -> str:
 
 
 def hybrid_rule(name: str) -> str:
-    """What policy `name` does to the attention layers of a hybrid (recurrent + attention) model today."""
+    """What policy `name` does to the attention layers of a hybrid (recurrent + attention) model."""
     if name == "full":
         return "the model's own key-value cache"
     if name in POLICY_ON_ATTENTION:
         return "the segment alone"
-    return "refused (not exact on hybrids yet)"
+    if name == "linear":
+        return "refused (segcli's attention function does not run on hybrids)"
+    return "as on a transformer (segcli's policy layers, the model's own attention)"
 
 
 @handle_errors

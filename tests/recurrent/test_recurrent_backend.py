@@ -70,9 +70,15 @@ def test_recurrent_configs_route_to_the_recurrent_backend():
     assert backend_kind(LlamaConfig()) == "hf"
 
 
-def test_hybrid_attention_refuses_other_policies_in_one_line(model_dir, doc):
-    line = one_error_line(invoke("run", doc, "--model", model_dir("jamba"), "--memory", "fifo", "--format", "jsonl"))
-    assert "jamba" in line and "--memory fifo" in line and "attention layer" in line
+@pytest.mark.parametrize("name,policy,says", [
+    ("jamba", "linear", "--memory linear changes the attention"),
+    ("minimax", "fifo", "--memory fifo on its 1 attention layer is not supported"),
+    ("recurrent_gemma", "sink", "--memory sink on its 1 attention layer is not supported"),
+    ("kimi_linear", "fifo", "its attention layers do not cache key-value pairs"),  # MLA: latent + rotary parts
+])
+def test_what_a_hybrid_cannot_do_is_refused_in_one_line(model_dir, doc, name, policy, says):
+    line = one_error_line(invoke("run", doc, "--model", model_dir(name), "--memory", policy, "--format", "jsonl"))
+    assert line.startswith(f"segcli: error: {name}: ") and says in line and f"--memory {policy}" in line, line
 
 
 def test_pure_recurrent_model_carries_its_state_under_every_policy_but_none(model_dir, doc):

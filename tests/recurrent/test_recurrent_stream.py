@@ -162,3 +162,46 @@ def test_unlisted_families_stream_exactly_or_are_refused(name, tmp_path, doc):
         tokens = torch.tensor([r["nll"] for r in records if r["type"] == "token"])
         assert abs(float(tokens.sum()) - float(ref.sum())) <= REL * abs(float(ref.sum())), (name, ns)
         assert float((tokens - ref).abs().max()) < 1e-3, (name, ns)
+
+
+HYBRIDS = ("jamba", "zamba", "zamba2", "bamba", "falcon_h1", "qwen3_next", "lfm2", "granitemoehybrid",
+           "nemotron_h")  # attention layers in transformers' Cache API: segcli.hf's policy layers take them
+
+
+def masked_forward(model_dir: Path, ids: torch.Tensor, policy: str, ns: int, nc: int) -> torch.Tensor:
+    """Per-token NLL of one plain forward whose attention masks are and-ed with what a query sees when streamed
+    under `policy` (segcli.hf.visible_in_stream); recurrent layers see every earlier token, as their state does."""
+    from transformers import AutoModelForCausalLM
+
+    from segcli.hf import extra_mask, visible_in_stream
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.inference_mode(), extra_mask(model, visible_in_stream(policy, ns, nc)) as calls:
+        logits = model(ids[:, :-1], use_cache=False).logits[0].float()
+    assert calls, "the model built no mask through transformers' mask interface"
+    return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+
+
+@pytest.mark.parametrize("name", HYBRIDS)
+@pytest.mark.parametrize("policy,ns,nc", [("fifo", 5, 8), ("fifo", 1, 6), ("xl", 7, 0), ("fifo", 7, 4096)],
+                         ids=["fifo-ns5-nc8", "fifo-ns1-nc6", "xl-ns7", "fifo-larger-than-doc"])
+def test_policies_on_hybrid_attention_layers(name, policy, ns, nc, tmp_path_factory, doc):
+    """The attention layers of a hybrid follow the policy with the model's own attention (DESIGN §1's
+    equivalences): fifo = a sliding window of n_c before each segment, xl = the previous segment, fifo with a
+    memory larger than the document = full; the recurrent layers carry their state throughout."""
+    path = _hybrid_dir(name, tmp_path_factory)
+    ids = token_ids(path, doc)
+    ref = masked_forward(path, ids, "full" if nc >= ids.shape[1] else policy, ns, nc)
+    args = ["--memory", policy, "-s", ns, "--per-token"] + (["--memory-size", nc] if policy == "fifo" else [])
+    tokens = torch.tensor([r["nll"] for r in run(path, doc, *args) if r["type"] == "token"])
+    assert abs(float(tokens.sum() - ref.sum())) <= REL * abs(float(ref.sum())), (name, policy, ns)
+    assert float((tokens - ref).abs().max()) < 1e-3, (name, policy, ns)
+
+
+_HYBRID_DIRS: dict[str, Path] = {}
+
+
+def _hybrid_dir(name: str, tmp_path_factory) -> Path:
+    if name not in _HYBRID_DIRS:
+        _HYBRID_DIRS[name] = save_model(name, tmp_path_factory.mktemp(name) / "model")
+    return _HYBRID_DIRS[name]
