@@ -535,6 +535,21 @@ class RecurrentBackend(Backend):
         mass = getattr(cache, "memory_mass", None)  # segcli.hf's policy cache: from the model's own probabilities
         return logits, memory, mass() if mass is not None else None
 
+    @torch.inference_mode()
+    def reference_logits(self, ids: Tensor, rule: tuple[str, int, int] | None = None) -> Tensor | None:
+        """(N, V) logits of one plain forward of ids (1, N) without a cache (what `segcli check` compares with); with
+        `rule` ((policy, segment size, memory size), segcli.hf.visible_in_stream) the attention layers' masks are
+        intersected with what that stream lets a query see. A model without attention layers has no mask to
+        intersect: every policy but none streams as the plain forward, which is returned."""
+        from ..hf import extra_mask, visible_in_stream
+
+        pos = torch.arange(ids.shape[1], device=ids.device)[None]
+        if rule is None or not self.n_attention:
+            return self.family.forward(self.model, ids, pos, self.family.new_cache(self.model))[0][0]
+        with extra_mask(self.model, visible_in_stream(*rule)) as calls:
+            logits = self.family.forward(self.model, ids, pos, self.family.new_cache(self.model))[0][0]
+        return logits if calls else None
+
     def memory_stats(self, memory: RecurrentMemory) -> list[LayerStats]:
         """Attention caches first (layer order), then recurrent and conv states (layer order): the report's per-layer
         fields (slots, capacity, oldest age) come from its first entry, an attention layer where there is one."""
@@ -587,6 +602,7 @@ def load_recurrent(cfg: RunConfig, path: Path, model_cfg, device: torch.device, 
         "tokenizer_sha256": file_sha256(path / "tokenizer.json") if (path / "tokenizer.json").exists() else None,
         "parameters": sum(p.numel() for p in model.parameters()),
         "max_positions": None,
+        "attn_implementation": model.config.get_text_config()._attn_implementation,
         "exact_routes": [r.name for r in routes],
     }
     backend = RecurrentBackend(model, backend_tok, bos, device, dtype, identity, family=family, routes=routes,

@@ -18,6 +18,7 @@ from test_recurrent_stream import one_thread, save_model  # noqa: E402,F401  (th
 
 from conftest import SAMPLE  # noqa: E402
 from segcli.cli import app  # noqa: E402
+from segcli.config import RunConfig  # noqa: E402
 from segcli.ops.scan import chunk_selective_scan, recurrent_selective_scan  # noqa: E402
 
 runner = CliRunner()
@@ -217,3 +218,19 @@ def test_scan_in_pieces_with_the_state_equals_the_whole(form):
     y2, h2 = form(**rest, initial_state=h1, output_final_state=True)
     torch.testing.assert_close(torch.cat([y1, y2], -1), whole, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(h2, h, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,verdict", [("mamba2", "exact"), ("jamba", "exact"), ("kimi_linear", "refused")])
+def test_engine_check_takes_a_recurrent_backend(model_dir, name, verdict):
+    """segcli check's engine (segcli.engine.check) on recurrent and hybrid models: full at several segment sizes and
+    fifo against the backend's `reference_logits` (a plain forward, masked as the stream is on attention layers)."""
+    from segcli.backends import load_backend
+    from segcli.documents import Document, tokenize
+    from segcli.engine.check import check, sample_text
+
+    cfg = RunConfig(model=str(model_dir(name)), device="cpu", memory="fifo", memory_size=16, dtype="float32")
+    backend = load_backend(cfg)
+    text = sample_text()[:1200]
+    report = check(backend, tokenize(Document("sample", text, len(text.encode())), backend.tokenizer, backend.bos_id), cfg)
+    assert report.verdict == verdict, [(s.policy, s.segment_size, s.verdict, s.reason) for s in report.settings]
+    assert all(s.verdict == "exact" for s in report.settings if s.policy == "full")
