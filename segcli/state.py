@@ -5,23 +5,34 @@ Streaming document A with `--save-memory m.safetensors`, then B with
 stream, memory carried across documents).
 
 A file is safetensors. Every tensor of every layer's state is an entry named
-`layer{i}.{field}` (nested dataclasses add `.{field}`: `layer0.ring.k`); one
+`layer{i}.{field}` (nested dataclasses add `.{field}`: `layer0.window.k`); one
 metadata entry, "segcli", holds JSON: format version, segcli version, model
 identity and hash, tokenizer hash, policy and sizes, tokens seen, dtype, and per
-layer the state's dataclass type with its non-tensor fields (ints, None), and for a
-model with smeared keys each layer's last key (`last_key{i}`). States
-are serialised generically by walking dataclass fields, so a new policy needs no
-code here as long as its state is a dataclass of tensors, numbers and dataclasses.
+layer the state's dataclass type with its non-tensor fields (ints, None). A
+model with smeared keys keeps each layer's last key in the layer's state
+(`layer{i}.last_key`). States are serialised generically by walking dataclass
+fields, so a new policy needs no code here as long as its state is a dataclass
+of tensors, numbers and dataclasses; a part with a `packed()` method (a window
+buffer) is stored as what it holds, not as the room it has.
+
+Reading a file trusts nothing in it: each layer is rebuilt against a fresh state
+of this run's policy (same dataclass, same fields, tensors and counts where it
+has them), then the policy checks shapes, dtypes and counts (`check_state`);
+anything else is one UsageError line (exit 2).
+
+Format 2 (this one). Format 1 (segcli before the smeared key moved into the
+layer states) kept the last keys apart, as metadata `last_keys` with entries
+`last_key{i}`, and whole window buffers; it still loads.
+
+An `xl` memory is one segment: a file records the segment size it was saved at
+(`segment_size`) and loads only at that segment size; a file that does not
+record it loads when its segment fits (no larger than this run's).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,10 +40,16 @@ from torch import Tensor
 
 from . import __version__
 from .errors import UsageError
-from .files import require_file, require_writable
+from .files import AtomicOutput, require_file, require_writable
 
-FORMAT = 1
+FORMAT = 2
+READS = (1, 2)  # formats this segcli loads
 META_KEY = "segcli"
+MAX_COUNT = 1 << 53  # largest token count or position a file may hold (exact in float64, the RoPE angles' type)
+
+
+class StateFileError(ValueError):
+    """A memory file's state is not one this run's policy could have written."""
 
 
 # -- generic dataclass <-> (tensors, JSON) ----------------------------------------------------------------------------
@@ -44,6 +61,8 @@ def flatten_state(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
         tensors[prefix] = obj.detach().to("cpu").contiguous().clone()
         return {"tensor": prefix}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        packed = getattr(obj, "packed", None)
+        obj = packed() if packed is not None else obj
         cls = type(obj)
         return {
             "type": f"{cls.__module__}:{cls.__qualname__}",
@@ -55,20 +74,67 @@ def flatten_state(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
     raise TypeError(f"cannot save a memory state field of type {type(obj).__name__} ({prefix})")
 
 
-def rebuild_state(desc: dict[str, Any], tensors: dict[str, Tensor], device: torch.device) -> Any:
+def type_name(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def rebuild_state(desc: Any, tensors: dict[str, Tensor], device: torch.device, like: Any, name: str,
+                  used: set[str]) -> Any:
+    """The state `desc` describes, built like `like` (a fresh state of this run's policy): the same dataclass
+    (or one of its bases: an older file), the same fields, a tensor where `like` has a tensor or None, a
+    count (an int, 0 .. MAX_COUNT) where it has an int. Shapes and dtypes are the policy's `check_state`."""
+    if not isinstance(desc, dict):
+        raise StateFileError(f"{name} is not a state description")
     if "tensor" in desc:
-        return tensors[desc["tensor"]].to(device)
+        key = desc["tensor"]
+        if not isinstance(key, str) or key not in tensors:
+            raise StateFileError(f"{name}: tensor {key!r} is missing")
+        if key in used:
+            raise StateFileError(f"{name}: tensor {key} is used twice")
+        if not (like is None or isinstance(like, Tensor)):
+            raise StateFileError(f"{name} is a tensor, expected {type(like).__name__}")
+        used.add(key)
+        return tensors[key].to(device)
     if "value" in desc:
-        return desc["value"]
-    module, _, qualname = desc["type"].partition(":")
-    if not module.startswith("segcli."):  # never import arbitrary code named by a file
-        raise ValueError(f"state type {desc['type']} is not a segcli type")
-    cls: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        cls = getattr(cls, part)
-    if not dataclasses.is_dataclass(cls):
-        raise ValueError(f"state type {desc['type']} is not a dataclass")
-    return cls(**{name: rebuild_state(d, tensors, device) for name, d in desc["fields"].items()})
+        x = desc["value"]
+        if isinstance(like, int) and not isinstance(like, bool):
+            if type(x) is not int or not 0 <= x <= MAX_COUNT:
+                raise StateFileError(f"{name} is {x!r}, expected a count from 0 to {MAX_COUNT}")
+        elif like is None or isinstance(like, Tensor):
+            if x is not None:
+                raise StateFileError(f"{name} is {x!r}, expected {'a tensor' if like is not None else 'nothing'}")
+        elif type(x) is not type(like):
+            raise StateFileError(f"{name} is {x!r}, expected a {type(like).__name__}")
+        return x
+    if not (dataclasses.is_dataclass(like) and not isinstance(like, type)):
+        raise StateFileError(f"{name} is a {desc.get('type')}, expected {type(like).__name__}")
+    cls = type(like)
+    if desc.get("type") not in {type_name(c) for c in cls.__mro__ if dataclasses.is_dataclass(c)}:
+        raise StateFileError(f"{name} is a {desc.get('type')}, this policy keeps a {type_name(cls)}")
+    fields = desc.get("fields")
+    if not isinstance(fields, dict):
+        raise StateFileError(f"{name} has no fields")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise StateFileError(f"{name} has unknown field {unknown[0]}")
+    needed = [n for n, f in known.items() if n not in fields and f.default is dataclasses.MISSING
+              and f.default_factory is dataclasses.MISSING]
+    if needed:
+        raise StateFileError(f"{name} lacks field {needed[0]}")
+    return cls(**{n: rebuild_state(d, tensors, device, getattr(like, n), n if name == "state" else f"{name}.{n}", used)
+                  for n, d in fields.items()})
+
+
+def packed_state(obj: Any) -> Any:
+    """`obj` with every part that has a `packed()` (a window buffer) packed: what it holds, not its room."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        packed = getattr(obj, "packed", None)
+        if packed is not None:
+            return packed()
+        return dataclasses.replace(obj, **{f.name: packed_state(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                                           if dataclasses.is_dataclass(getattr(obj, f.name))})
+    return obj
 
 
 # -- files --------------------------------------------------------------------------------------------------------------
@@ -79,8 +145,8 @@ def check_target(path: str) -> None:
 
 
 def save_memory(path: str, memory, backend, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write `memory` (a SegMemory) atomically to `path`; returns the metadata written."""
-    from safetensors.torch import save_file
+    """Write `memory` (a SegMemory) to `path`, whole or not at all; returns the metadata written."""
+    from safetensors.torch import save
 
     from .models.seglm import SegMemory
 
@@ -88,8 +154,6 @@ def save_memory(path: str, memory, backend, extra: dict[str, Any] | None = None)
         raise UsageError("--save-memory works with the native seglm model only")
     tensors: dict[str, Tensor] = {}
     layers = [flatten_state(s, f"layer{i}", tensors) for i, s in enumerate(memory.states)]
-    last_keys = None if memory.last_keys is None else [flatten_state(k, f"last_key{i}", tensors)
-                                                       for i, k in enumerate(memory.last_keys)]
     meta = {
         "format": FORMAT,
         "segcli_version": __version__,
@@ -101,19 +165,11 @@ def save_memory(path: str, memory, backend, extra: dict[str, Any] | None = None)
         "seen": memory.seen,
         "dtype": str(backend.dtype).removeprefix("torch."),
         "layers": layers,
-        "last_keys": last_keys,  # smeared-key models: each layer's last key (the next token smears it in)
         **(extra or {}),
     }
-    target = Path(path)
-    check_target(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data = save(tensors, metadata={META_KEY: json.dumps(meta)})
+    with AtomicOutput(path, "--save-memory", binary=True) as out:
+        out.file.write(data)
     return meta
 
 
@@ -133,16 +189,28 @@ def read_memory_file(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise UsageError(f"--load-memory {path}: no segcli metadata (expected a file written by --save-memory)")
     try:
         meta = json.loads(meta_text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise UsageError(f"--load-memory {path}: corrupt segcli metadata") from None
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict):
+        raise UsageError(f"--load-memory {path}: corrupt segcli metadata")
+    if meta.get("format") not in READS:
         raise UsageError(f"--load-memory {path}: memory file format {meta.get('format')!r}; "
-                         f"this segcli reads format {FORMAT}")
+                         f"this segcli reads format {', '.join(map(str, READS))}")
     return meta, tensors
 
 
+def count_field(meta: dict[str, Any], key: str, path: str) -> int:
+    """meta[key] as a token count (an int from 0 to MAX_COUNT), or one UsageError line."""
+    x = meta.get(key)
+    if type(x) is not int or not 0 <= x <= MAX_COUNT:
+        raise UsageError(f"--load-memory {path}: {key} is {x!r}, expected a whole number of tokens from 0 to "
+                         f"{MAX_COUNT}; the file is damaged or was not written by --save-memory")
+    return x
+
+
 def load_memory(path: str, backend, cfg):
-    """The SegMemory saved in `path`, checked against this run's model, tokenizer, policy and dtype."""
+    """The SegMemory saved in `path`, checked against this run's model, tokenizer, policy, dtype and (xl)
+    segment size; a file that is damaged or was not written for this run is one UsageError line."""
     from .models.seglm import SegMemory
 
     if backend.kind != "native":
@@ -157,21 +225,50 @@ def load_memory(path: str, backend, cfg):
         raise UsageError(f"--load-memory {path}: saved with another tokenizer (sha256 "
                          f"{str(meta.get('tokenizer_sha256'))[:12]}); this model's is {str(ident.get('tokenizer_sha256'))[:12]}")
     policy = cfg.policy()
-    if meta.get("policy") != policy.name or meta.get("sizes") != policy.describe():
-        saved = " ".join([f"--memory {meta.get('policy')}"] + [f"--{k.replace('_', '-')} {v}" for k, v in (meta.get("sizes") or {}).items()])
-        raise UsageError(f"--load-memory {path}: saved with policy {meta.get('policy')} {meta.get('sizes')}, "
+    sizes = meta.get("sizes")
+    if meta.get("policy") != policy.name or sizes != policy.describe():
+        saved = " ".join([f"--memory {meta.get('policy')}"]
+                         + [f"--{k.replace('_', '-')} {v}" for k, v in (sizes.items() if isinstance(sizes, dict) else [])])
+        raise UsageError(f"--load-memory {path}: saved with policy {meta.get('policy')} {sizes}, "
                          f"this run uses {policy.name} {policy.describe()}; pass {saved}")
     dtype = str(backend.dtype).removeprefix("torch.")
     if meta.get("dtype") != dtype:
         raise UsageError(f"--load-memory {path}: saved in {meta.get('dtype')}, this run computes in {dtype}; "
                          f"pass --dtype {meta.get('dtype')}")
-    n_layers = len(backend.model.model.layers)
-    if len(meta.get("layers", [])) != n_layers:
-        raise UsageError(f"--load-memory {path}: {len(meta.get('layers', []))} layers saved, the model has {n_layers}")
-    try:
-        states = [rebuild_state(d, tensors, backend.device) for d in meta["layers"]]
-        last_keys = meta.get("last_keys")
-        last_keys = None if last_keys is None else [rebuild_state(d, tensors, backend.device) for d in last_keys]
-    except (KeyError, TypeError, ValueError, AttributeError, ImportError) as e:
-        raise UsageError(f"--load-memory {path}: cannot rebuild the memory state ({e})") from None
-    return SegMemory(policy, states, int(meta["seen"]), last_keys)
+    layers = meta.get("layers")
+    model = backend.model
+    n_layers = len(model.model.layers)
+    if not isinstance(layers, list) or len(layers) != n_layers:
+        n = len(layers) if isinstance(layers, list) else 0
+        raise UsageError(f"--load-memory {path}: {n} layers saved, the model has {n_layers}")
+    seen = count_field(meta, "seen", path)
+    if policy.name == "xl" and "segment_size" in meta:
+        saved_ns = count_field(meta, "segment_size", path)
+        if saved_ns != cfg.segment_size:
+            raise UsageError(f"--load-memory {path}: an xl memory is one segment; this one was saved at "
+                             f"--segment-size {saved_ns}, this run uses {cfg.segment_size}: pass --segment-size {saved_ns}")
+    fresh = model.new_memory(policy, 1)  # what this run's states look like
+    cfg_model = model.config
+    shape = dict(batch=1, heads=cfg_model.num_attention_heads, head_dim=cfg_model.head_dim,
+                 dtype=next(model.parameters()).dtype, seen=seen)
+    last_keys = meta.get("last_keys") if meta["format"] == 1 else None  # format 1 kept them apart
+    if last_keys is not None and (not isinstance(last_keys, list) or len(last_keys) != n_layers):
+        raise UsageError(f"--load-memory {path}: last_keys does not hold one key per layer")
+    states, used = [], set()
+    for i, (desc, like) in enumerate(zip(layers, fresh.states)):
+        try:
+            state = rebuild_state(desc, tensors, backend.device, like, "state", used)
+            if last_keys is not None:
+                key = rebuild_state(last_keys[i], tensors, backend.device, None, f"last_keys[{i}]", used)
+                if hasattr(state, "last_key"):  # `none` never used it
+                    state = dataclasses.replace(state, last_key=key)
+            policy.check_state(state, **shape)
+        except (StateFileError, ValueError) as e:
+            raise UsageError(f"--load-memory {path}: layer {i}: {e}; the file is damaged or was not written "
+                             "by --save-memory for this run") from None
+        if policy.name == "xl" and "segment_size" not in meta and state.capacity > cfg.segment_size:
+            raise UsageError(f"--load-memory {path}: an xl memory is one segment; this one holds segments of "
+                             f"{state.capacity} tokens, more than this run's --segment-size {cfg.segment_size}: "
+                             f"pass --segment-size {state.capacity}")
+        states.append(packed_state(state))
+    return SegMemory(policy, states, seen)

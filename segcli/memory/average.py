@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import KVRead, LayerStats, MemoryPolicy, mean_norm, tensor_bytes
+from .base import Carried, KVRead, LayerStats, MemoryPolicy, expect, expect_tensor, kv_slot_bytes, mean_norm, tensor_bytes
 
 
 @dataclass
-class AverageState:
+class AverageState(Carried):
     k: Tensor  # (B, H, 1, D) mean key
     v: Tensor  # (B, H, 1, D) mean value
     n: int = 0  # pairs averaged
@@ -48,6 +48,15 @@ class Average(MemoryPolicy):
         if t == 0:
             return state
         return AverageState(running_mean(state.k, state.n, k), running_mean(state.v, state.n, v), state.n + t)
+
+    def peak_bytes(self, heads, head_dim, itemsize, segment_size, tokens=None):
+        return 2 * kv_slot_bytes(heads, head_dim, itemsize)  # the mean and the next one while it is computed
+
+    def check_state(self, state, *, batch, heads, head_dim, dtype, seen):
+        super().check_state(state, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, seen=seen)
+        expect_tensor(state.k, "k", (batch, heads, 1, head_dim), dtype)
+        expect_tensor(state.v, "v", (batch, heads, 1, head_dim), dtype)
+        expect(state.n == seen, f"{state.n} pairs averaged, the file says {seen} tokens")
 
     def slots(self, state) -> int:
         return int(state.n > 0)

@@ -16,9 +16,19 @@ read is position-free). `shift_keys(k, delta)` rotates stored keys by `delta`
 more positions; the sink policy uses it to move its sink tokens next to the
 window, as StreamingLLM does.
 
-When autograd is off (inference), updates write into preallocated buffers in
-place and the old state must not be reused; with autograd on (training) they
-build new tensors so the graph of the previous segment stays intact.
+When autograd is off (inference), updates write into their buffers in place
+(buffers grow with use up to the policy's capacity, never allocated ahead) and
+the old state must not be reused; with autograd on (training) they build new
+tensors so the graph of the previous segment stays intact.
+
+Every state but `none`'s is `Carried`: besides its memory it hands the next
+segment the last key of this one (`last_key`, set by a model with smeared keys),
+so under `none` nothing of a segment reaches the next, not even that key.
+
+Two more, outside the segment loop: `peak_bytes(heads, head_dim, itemsize,
+segment_size, tokens)` bounds what one layer's state can hold (segcli.memory.budget
+checks settings with it before a run), and `check_state` is for states read back
+from a file: it names the first thing an `update` could not have produced.
 """
 
 from __future__ import annotations
@@ -52,8 +62,36 @@ class LayerStats:
     tokens_per_slot: float  # tokens summarised per slot (1 for exact pairs)
 
 
+@dataclass(kw_only=True)
+class Carried:
+    """What a segment hands the next besides the memory itself: the state of every policy but `none`."""
+
+    last_key: Tensor | None = None  # smear_keys models: the last rotated key before smearing (B, H, 1, D)
+
+
 def tensor_bytes(*tensors: Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def expect(ok: bool, problem: str) -> None:
+    """ValueError(problem) unless ok: what `check_state` raises."""
+    if not ok:
+        raise ValueError(problem)
+
+
+def expect_tensor(x: Any, name: str, shape: tuple[int | None, ...], dtype: torch.dtype) -> Tensor:
+    """x when it is a tensor of `shape` (None: any size on that axis) and `dtype`; else ValueError naming `name`."""
+    expect(isinstance(x, Tensor), f"{name} is {type(x).__name__}, expected a tensor")
+    if x.dim() != len(shape) or any(w is not None and n != w for n, w in zip(x.shape, shape)):
+        want = ", ".join("*" if w is None else str(w) for w in shape)
+        raise ValueError(f"{name} has shape {list(x.shape)}, expected [{want}]")
+    expect(x.dtype == dtype, f"{name} is {str(x.dtype).removeprefix('torch.')}, expected {str(dtype).removeprefix('torch.')}")
+    return x
+
+
+def kv_slot_bytes(heads: int, head_dim: int, itemsize: int) -> int:
+    """Bytes of one key-value pair across `heads` (batch 1)."""
+    return 2 * heads * head_dim * itemsize
 
 
 def mean_of(x: Tensor) -> float:
@@ -76,8 +114,6 @@ class MemoryPolicy(ABC):
     size_rule: ClassVar[str]  # how many slots it holds
     parameters: ClassVar[tuple[str, ...]] = ()  # config fields this policy uses
     kind: ClassVar[str] = "kv"  # "kv": softmax over slots; "linear": fast-weight memory
-    bounded: ClassVar[bool] = True
-    carries_context: ClassVar[bool] = True  # False: each segment starts as a document does (`none`)
 
     def __init__(self, memory_size: int = 512, sink_tokens: int = 4, compress_rate: int = 4, compressed_size: int = 128):
         self.memory_size = memory_size
@@ -123,6 +159,19 @@ class MemoryPolicy(ABC):
         """Stats after each of the last t tokens, pushed at once through a sliding window (`before`: slots
         held before them), as t single-token steps would have reported them. Only where `sliding_window`."""
         raise NotImplementedError(f"{self.name} is not a sliding window")
+
+    def peak_bytes(self, heads: int, head_dim: int, itemsize: int, segment_size: int,
+                   tokens: int | None = None) -> int | None:
+        """The most bytes one layer's state (batch 1) can hold at once at this segment size, buffers caught
+        mid-growth included; `tokens`: the most the stream will push (None: unknown, the policy's worst case).
+        None when that has no bound (full over an unknown length). An upper bound, not a measurement."""
+        return None
+
+    def check_state(self, state: Any, *, batch: int, heads: int, head_dim: int, dtype: torch.dtype, seen: int) -> None:
+        """For a state read back from a file: ValueError naming the first thing `update` could not have produced
+        for `batch` streams of `heads` x `head_dim` keys in `dtype` after `seen` tokens. Policies extend it."""
+        if isinstance(state, Carried) and state.last_key is not None:
+            expect_tensor(state.last_key, "last_key", (batch, heads, 1, head_dim), dtype)
 
     @abstractmethod
     def slots(self, state: Any) -> int:

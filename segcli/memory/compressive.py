@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import KVRead, LayerStats, MemoryPolicy, tensor_bytes
-from .window import Window
+from .base import Carried, KVRead, LayerStats, MemoryPolicy, expect, expect_tensor, kv_slot_bytes, tensor_bytes
+from .window import Window, pow2_at_least
 
 
 @dataclass
-class CompressiveState:
+class CompressiveState(Carried):
     ck: Tensor  # (B, H, S, D) compressed keys, oldest first
     cv: Tensor
     pk: Tensor  # (B, H, P, D) dropped pairs not yet pooled, P < c
@@ -93,6 +93,30 @@ class Compressive(MemoryPolicy):
                 compressed_tokens -= (ck.shape[2] - room) * rate
                 ck, cv = ck[:, :, ck.shape[2] - room :], cv[:, :, cv.shape[2] - room :]
         return CompressiveState(ck, cv, pk, pv, state.window, state.seen + t, compressed_tokens)
+
+    def peak_bytes(self, heads, head_dim, itemsize, segment_size, tokens=None):
+        n_cm, t = self.compressed_size, segment_size
+        if tokens is not None:
+            n_cm, t = min(n_cm, max(tokens - self.memory_size, 0) // self.compress_rate + 1), min(t, tokens)
+        lead = min(self.compressed_size, pow2_at_least(n_cm))  # the most room kept before the window for them
+        window = Window.peak_bytes(self.memory_size, lead, segment_size, tokens, heads, head_dim, itemsize)
+        # the compressed slots, their next copy and the read's copy; the pending and dropped pairs, twice
+        return window + (3 * n_cm + 2 * (self.compress_rate + t)) * kv_slot_bytes(heads, head_dim, itemsize)
+
+    def check_state(self, state, *, batch, heads, head_dim, dtype, seen):
+        super().check_state(state, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, seen=seen)
+        rate = self.compress_rate
+        s = expect_tensor(state.ck, "ck", (batch, heads, None, head_dim), dtype).shape[2]
+        expect_tensor(state.cv, "cv", (batch, heads, s, head_dim), dtype)
+        p = expect_tensor(state.pk, "pk", (batch, heads, None, head_dim), dtype).shape[2]
+        expect_tensor(state.pv, "pv", (batch, heads, p, head_dim), dtype)
+        expect(p < rate, f"{p} pairs wait for pooling, fewer than compress_rate {rate} can")
+        expect(s + (p > 0) <= self.compressed_size, f"{s + (p > 0)} compressed slots, more than {self.compressed_size}")
+        expect(state.compressed_tokens == s * rate, f"compressed_tokens {state.compressed_tokens} for {s} slots of {rate}")
+        w = state.window
+        w.check(batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, size=self.memory_size, front=self.compressed_size)
+        expect(state.seen == seen, f"seen {state.seen}, the file says {seen} tokens")
+        expect(state.compressed_tokens + p + w.filled <= seen, f"more pairs remembered than the {seen} tokens seen")
 
     def slots(self, state) -> int:
         return state.ck.shape[2] + int(state.pk.shape[2] > 0) + state.window.filled

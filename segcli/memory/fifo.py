@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import KVRead, LayerStats, MemoryPolicy, mean_of, tensor_bytes
+from .base import Carried, KVRead, LayerStats, MemoryPolicy, expect, mean_of, tensor_bytes
 from .window import Window
 
 
 @dataclass
-class FifoState:
+class FifoState(Carried):
     window: Window
     seen: int = 0
 
@@ -54,15 +54,26 @@ class Fifo(MemoryPolicy):
         ck, cv = (torch.cat([n.new_zeros(1, dtype=torch.float64), n[:, :, lo : w.end].double().sum((0, 1)).cumsum(0)])
                   for n in (w.kn, w.vn))
         ck, cv = ck.tolist(), cv.tolist()
-        nbytes = tensor_bytes(w.k, w.v, w.kn, w.vn)
+        # the buffer single steps would have held: it grows with the pairs held, never with how they came
+        start_slots, slot_bytes = getattr(w, "capacity_before_push", w.capacity), w.slot_bytes()
         out = []
         for e in range(before + 1, before + t + 1):  # e: pairs pushed so far; the window holds the last n of them
             n = min(e, self.memory_size)
+            nbytes = max(start_slots, w.slots_for(n)) * slot_bytes
             out.append(LayerStats(
                 slots=n, capacity=self.memory_size, bytes=nbytes, key_norm=(ck[e] - ck[e - n]) / (b * h * n),
                 value_norm=(cv[e] - cv[e - n]) / (b * h * n), oldest_age=n, tokens_per_slot=1.0,
             ))
         return out
+
+    def peak_bytes(self, heads, head_dim, itemsize, segment_size, tokens=None):
+        return Window.peak_bytes(self.memory_size, 0, segment_size, tokens, heads, head_dim, itemsize)
+
+    def check_state(self, state, *, batch, heads, head_dim, dtype, seen):
+        super().check_state(state, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, seen=seen)
+        state.window.check(batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, size=self.memory_size, front=0)
+        expect(state.seen == seen, f"seen {state.seen}, the file says {seen} tokens")
+        expect(state.window.filled <= seen, f"the window holds {state.window.filled} pairs of {seen} tokens")
 
     def stats(self, state):
         w = state.window

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import KVRead, LayerStats, MemoryPolicy, mean_of, tensor_bytes
+from .base import Carried, KVRead, LayerStats, MemoryPolicy, expect, mean_of, tensor_bytes
 from .window import Window
 
 
 @dataclass
-class FullState:
+class FullState(Carried):
     window: Window  # unbounded: grows by doubling
 
 
@@ -17,7 +17,6 @@ class Full(MemoryPolicy):
     name = "full"
     rule = "append: Mem = all past pairs (grows without bound)"
     size_rule = "grows with the document"
-    bounded = False
 
     def init_state(self, batch, heads, head_dim, *, device, dtype):
         return FullState(Window.empty(batch, heads, None, head_dim, device, dtype))
@@ -35,6 +34,14 @@ class Full(MemoryPolicy):
 
     def slots(self, state) -> int:
         return state.window.filled
+
+    def peak_bytes(self, heads, head_dim, itemsize, segment_size, tokens=None):
+        return Window.peak_bytes(None, 0, segment_size, tokens, heads, head_dim, itemsize)
+
+    def check_state(self, state, *, batch, heads, head_dim, dtype, seen):
+        super().check_state(state, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, seen=seen)
+        state.window.check(batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, size=None, front=0)
+        expect(state.window.filled == seen, f"the window holds {state.window.filled} pairs, the file says {seen} tokens")
 
     def stats(self, state):
         w = state.window

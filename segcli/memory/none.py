@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import LayerStats, MemoryPolicy
+from .base import LayerStats, MemoryPolicy, expect
 
 
 @dataclass
-class NoneState:
+class NoneState:  # not Carried: nothing of a segment reaches the next, not even its last key
     seen: int = 0
 
 
@@ -16,7 +16,6 @@ class NoMemory(MemoryPolicy):
     name = "none"
     rule = "Mem = empty: every segment is read alone"
     size_rule = "0"
-    carries_context = False  # nothing of the previous segment reaches the next, not even its last key
 
     def capacity(self, segment_size):
         return 0
@@ -29,6 +28,12 @@ class NoMemory(MemoryPolicy):
 
     def update(self, state, k, v, k_raw=None):
         return NoneState(state.seen + k.shape[2])
+
+    def peak_bytes(self, heads, head_dim, itemsize, segment_size, tokens=None):
+        return 0
+
+    def check_state(self, state, *, batch, heads, head_dim, dtype, seen):
+        expect(state.seen == seen, f"seen {state.seen}, the file says {seen} tokens")
 
     def slots(self, state) -> int:
         return 0

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import KVRead, LayerStats, MemoryPolicy, tensor_bytes
-from .window import Window
+from .base import Carried, KVRead, LayerStats, MemoryPolicy, expect, expect_tensor, kv_slot_bytes, tensor_bytes
+from .window import Window, pow2_at_least
 
 
 @dataclass
-class SinkState:
+class SinkState(Carried):
     sink_k: Tensor  # (B, H, <=n_sink, D), rotated at their true positions 0..n_sink-1
     sink_v: Tensor
     window: Window
@@ -67,6 +67,22 @@ class Sink(MemoryPolicy):
             sink_v = torch.cat([sink_v, v[:, :, :take]], 2)
         state.window.push(k[:, :, take:], v[:, :, take:])
         return SinkState(sink_k, sink_v, state.window, state.seen + k.shape[2])
+
+    def peak_bytes(self, heads, head_dim, itemsize, segment_size, tokens=None):
+        sinks = self.sink_tokens if tokens is None else min(self.sink_tokens, tokens)
+        lead = min(self.sink_tokens, pow2_at_least(sinks))  # the most room kept before the window for them
+        window = Window.peak_bytes(self.memory_size, lead, segment_size, tokens, heads, head_dim, itemsize)
+        return window + 2 * sinks * kv_slot_bytes(heads, head_dim, itemsize)  # x2: the sinks while they fill
+
+    def check_state(self, state, *, batch, heads, head_dim, dtype, seen):
+        super().check_state(state, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, seen=seen)
+        n_sink = min(seen, self.sink_tokens)
+        expect_tensor(state.sink_k, "sink_k", (batch, heads, n_sink, head_dim), dtype)
+        expect_tensor(state.sink_v, "sink_v", (batch, heads, n_sink, head_dim), dtype)
+        w = state.window
+        w.check(batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, size=self.memory_size, front=self.sink_tokens)
+        expect(state.seen == seen, f"seen {state.seen}, the file says {seen} tokens")
+        expect(n_sink + w.filled <= seen, f"{n_sink} sinks and {w.filled} window pairs from {seen} tokens")
 
     def slots(self, state) -> int:
         return state.sink_k.shape[2] + state.window.filled

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .base import KVRead, LayerStats, MemoryPolicy, mean_norm, tensor_bytes
+from .base import Carried, KVRead, LayerStats, MemoryPolicy, expect, expect_tensor, kv_slot_bytes, mean_norm, tensor_bytes
 
 
 @dataclass
-class XLState:
+class XLState(Carried):
     k: Tensor | None = None  # (B, H, n_s, D) the previous segment
     v: Tensor | None = None
     capacity: int = 0  # the segment size (largest segment seen)
@@ -32,6 +32,20 @@ class XL(MemoryPolicy):
 
     def update(self, state, k, v, k_raw=None):
         return XLState(k, v, max(state.capacity, k.shape[2]))
+
+    def peak_bytes(self, heads, head_dim, itemsize, segment_size, tokens=None):
+        t = segment_size if tokens is None else min(segment_size, tokens)
+        return 2 * t * kv_slot_bytes(heads, head_dim, itemsize)  # x2: views may keep their segment's projections
+
+    def check_state(self, state, *, batch, heads, head_dim, dtype, seen):
+        super().check_state(state, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, seen=seen)
+        expect((state.k is None) == (state.v is None) == (seen == 0),
+               "k and v must both be tensors (after the first segment) or both be empty")
+        if state.k is not None:
+            expect_tensor(state.k, "k", (batch, heads, None, head_dim), dtype)
+            n = state.k.shape[2]
+            expect_tensor(state.v, "v", (batch, heads, n, head_dim), dtype)
+            expect(n <= state.capacity <= seen, f"a segment of {n} pairs, capacity {state.capacity}, {seen} tokens seen")
 
     def slots(self, state) -> int:
         return 0 if state.k is None else state.k.shape[2]

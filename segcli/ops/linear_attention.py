@@ -8,13 +8,16 @@ leaves the read unchanged and keeps long streams well conditioned.
 Forms (same signature, same defaults):
 - `naive_linear_memory`: explicit linear attention over every earlier token (reference);
 - `recurrent_linear_memory`: token-by-token state accumulation;
-- `chunk_linear_memory`: one batched update per segment (what the model runs).
+- `chunk_linear_memory`: every token reads the state before its segment, then one
+  batched update. The model computes exactly this, in its two halves:
+  `read_memory` inside the attention and `update_state` through the `linear`
+  memory policy (segcli.memory.linear), which holds the state between segments.
 Each returns (A_mem for every token of the segment, final state).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +56,8 @@ def read_memory(q: Tensor, state: LinearState) -> Tensor:
 
 
 def update_state(state: LinearState, k: Tensor, v: Tensor) -> LinearState:
-    """Add a segment's k (B, H, T, Dk), v (B, H, T, Dv) in one batched update."""
+    """Add a segment's k (B, H, T, Dk), v (B, H, T, Dv) in one batched update (a state of a subclass keeps
+    its type and its other fields)."""
     t = k.shape[-2]
     if t == 0:
         return state
@@ -62,7 +66,7 @@ def update_state(state: LinearState, k: Tensor, v: Tensor) -> LinearState:
     w_old, w_seg = state.n / n_new, 1.0 / n_new
     mu = state.mu * w_old + (fk.transpose(-1, -2) @ v) * w_seg  # (B, H, Dk, Dv)
     nu = state.nu * w_old + fk.sum(-2) * w_seg  # (B, H, Dk)
-    return LinearState(mu=mu, nu=nu, n=n_new)
+    return replace(state, mu=mu, nu=nu, n=n_new)
 
 
 def chunk_linear_memory(q, k, v, initial_state=None, output_final_state=True):

@@ -16,7 +16,7 @@ float64, so positions in the millions stay exact.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from ...memory import MemoryPolicy, make_policy
-from ...memory.base import LayerStats
+from ...memory.base import Carried, LayerStats
 from ...ops.attention import attend, band_attention
 from ...ops.linear_attention import read_memory
 from ...ops.rope import apply_rope, inv_frequencies, rope_cos_sin, shift_rope
@@ -35,12 +35,12 @@ from .configuration_seglm import SegLMConfig
 
 @dataclass
 class SegMemory:
-    """Per-layer memory states of one stream, plus the position of its next token."""
+    """Per-layer memory states of one stream, plus the position of its next token. With smear_keys each
+    layer's state also holds its last key (`Carried.last_key`) for the next segment's first key."""
 
     policy: MemoryPolicy
     states: list[Any]
     seen: int = 0  # tokens consumed = absolute position of the next token
-    last_keys: list[Tensor | None] | None = None  # smear_keys: per layer, the last rotated key (B, H, 1, D)
 
     def stats(self) -> list[LayerStats]:
         return [self.policy.stats(s) for s in self.states]
@@ -76,13 +76,15 @@ class SegLMAttention(nn.Module):
         self.key_smear = nn.Parameter(torch.zeros(self.h)) if cfg.smear_keys else None  # beta per head
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, policy: MemoryPolicy, state: Any, shift_keys,
-                last_key: Tensor | None = None, band: int | None = None):
+                band: int | None = None):
         b, t, c = x.shape
         qkv = self.qkv(x).view(b, t, 3, self.h, self.d).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         q, k, v = qkv.unbind(0)
         qr, kr = apply_rope(qkv[:2], cos, sin).unbind(0)  # q and k rotated together: one set of kernels
         if self.key_smear is not None:  # the linear memory keeps reading the raw (unsmeared) k
-            last_key, kr = kr[:, :, -1:].detach(), smear_keys(kr, last_key, self.key_smear)
+            # the key before this segment's first: the previous segment's last, where the state carries one
+            last_key = kr[:, :, -1:].detach()  # (B, H, 1, D)
+            kr = smear_keys(kr, state.last_key if isinstance(state, Carried) else None, self.key_smear)
         if policy.kind == "linear":
             out = F.scaled_dot_product_attention(qr, kr, v, is_causal=True)  # (B, H, T, D)
             g = torch.sigmoid(self.memory_gate).view(1, self.h, 1, 1)
@@ -103,8 +105,10 @@ class SegLMAttention(nn.Module):
             else:
                 out, mass = attend(qr, k_all, v_all, m, kr, v)
                 mass = None if mass is None else mass.mean()
+        if self.key_smear is not None and isinstance(state, Carried):  # `none` carries nothing, not even this
+            state = replace(state, last_key=last_key)
         y = self.o(out.transpose(1, 2).reshape(b, t, c))
-        return y, state, mass, last_key
+        return y, state, mass
 
 
 def _unchanged(x: Tensor) -> Tensor:
@@ -120,11 +124,11 @@ class SegLMBlock(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, policy, state, shift_keys, last_key=None, band=None):
-        a, state, mass, last_key = self.attn(self.attn_norm(x), cos, sin, policy, state, shift_keys, last_key, band)
+    def forward(self, x, cos, sin, policy, state, shift_keys, band=None):
+        a, state, mass = self.attn(self.attn_norm(x), cos, sin, policy, state, shift_keys, band)
         drop = self.drop if self.training and self.drop.p > 0 else _unchanged  # no module calls at inference
         x = x + drop(a)
-        return x + drop(self.mlp(self.mlp_norm(x))), state, mass, last_key
+        return x + drop(self.mlp(self.mlp_norm(x))), state, mass
 
 
 class SegLMPreTrainedModel(PreTrainedModel):
@@ -177,15 +181,12 @@ class SegLMModel(SegLMPreTrainedModel):
         b, t = input_ids.shape
         x = self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.rope_tables(memory.seen, t, input_ids.device, x.dtype)  # (T, D)
-        states, masses, last_keys = [], [], []
-        carried = memory.last_keys if memory.last_keys is not None and memory.policy.carries_context else None
-        for i, (layer, state) in enumerate(zip(self.layers, memory.states)):
-            x, state, mass, last = layer(x, cos, sin, memory.policy, state, self.shift_keys,
-                                         None if carried is None else carried[i], band)
+        states, masses = [], []
+        for layer, state in zip(self.layers, memory.states):
+            x, state, mass = layer(x, cos, sin, memory.policy, state, self.shift_keys, band)
             states.append(state)
             masses.append(mass)
-            last_keys.append(last)
-        mem = SegMemory(memory.policy, states, memory.seen + t, last_keys if self.config.smear_keys else None)
+        mem = SegMemory(memory.policy, states, memory.seen + t)
         mass = None if any(m is None for m in masses) else torch.stack(masses)
         return self.norm(x), mem, mass
 
