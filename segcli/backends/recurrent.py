@@ -14,7 +14,7 @@ attention function; slots chosen by content inside sliding windows) is refused h
 
 A family is one `Family` object (how its stream state is made, how the forward continues it, what its parts are),
 looked up by model type in `FAMILIES`; every family that uses transformers' Cache API for its states (conv and
-recurrent states in `LinearAttentionLayer`s) is `CacheFamily`, with no code of its own. Where a transformers code
+recurrent states in `LinearAttentionLayer`s) is the base `Family`, with no code of its own. Where a transformers code
 path is wrong for a segment that continues a state, `recurrent_routes` installs an exact route on the loaded
 model's own modules. A family segcli has not been checked on (`VERIFIED`) is probed once at load: a short random
 sequence in one forward against the same in pieces; a difference is refused with one line, never reported.
@@ -502,7 +502,8 @@ class RecurrentBackend(Backend):
         return self._bounded or None
 
     def notes(self, cfg: RunConfig) -> list[str]:
-        """Lines for stderr, once per run: the exact routes taken, and what the policy does here."""
+        """Lines for stderr, once per run (the engine prints them as it prints CorpusRun.note): the exact routes
+        taken where transformers' own path is wrong for a continued segment, and what the policy does here."""
         out = [f"note: {self.model_type}: exact route: {r.note}" for r in self.routes]
         if not self.n_attention and cfg.memory not in ("full", "none"):
             out.append(f"note: {self.model_type} has no attention layers: --memory {cfg.memory} carries the recurrent "
