@@ -179,16 +179,15 @@ class Writer:
 
 
 def group(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """JSON output: records grouped by type (segments, tokens, rows, summary)."""
+    """JSON output: records grouped by type (segments, tokens, rows, probes), a summary record (`summary`,
+    `probe_summary`) under its own name when there is one, else as a list (`summaries`, `probe_summaries`)."""
     out: dict[str, Any] = {}
     for r in records:
         t = r.get("type", "record")
-        if t == "summary":
-            out.setdefault("summaries", []).append(r)
-        else:
-            out.setdefault(t + "s", []).append(r)
-    if len(out.get("summaries", [])) == 1:
-        out["summary"] = out.pop("summaries")[0]
+        out.setdefault(t[:-1] + "ies" if t.endswith("summary") else t + "s", []).append(r)
+    for key in [k for k in out if k.endswith("summaries")]:
+        if len(out[key]) == 1:
+            out[key[: -len("ies")] + "y"] = out.pop(key)[0]
     return out
 
 

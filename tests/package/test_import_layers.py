@@ -17,7 +17,7 @@ PACKAGE = Path(segcli.__file__).parent
 # Highest first: a module may import modules of its own layer or below, never above.
 LAYERS = [
     ("cli", "__main__"),
-    ("train",),  # training streams through the engine's segment loop
+    ("train", "probe", "eval"),  # training, the probes and the lm-eval model stream through the engine
     ("engine",),
     ("state", "plot"),
     ("backends",),
