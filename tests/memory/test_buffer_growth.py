@@ -17,7 +17,7 @@ from segcli.memory.window import MIN_CAPACITY, Window
 
 SIZES = dict(memory_size=100, sink_tokens=3, compress_rate=3, compressed_size=7)  # buffers of 64, 128, 200 slots
 WINDOWED = ["fifo", "sink", "compressive", "full"]
-N = 160
+N = 120
 
 
 def preallocated(window: Window) -> Window:
