@@ -44,7 +44,7 @@ class HFBackend(Backend):
             family, cls = self.identity["model_type"], type(self.model).__name__
             if name == "segcli":
                 raise UsageError(f"{family}: --memory linear needs segcli's attention function, and {cls} does not "
-                                 "take another attention implementation; use another policy")
+                                 "go through transformers' attention interface; use another policy")
             raise UsageError(f"{family}: {cls} has no {name} attention in this transformers")
 
     def use_attention_implementation(self, name: str) -> None:

@@ -123,3 +123,25 @@ def save_family(name: str, path, tokenizer_file) -> "Path | None":
                                   eos_token="<|endoftext|>")
     tok.save_pretrained(path)
     return path
+
+
+RESULTS: list[dict] = []  # outcomes of the family tests this session, for scripts/family_table.py
+
+
+def record(family: str, implementation: str, policy: str, outcome: str, why: str = "") -> None:
+    """One outcome (exact / runs / refused) of a family under a policy and an attention implementation."""
+    RESULTS.append({"family": family, "implementation": implementation, "policy": policy, "outcome": outcome,
+                    "why": why})
+
+
+def write_results() -> None:
+    """With SEGCLI_FAMILY_RESULTS=FILE, every outcome so far to FILE (JSON), rewritten after each test module."""
+    import json
+    import os
+
+    import transformers
+
+    path = os.environ.get("SEGCLI_FAMILY_RESULTS")
+    if path and RESULTS:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"transformers": transformers.__version__, "results": RESULTS}, f, indent=1)

@@ -1,4 +1,4 @@
-"""The family matrix (issue 17): every listed family streams as the model itself computes, or is refused.
+"""The family matrix (issue 17): every listed family streams as the model itself computes; others do or are refused.
 
 Each family's tiny random model (tests/hf/hf_families.py: hidden 64, 2-4 layers, initializer_range 0.08, built once
 per module from the family's own config class) is saved with the bundled tokenizer, loaded through segcli's own
@@ -13,7 +13,8 @@ the library behind `segcli check`):
 - xl = the same with n_c = n_s; none = each segment alone; sink and compressive with a memory larger than the
   text = the plain forward;
 
-to 1e-4 relative on the summed NLL and 1e-4 on the logits. Policies without such an equivalence (sink past its
+to 1e-4 relative on the summed NLL and 1e-4 on the logits. The families of EXTRA_FAMILIES (not in the issue's list)
+must be exact or refused with one line, never different. Policies without such an equivalence (sink past its
 window, average, compressive past its window, linear) must stream (finite logits) or be refused with one line.
 With SEGCLI_FAMILY_RESULTS=FILE, the outcomes are written to FILE (scripts/family_table.py renders the README).
 """
@@ -21,16 +22,14 @@ With SEGCLI_FAMILY_RESULTS=FILE, the outcomes are written to FILE (scripts/famil
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 
 import pytest
 import torch
 import transformers
 
 from conftest import BUNDLED_TOKENIZER, SAMPLE
-from hf_families import FAMILIES, save_family
+from hf_families import EXTRA_FAMILIES, FAMILIES, record, save_family, write_results
 from segcli.backends import load_backend
 from segcli.config import RunConfig
 from segcli.documents import Document, tokenize
@@ -56,7 +55,6 @@ RUNS = {
     "average": {"segment_size": 8},
     "linear": {"segment_size": 8},
 }
-RESULTS: list[dict] = []  # one per (family, implementation, policy) for scripts/family_table.py
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,19 +64,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-    path = os.environ.get("SEGCLI_FAMILY_RESULTS")
-    if path and RESULTS:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"transformers": transformers.__version__, "results": RESULTS}, f, indent=1)
+    write_results()
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=list(FAMILIES) + list(EXTRA_FAMILIES))
 def family(request, tmp_path_factory):
     name = request.param
     path = save_family(name, tmp_path_factory.mktemp(name) / "model", BUNDLED_TOKENIZER)
     if path is None:
         pytest.skip(f"{name}: not in transformers {transformers.__version__}")
     backend = load_backend(RunConfig(model=str(path), device="cpu", dtype="float32"))
+    if backend.kind != "hf":
+        pytest.skip(f"{name}: streamed by the {backend.kind} backend (tests/recurrent)")
     text = (SAMPLE / "python_docs.txt").read_text(encoding="utf-8")[:3000]
     doc = tokenize(Document(name, text, len(text.encode("utf-8"))), backend.tokenizer, backend.bos_id)
     return name, path, backend, doc.truncated(TOKENS, text)
@@ -88,13 +85,9 @@ def use(family, impl: str):
     name, path, backend, doc = family
     try:
         backend.use_attention_implementation(impl)
-    except UsageError as e:
-        pytest.skip(f"{name}: {e}")
+    except UsageError:
+        pytest.skip(f"{name}: no {impl} attention in transformers {transformers.__version__}")
     return name, backend, doc
-
-
-def record(name: str, impl: str, policy: str, outcome: str, why: str = "") -> None:
-    RESULTS.append({"family": name, "implementation": impl, "policy": policy, "outcome": outcome, "why": why})
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -106,8 +99,10 @@ def test_streams_equal_one_plain_forward(family, impl):
         report = check(backend, doc, cfg, segment_sizes=(1, 7, 64) if label == "full" else ())
         settings = [s for s in report.settings if s.policy == policy]
         assert settings, label
+        assert not [s for s in settings if s.verdict == "differs"], (label, settings)  # never silently different
         refused = [s for s in settings if s.verdict == "refused"]
         if refused:  # one line naming the family; counted as a refusal in the table, never as exact
+            assert name in EXTRA_FAMILIES, (label, refused)  # every listed family is exact
             assert all(s.reason.startswith(f"{backend.identity['model_type']}:") and "\n" not in s.reason
                        for s in refused), refused
             record(name, impl, policy, "refused", refused[0].reason)
