@@ -13,12 +13,9 @@ from rich.console import Console
 from ..engine.compare import Comparison
 from ..errors import UsageError
 from ..memory import POLICY_NAMES
-from .common import (
-    CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, FormatOpt, MaxTokensOpt, MemorySizeOpt,
-    ModelOpt, OutputOpt, QuietOpt, RateOpt, RevisionOpt, SeedOpt, SinkOpt, TrustOpt, err_console, handle_errors, say, value,
-)
+from .common import FormatOpt, MaxTokensOpt, OutputOpt, err_console, handle_errors, say, value
 from .output import SparkBins, Writer, default_format, fmt_bytes, fmt_num, new_table
-from .options import build_config, make_progress
+from .options import RUN_OPTIONS, arguments, build_config, make_progress, shared_options
 
 
 def parse_list(text: str, what: str, convert=str, kind: str = "integers") -> list:
@@ -32,6 +29,7 @@ def parse_list(text: str, what: str, convert=str, kind: str = "integers") -> lis
         raise UsageError(f"--{what}: {text!r} is not a comma-separated list of {kind}") from None
 
 
+@shared_options(*RUN_OPTIONS)
 def compare(
     doc: Annotated[str, typer.Argument(help="Document file; '-' reads stdin.", show_default=False)],
     segment_sizes: Annotated[str, typer.Option(help="Comma-separated segment sizes, e.g. 1,16,128.")] = "16,128",
@@ -42,30 +40,18 @@ def compare(
     reference: Annotated[Optional[str], typer.Option(
         help="Also stream this policy beside every row (e.g. full) and report the row's divergence from it: "
              "kl_div, top1_agreement, delta_loss, key_token_loss.")] = None,
-    memory_size: MemorySizeOpt = None,
-    sink_tokens: SinkOpt = None,
-    compress_rate: RateOpt = None,
-    compressed_size: CompressedOpt = None,
-    device: DeviceOpt = None,
-    dtype: DTypeOpt = None,
-    config: ConfigOpt = None,
     format: FormatOpt = None,
     output: OutputOpt = None,
     max_tokens: MaxTokensOpt = None,
-    seed: SeedOpt = None,
-    errors: ErrorsOpt = None,
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustOpt = None,
     plot: Annotated[Optional[str], typer.Option(
         help="Also draw loss and tokens/s per setting as bars into FILE.png (.svg, .pdf); needs matplotlib.")] = None,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
+    **options: Any,
 ) -> None:
     """Run one document under several segment sizes and memory policies on the same tokens and
     show, in one table, what each costs (time, memory) and buys (loss, boundary effect). With
     --reference POLICY, every row also reports how far its predictions are from that policy's; with
     --model A,B, every model runs every setting (bits per byte compares them)."""
-    _compare(**locals())
+    _compare(**arguments(locals()))
 
 
 @handle_errors

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Optional
+from typing import Any, Annotated, Optional
 
 import typer
 
@@ -13,39 +13,24 @@ from ..engine.run import config_block
 from ..reader import Reader
 from ..errors import UsageError
 from ..engine.generate import GenerateSettings, generate as run_generate
-from .common import (
-    CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, MemorySizeOpt, ModelOpt, Policy, QuietOpt,
-    RateOpt, RevisionOpt, SeedOpt, SegmentSizeOpt, SinkOpt, TrustOpt, handle_errors,
-)
-from .options import build_config
+from .common import Policy, SegmentSizeOpt, handle_errors
+from .options import RUN_OPTIONS, arguments, build_config, shared_options
 from .output import stdout_stream
 
 
+@shared_options(*RUN_OPTIONS)
 def generate(
     doc: Annotated[str, typer.Argument(help="Document to continue; '-' reads stdin.", show_default=False)],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 1.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
     format: Annotated[str, typer.Option("--format", "-f", help="text or json.")] = "text",
-    model: ModelOpt = None,
     memory: Annotated[Optional[Policy], typer.Option(help="Memory policy.")] = None,
     segment_size: SegmentSizeOpt = None,
-    memory_size: MemorySizeOpt = None,
-    sink_tokens: SinkOpt = None,
-    compress_rate: RateOpt = None,
-    compressed_size: CompressedOpt = None,
-    device: DeviceOpt = None,
-    dtype: DTypeOpt = None,
-    config: ConfigOpt = None,
-    seed: SeedOpt = None,
-    errors: ErrorsOpt = None,
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustOpt = None,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
+    **options: Any,
 ) -> None:
     """Stream DOC through the memory, then continue it by sampling; the text goes to stdout."""
-    _generate(**locals())
+    _generate(**arguments(locals()))
 
 
 @handle_errors

@@ -4,8 +4,9 @@ and the progress bar on stderr."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -51,3 +52,49 @@ def make_progress(quiet: bool, total: int | None) -> Progress:
         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         console=err_console, transient=True, disable=quiet,
     )
+
+
+# -- options every command that runs a model shares, written once ----------------------------------------------------
+
+def _shared() -> dict[str, tuple[Any, Any]]:
+    from .common import (
+        CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, ModelOpt, QuietOpt, RateOpt, RevisionOpt,
+        SeedOpt, SinkOpt, TrustOpt, MemorySizeOpt,
+    )
+
+    return {  # name -> (annotation, default)
+        "model": (ModelOpt, None), "memory_size": (MemorySizeOpt, None), "sink_tokens": (SinkOpt, None),
+        "compress_rate": (RateOpt, None), "compressed_size": (CompressedOpt, None), "device": (DeviceOpt, None),
+        "dtype": (DTypeOpt, None), "config": (ConfigOpt, None), "seed": (SeedOpt, None), "errors": (ErrorsOpt, None),
+        "revision": (RevisionOpt, None), "trust_remote_code": (TrustOpt, None), "quiet": (QuietOpt, False),
+        "debug": (DebugOpt, False),
+    }
+
+
+MODEL_OPTIONS = ("model", "device", "dtype", "revision", "trust_remote_code", "seed", "errors")
+SIZE_OPTIONS = ("memory_size", "sink_tokens", "compress_rate", "compressed_size")
+RUN_OPTIONS = (*SIZE_OPTIONS, *MODEL_OPTIONS, "config", "quiet", "debug")  # what run, compare, generate, probe share
+
+
+def shared_options(*names: str) -> Callable:
+    """Add the named shared options (defined once in `_shared`) to a command's signature, after its own.
+
+    The command takes them as `**options`; Typer reads the signature, so `--help` lists them and parses them
+    as if they were written out in every command."""
+    shared = _shared()
+
+    def add(fn: Callable) -> Callable:
+        sig = inspect.signature(fn, eval_str=True)  # real annotations: Typer reads them from __signature__
+        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        taken = {p.name for p in own}
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=shared[n][1], annotation=shared[n][0])
+                 for n in names if n not in taken]
+        fn.__signature__ = sig.replace(parameters=own + extra)
+        return fn
+
+    return add
+
+
+def arguments(local: dict[str, Any]) -> dict[str, Any]:
+    """A command's arguments from its `locals()`: its own parameters and the shared `**options`, flat."""
+    return {**{k: v for k, v in local.items() if k != "options"}, **local.get("options", {})}

@@ -21,18 +21,15 @@ from ..files import check_distinct
 from ..memory import POLICY_NAMES, REGISTRY
 from ..probe.grid import ProbeGrid, ProbeSpec, check_probe_record
 from ..probe.tasks import TASK_NAMES
-from .common import (
-    CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, FormatOpt, Interrupted, MemorySizeOpt,
-    ModelOpt, OutputOpt, QuietOpt, RateOpt, RevisionOpt, SeedOpt, SinkOpt, StopSignals, TrustOpt, handle_errors,
-    say, value,
-)
+from .common import FormatOpt, Interrupted, OutputOpt, StopSignals, handle_errors, say, value
 from .compare import parse_list
 from .output import Writer, default_format, fmt_num, new_table
-from .options import build_config, make_progress
+from .options import RUN_OPTIONS, arguments, build_config, make_progress, shared_options
 
 MAX_SAMPLES = 100_000
 
 
+@shared_options(*RUN_OPTIONS)
 def probe(
     haystack: Annotated[Optional[list[str]], typer.Argument(
         help="Text files, folders or JSON Lines files to hide the needles in (cut at token boundaries); "
@@ -47,28 +44,15 @@ def probe(
     resume: Annotated[bool, typer.Option("--resume", help="With --output FILE (JSON Lines): keep the prompts already in "
                                                           "FILE and run only the others; an interrupted run keeps its "
                                                           "finished prompts there.")] = False,
-    model: ModelOpt = None,
-    memory_size: MemorySizeOpt = None,
-    sink_tokens: SinkOpt = None,
-    compress_rate: RateOpt = None,
-    compressed_size: CompressedOpt = None,
-    device: DeviceOpt = None,
-    dtype: DTypeOpt = None,
-    config: ConfigOpt = None,
     format: FormatOpt = None,
     output: OutputOpt = None,
-    seed: SeedOpt = None,
-    errors: ErrorsOpt = None,
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustOpt = None,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
+    **options: Any,
 ) -> None:
     """Hide a needle (a pass key, a magic number, a chain of variables) in a long prompt, stream the prompt
     through the memory like any document, and score the answer after it: correct (the argmax is the answer at
     every answer token), answer NLL, whether the needle was still in memory. One `probe` record per prompt,
     then a `probe_summary` with accuracy and answer NLL per cell (task, length, depth, setting)."""
-    _probe(**locals())
+    _probe(**arguments(locals()))
 
 
 def parse_grid(tasks: str, lengths: str, depths: str, samples: int) -> tuple[list[str], list[int], list[float]]:

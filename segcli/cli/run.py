@@ -16,36 +16,24 @@ from ..config import RunConfig
 from ..engine.run import CorpusRun, RunOptions
 from ..errors import Stopped
 from .common import (
-    CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, FormatOpt, Interrupted, MaxTokensOpt,
-    MemorySizeOpt, ModelOpt, OutputOpt, Policy, QuietOpt, RateOpt, RevisionOpt, SeedOpt, SegmentSizeOpt, SinkOpt,
-    StopSignals, TrustOpt, err_console, handle_errors, say, value,
+    FormatOpt, Interrupted, MaxTokensOpt, OutputOpt, Policy, SegmentSizeOpt, StopSignals, err_console, handle_errors, say,
 )
-from .options import OutputOptions, build_configs, make_progress
+from .options import RUN_OPTIONS, OutputOptions, arguments, build_configs, make_progress, shared_options
 from .output import SparkBins, Writer, default_format, fmt_bytes, fmt_num, new_table
 
+
+@shared_options(*RUN_OPTIONS)
 def run(
     docs: Annotated[list[str], typer.Argument(
         help="Documents: files, folders (files matching --glob), JSON Lines files (.jsonl, one document per record); "
              "'-' reads stdin.", show_default=False)],
-    model: ModelOpt = None,
     memory: Annotated[Optional[Policy], typer.Option(help="Memory policy.")] = None,
     segment_size: SegmentSizeOpt = None,
-    memory_size: MemorySizeOpt = None,
-    sink_tokens: SinkOpt = None,
-    compress_rate: RateOpt = None,
-    compressed_size: CompressedOpt = None,
-    device: DeviceOpt = None,
-    dtype: DTypeOpt = None,
-    config: ConfigOpt = None,
     format: FormatOpt = None,
     output: OutputOpt = None,
     per_token: Annotated[Optional[bool], typer.Option("--per-token", help="Also one record per token with its surprisal.",
                                                       show_default=False)] = None,
     max_tokens: MaxTokensOpt = None,
-    seed: SeedOpt = None,
-    errors: ErrorsOpt = None,
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustOpt = None,
     glob: Annotated[Optional[str], typer.Option(
         help="Files to take from a folder; '**/' searches subfolders (e.g. '**/*.md'). [default: *.txt]")] = None,
     jsonl_field: Annotated[Optional[str], typer.Option(help="The text field of JSON Lines records (the record id: its "
@@ -58,8 +46,7 @@ def run(
         "--save-memory", help="Save the memory after the last segment to FILE (safetensors), to continue later.")] = None,
     load_memory: Annotated[Optional[str], typer.Option(
         "--load-memory", help="Start from a memory saved with --save-memory (same model, tokenizer, policy, sizes).")] = None,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
+    **options: Any,
 ) -> None:
     """Stream documents segment by segment through a bounded memory and report loss, perplexity,
     bits per byte and memory statistics per segment, then a token-weighted summary.
@@ -67,11 +54,11 @@ def run(
     With several documents, a `document` record follows each document's segments. Under
     `torchrun --nproc-per-node N -m segcli run ... --fresh-memory-per-document`, documents are
     sharded over the N processes and rank 0 writes the output of a single-process run."""
-    _run(**locals())
+    _run(**arguments(locals()))
 
 
 @handle_errors
-def _run(docs: list[str], config: str | None, quiet: bool, debug: bool, **options) -> None:
+def _run(docs: list[str], config: str | None = None, quiet: bool = False, debug: bool = False, **options) -> None:
     cfg, opts, out = build_configs(config, options, RunOptions, OutputOptions)
     fresh = not opts.memory_across_documents
     world = distributed.detect()
