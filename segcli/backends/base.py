@@ -49,6 +49,10 @@ class Backend:
         """The token that ends a generation (None: generation runs its full length)."""
         return None
 
+    def notes(self, cfg: RunConfig) -> list[str]:
+        """Lines for stderr about how this model streams under cfg (e.g. a slower exact route it takes)."""
+        return []
+
     def new_memory(self, cfg: RunConfig, batch: int = 1) -> Any:
         raise NotImplementedError
 

@@ -195,7 +195,7 @@ class Comparison:
                 self.device = backend.device
                 self.config = config_block(dataclasses.replace(self.base, model=model), backend)
             n = len(tokens)
-            notes += [span_note(c, backend.trained_length, n) for c in self.configs]
+            notes += [x for c in self.configs for x in (*backend.notes(c), span_note(c, backend.trained_length, n))]
             self.total_segments += sum(-(-n // c.segment_size) for c in self.configs)
             del backend
             self._free()

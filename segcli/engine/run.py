@@ -170,9 +170,11 @@ class CorpusRun:
         if world is not None:
             n_segments = sum(distributed.all_gather(world, n_segments))
         self.total_segments = n_segments if sized else None
-        self.memory = load_memory(self.opts.load_memory, self.backend, self.cfg) if self.opts.load_memory else None
+        memory = load_memory(self.opts.load_memory, self.backend, self.cfg) if self.opts.load_memory else None
+        self.stream = Stream(self.backend, self.cfg, memory)  # a policy the model cannot take is refused here
         tokens = (longest if self.fresh else total) if sized else None
-        self.note = span_note(self.cfg, self.backend.trained_length, tokens) if self.main else None
+        span = span_note(self.cfg, self.backend.trained_length, tokens)
+        self.note = "\n".join([*self.backend.notes(self.cfg), *([span] if span else [])]) or None if self.main else None
         return self
 
     def _count(self, indices: range) -> tuple[int, int, int]:
@@ -202,7 +204,7 @@ class CorpusRun:
         cfg, backend, world = self.cfg, self.backend, self.world
         many = len(self.sources) > 1
         totals = Totals(cfg.segment_size)
-        stream = Stream(backend, cfg, self.memory)
+        stream = self.stream
         if world is None:
             for i in range(len(self.sources)):
                 doc_totals = Totals(cfg.segment_size)

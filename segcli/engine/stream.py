@@ -20,6 +20,7 @@ from ..config import RunConfig
 from ..documents import StreamedDocument, TokenizedDocument
 from ..errors import RunError
 from ..memory.base import LayerStats
+from ..memory.recurrent_state import by_kind
 from .loop import stream
 
 LN2 = math.log(2.0)
@@ -37,6 +38,7 @@ class MemoryReport:
     attn_mass_memory: float | None  # fraction of attention on memory (linear: the memory gate)
     oldest_age: int  # tokens back to the oldest token the memory still represents
     tokens_per_slot: float
+    by_kind: dict[str, dict] | None = None  # recurrent/hybrid models: per layer kind (attention, recurrent, conv)
 
 
 @dataclass
@@ -66,6 +68,8 @@ class SegmentResult:
         """The JSON record: every public field (the per-token lists stay out; `asdict` would deep-copy them first)."""
         d = {name: getattr(self, name) for name in RECORD_FIELDS}
         d["memory"] = dict(vars(self.memory))
+        if d["memory"]["by_kind"] is None:  # a model of attention layers only: no per-kind breakdown
+            del d["memory"]["by_kind"]
         return d
 
 
@@ -77,19 +81,22 @@ def safe_exp(x: float) -> float:
 
 
 def memory_report(stats: list[LayerStats], policy: str, mass: float | None) -> MemoryReport:
-    """One segment's memory report from its layers' stats."""
-    n = max(len(stats), 1)
-    s0 = stats[0]
+    """One segment's memory report from its layers' stats (slots, norms and ages from the attention layers;
+    bytes from every memory tensor, recurrent states included)."""
+    attention = [s for s in stats if getattr(s, "kind", "attention") == "attention"] or stats
+    n = max(len(attention), 1)
+    s0 = attention[0]
     return MemoryReport(
         policy=policy,
         slots=s0.slots,
         capacity=s0.capacity,
         bytes=sum(s.bytes for s in stats),
-        key_norm=sum(s.key_norm for s in stats) / n,
-        value_norm=sum(s.value_norm for s in stats) / n,
+        key_norm=sum(s.key_norm for s in attention) / n,
+        value_norm=sum(s.value_norm for s in attention) / n,
         attn_mass_memory=mass,
         oldest_age=s0.oldest_age,
         tokens_per_slot=s0.tokens_per_slot,
+        by_kind=by_kind(stats),
     )
 
 
@@ -223,6 +230,7 @@ class Totals:
         self.k = max(1, segment_size // 8)  # "first tokens of a segment" for the boundary gap
         self.first_nll = self.rest_nll = 0.0
         self.first_n = self.rest_n = 0
+        self.by_kind: dict | None = None  # the last segment's per-kind memory report (recurrent/hybrid models)
 
     def add_document(self, doc: TokenizedDocument | StreamedDocument) -> None:
         """Count a document's words (a streamed document: after its segments)."""
@@ -235,6 +243,7 @@ class Totals:
         self.nll += r.nll
         self.seconds += r.seconds
         self.max_memory_bytes = max(self.max_memory_bytes, r.memory.bytes)
+        self.by_kind = r.memory.by_kind or self.by_kind
         if r.memory.attn_mass_memory is not None:
             self.mass_sum += r.memory.attn_mass_memory * r.tokens
             self.mass_n += r.tokens
@@ -262,6 +271,7 @@ class Totals:
                      "first_nll", "rest_nll", "first_n", "rest_n"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.max_memory_bytes = max(self.max_memory_bytes, other.max_memory_bytes)
+        self.by_kind = other.by_kind or self.by_kind
         self.pos_nll = [a + b for a, b in zip(self.pos_nll, other.pos_nll)]
         self.pos_n = [a + b for a, b in zip(self.pos_n, other.pos_n)]
         return self
@@ -301,6 +311,7 @@ class Totals:
             "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else None,
             "memory_updates": self.segments,
             "max_memory_bytes": self.max_memory_bytes,
+            **({"memory_by_kind": self.by_kind} if self.by_kind else {}),
         }
 
 
