@@ -440,7 +440,9 @@ def two_docs(tmp_path_factory):
 @pytest.mark.parametrize("policy", POLICY_NAMES)
 def test_save_then_load_memory_equals_one_run(base, two_docs, tmp_path, policy):
     meta = save_then_load(base, two_docs, tmp_path, policy)
-    assert meta["last_keys"] is None  # plain keys: nothing beyond the policy's state
+    # plain keys: nothing beyond the policy's state (no smeared key in any layer)
+    assert "last_keys" not in meta and all(d["fields"].get("last_key", {"value": None}) == {"value": None}
+                                           for d in meta["layers"])
 
 
 @pytest.fixture(scope="module")
@@ -455,7 +457,8 @@ def smeared_base(tmp_path_factory):
 def test_save_then_load_memory_of_a_smeared_key_model_equals_one_run(smeared_base, two_docs, tmp_path, policy):
     # the next document's first token smears in the last key of the saved one, so the file must carry it
     meta = save_then_load(smeared_base, two_docs, tmp_path, policy)
-    assert [d["tensor"] for d in meta["last_keys"]] == ["last_key0", "last_key1"]
+    assert [d["fields"].get("last_key") for d in meta["layers"]] == (
+        [{"tensor": "layer0.last_key"}, {"tensor": "layer1.last_key"}] if policy == "fifo" else [None, None])
 
 
 def save_then_load(base, two_docs, tmp_path, policy) -> dict:
