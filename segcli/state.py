@@ -145,15 +145,14 @@ def check_target(path: str) -> None:
 
 
 def save_memory(path: str, memory, backend, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write `memory` (a SegMemory) to `path`, whole or not at all; returns the metadata written."""
+    """Write `memory` to `path`, whole or not at all; returns the metadata written. The header (model,
+    tokenizer, policy, sizes, position, dtype) is every backend's; the body is its kind's (`BODIES`)."""
     from safetensors.torch import save
 
-    from .models.seglm import SegMemory
-
-    if not isinstance(memory, SegMemory):
-        raise UsageError("--save-memory works with the native seglm model only")
-    tensors: dict[str, Tensor] = {}
-    layers = [flatten_state(s, f"layer{i}", tensors) for i, s in enumerate(memory.states)]
+    if backend.kind not in BODIES:
+        raise UsageError(f"--save-memory works with the native seglm model and recurrent models; "
+                         f"this is a {backend.kind} model")
+    tensors, body = BODIES[backend.kind][0](memory, backend)
     meta = {
         "format": FORMAT,
         "segcli_version": __version__,
@@ -164,13 +163,30 @@ def save_memory(path: str, memory, backend, extra: dict[str, Any] | None = None)
         "sizes": memory.policy.describe(),
         "seen": memory.seen,
         "dtype": str(backend.dtype).removeprefix("torch."),
-        "layers": layers,
+        **body,
         **(extra or {}),
     }
     data = save(tensors, metadata={META_KEY: json.dumps(meta)})
     with AtomicOutput(path, "--save-memory", binary=True) as out:
         out.file.write(data)
     return meta
+
+
+def native_body(memory, backend) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The seglm memory: every layer's policy state (the smeared key inside it)."""
+    tensors: dict[str, Tensor] = {}
+    return tensors, {"layers": [flatten_state(s, f"layer{i}", tensors) for i, s in enumerate(memory.states)]}
+
+
+def recurrent_body(memory, backend) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A recurrent or hybrid model's memory: its layers' own states (segcli.backends.recurrent_files)."""
+    from .backends.recurrent_files import save_state
+
+    try:
+        tensors, body = save_state(backend, memory)
+    except ValueError as e:
+        raise UsageError(f"--save-memory: {e}") from None
+    return tensors, {"layers": [], "recurrent": body}
 
 
 def read_memory_file(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -209,12 +225,11 @@ def count_field(meta: dict[str, Any], key: str, path: str) -> int:
 
 
 def load_memory(path: str, backend, cfg):
-    """The SegMemory saved in `path`, checked against this run's model, tokenizer, policy, dtype and (xl)
+    """The memory saved in `path`, checked against this run's model, tokenizer, policy, dtype and (xl)
     segment size; a file that is damaged or was not written for this run is one UsageError line."""
-    from .models.seglm import SegMemory
-
-    if backend.kind != "native":
-        raise UsageError("--load-memory works with the native seglm model only")
+    if backend.kind not in BODIES:
+        raise UsageError(f"--load-memory works with the native seglm model and recurrent models; "
+                         f"this is a {backend.kind} model")
     meta, tensors = read_memory_file(path)
     ident = backend.identity
     if meta.get("model_sha256") != ident.get("model_sha256"):
@@ -235,6 +250,28 @@ def load_memory(path: str, backend, cfg):
     if meta.get("dtype") != dtype:
         raise UsageError(f"--load-memory {path}: saved in {meta.get('dtype')}, this run computes in {dtype}; "
                          f"pass --dtype {meta.get('dtype')}")
+    if policy.name == "xl" and "segment_size" in meta:
+        saved_ns = count_field(meta, "segment_size", path)
+        if saved_ns != cfg.segment_size:
+            raise UsageError(f"--load-memory {path}: an xl memory is one segment; this one was saved at "
+                             f"--segment-size {saved_ns}, this run uses {cfg.segment_size}: pass --segment-size {saved_ns}")
+    return BODIES[backend.kind][1](path, meta, tensors, backend, cfg, policy)
+
+
+def recurrent_memory(path: str, meta: dict[str, Any], tensors: dict[str, Tensor], backend, cfg, policy):
+    from .backends.recurrent_files import load_state
+
+    try:
+        return load_state(backend, cfg, meta.get("recurrent"), tensors)
+    except ValueError as e:
+        raise UsageError(f"--load-memory {path}: {e}; the file is damaged or was not written by --save-memory "
+                         "for this run") from None
+
+
+def native_memory(path: str, meta: dict[str, Any], tensors: dict[str, Tensor], backend, cfg, policy):
+    """The SegMemory of a seglm file: each layer rebuilt against this run's fresh state and checked."""
+    from .models.seglm import SegMemory
+
     layers = meta.get("layers")
     model = backend.model
     n_layers = len(model.model.layers)
@@ -242,11 +279,6 @@ def load_memory(path: str, backend, cfg):
         n = len(layers) if isinstance(layers, list) else 0
         raise UsageError(f"--load-memory {path}: {n} layers saved, the model has {n_layers}")
     seen = count_field(meta, "seen", path)
-    if policy.name == "xl" and "segment_size" in meta:
-        saved_ns = count_field(meta, "segment_size", path)
-        if saved_ns != cfg.segment_size:
-            raise UsageError(f"--load-memory {path}: an xl memory is one segment; this one was saved at "
-                             f"--segment-size {saved_ns}, this run uses {cfg.segment_size}: pass --segment-size {saved_ns}")
     fresh = model.new_memory(policy, 1)  # what this run's states look like
     cfg_model = model.config
     shape = dict(batch=1, heads=cfg_model.num_attention_heads, head_dim=cfg_model.head_dim,
@@ -272,3 +304,9 @@ def load_memory(path: str, backend, cfg):
                              f"pass --segment-size {state.capacity}")
         states.append(packed_state(state))
     return SegMemory(policy, states, seen)
+
+
+BODIES = {  # backend kind -> (the file body of a memory, the memory of a file body)
+    "native": (native_body, native_memory),
+    "recurrent": (recurrent_body, recurrent_memory),
+}

@@ -234,3 +234,23 @@ def test_engine_check_takes_a_recurrent_backend(model_dir, name, verdict):
     report = check(backend, tokenize(Document("sample", text, len(text.encode())), backend.tokenizer, backend.bos_id), cfg)
     assert report.verdict == verdict, [(s.policy, s.segment_size, s.verdict, s.reason) for s in report.settings]
     assert all(s.verdict == "exact" for s in report.settings if s.policy == "full")
+
+
+@pytest.mark.parametrize("name", ["mamba2", "jamba"])
+def test_save_memory_then_load_memory_equals_one_run(model_dir, tmp_path, name):
+    """`run A --save-memory m` then `run B --load-memory m` gives B the numbers of `run A B` (its state carried
+    through a memory file); a file of another policy is refused in one line."""
+    text = (SAMPLE / "hamlet.txt").read_text(encoding="utf-8")
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(text[:400], encoding="utf-8")
+    b.write_text(text[5000:5400], encoding="utf-8")
+    common = ("--model", model_dir(name), "--memory", "full", "--segment-size", 16, "--format", "jsonl", "-q",
+              "--device", "cpu")
+    both = [r for r in records(invoke("run", a, b, *common)) if r["type"] == "segment" and r["document"] == str(b)]
+    mem = tmp_path / "m.safetensors"
+    records(invoke("run", a, *common, "--save-memory", mem))
+    second = [r for r in records(invoke("run", b, *common, "--load-memory", mem)) if r["type"] == "segment"]
+    assert [r["nll"] for r in second] == pytest.approx([r["nll"] for r in both], rel=1e-5, abs=1e-4)
+    assert [r["memory"]["bytes"] for r in second] == [r["memory"]["bytes"] for r in both]
+    line = one_error_line(invoke("run", b, *[c if c != "full" else "fifo" for c in common], "--load-memory", mem))
+    assert "saved with policy full" in line
