@@ -49,6 +49,32 @@ class Backend:
         """The token that ends a generation (None: generation runs its full length)."""
         return None
 
+    def kv_layout(self) -> tuple[int, int, int] | None:
+        """(attention layers, key-value heads, head dim) of the pairs a policy holds, for the memory budget;
+        None where the backend cannot say (the budget is then not checked)."""
+        cfg = self.model.config.get_text_config()
+        heads = getattr(cfg, "num_attention_heads", None)
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None)
+        layers = getattr(cfg, "num_hidden_layers", None)
+        return (layers, kv, dim) if layers and kv and dim else None
+
+    def check_memory_budget(self, cfg: RunConfig, tokens: int | None) -> None:
+        """Refuse (one UsageError line, before the run) settings whose memory could not fit: the bytes the
+        policy's memory can reach over `tokens` (None: unknown), against the device's free memory."""
+        from ..memory.budget import check_memory_budget
+
+        layout = self.kv_layout()
+        if layout is None:
+            return
+        available = None  # the CPU: MemAvailable
+        if self.device.type == "cuda":
+            available = torch.cuda.mem_get_info(self.device)[0]
+        layers, kv_heads, head_dim = layout
+        check_memory_budget(cfg.policy(), layers=layers, kv_heads=kv_heads, head_dim=head_dim,
+                            itemsize=torch.empty(0, dtype=self.dtype).element_size(), segment_size=cfg.segment_size,
+                            tokens=tokens, available=available)
+
     def notes(self, cfg: RunConfig) -> list[str]:
         """Lines for stderr about how this model streams under cfg (e.g. a slower exact route it takes)."""
         return []

@@ -453,6 +453,11 @@ class RecurrentBackend(Backend):
     def model_type(self) -> str:
         return self.model.config.model_type
 
+    def kv_layout(self) -> tuple[int, int, int] | None:
+        """Only the attention layers hold key-value pairs (a pure recurrent model's state has a fixed size)."""
+        layout = super().kv_layout()
+        return None if not self.n_attention or layout is None else (self.n_attention, layout[1], layout[2])
+
     def check_policy(self, policy: MemoryPolicy) -> None:
         """One UsageError line where `policy` cannot run on this model's attention layers as the model computes them."""
         if not self.n_attention or policy.name in POLICY_ON_ATTENTION:

@@ -195,6 +195,8 @@ class Comparison:
                 self.device = backend.device
                 self.config = config_block(dataclasses.replace(self.base, model=model), backend)
             n = len(tokens)
+            for c in self.configs:
+                backend.check_memory_budget(c, n)
             notes += [x for c in self.configs for x in (*backend.notes(c), span_note(c, backend.trained_length, n))]
             self.total_segments += sum(-(-n // c.segment_size) for c in self.configs)
             del backend

@@ -170,9 +170,10 @@ class CorpusRun:
         if world is not None:
             n_segments = sum(distributed.all_gather(world, n_segments))
         self.total_segments = n_segments if sized else None
+        tokens = (longest if self.fresh else total) if sized else None
+        agreed(self.backend.check_memory_budget, self.cfg, tokens)  # settings whose memory cannot fit: refused now
         memory = load_memory(self.opts.load_memory, self.backend, self.cfg) if self.opts.load_memory else None
         self.stream = Stream(self.backend, self.cfg, memory)  # a policy the model cannot take is refused here
-        tokens = (longest if self.fresh else total) if sized else None
         span = span_note(self.cfg, self.backend.trained_length, tokens)
         self.note = "\n".join([*self.backend.notes(self.cfg), *([span] if span else [])]) or None if self.main else None
         return self

@@ -87,3 +87,17 @@ def test_named_pipe_with_a_late_writer(tmp_path, sizes):
     writer.join()
     recs = records(p)
     assert recs[-1]["type"] == "summary" and recs[-1]["tokens"] > 500
+
+
+def test_a_memory_that_could_not_fit_is_refused_before_the_run(sizes):
+    """A stream of unknown length (stdin) under --memory-size 2^24 could fill ~0.8 TB: exit 2 at once, naming the
+    bytes; the same size on a file of known length holds only what it reads and runs."""
+    small, _ = sizes
+    with open(small, "rb") as f:
+        p = segcli("run", "-", "--memory-size", 1 << 24, "--device", "cpu", "-q", stdin=f)
+    lines = p.stderr.decode().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "the memory can reach" in lines[0] and "bytes" in lines[0], lines
+    assert p.stdout == b""
+    ok = records(segcli("run", small, "--memory-size", 1 << 24, "--max-tokens", 300, "--device", "cpu", "-q",
+                        "--format", "jsonl"))
+    assert ok[-1]["tokens"] == 300 and ok[-1]["max_memory_bytes"] < 50 << 20
