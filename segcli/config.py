@@ -25,7 +25,9 @@ FORMATS = ("table", "jsonl", "json", "csv")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_SIZE = 1 << 24  # largest segment or memory size accepted (16M pairs): larger is a typo, not a plan
-SIZE_OPTIONS = ("memory_size", "sink_tokens", "compress_rate", "compressed_size")  # policy-specific options
+SIZE_OPTIONS = ("memory_size", "sink_tokens", "compress_rate", "compressed_size", "recent_tokens", "window",
+                "layer_budget")  # policy-specific options
+LAYER_BUDGETS = ("uniform", "pyramid")
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.manual_seed and torch.Generator.manual_seed accept
 MAX_YAML_BYTES = 1 << 20  # a config file larger than this is not a config (a device, a log given by mistake)
 MAX_YAML_DEPTH = 32  # nesting of mappings and sequences; a config needs 3 or 4 levels
@@ -40,6 +42,9 @@ class RunConfig:
     sink_tokens: int = 4  # sink pairs kept for ever (sink)
     compress_rate: int = 4  # pairs pooled into one compressed slot (compressive)
     compressed_size: int = 128  # compressed slots, n_cm (compressive)
+    recent_tokens: int | None = None  # newest pairs always kept, r <= n_c (h2o); None = memory_size // 2
+    window: int = 32  # observation window: last queries scoring, newest pairs kept (snapkv)
+    layer_budget: str = "uniform"  # uniform | pyramid: slots per layer (tova, h2o, snapkv, keynorm)
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
     seed: int = 0  # seeds torch (sampling, random init)
@@ -47,13 +52,16 @@ class RunConfig:
     trust_remote_code: bool = False  # allow a hub model's own code
     errors: str = "strict"  # invalid UTF-8: strict (error) | replace (U+FFFD)
 
-    def sizes(self) -> dict[str, int]:
+    def sizes(self) -> dict[str, int | str | None]:
         """The policy size parameters."""
         return {
             "memory_size": self.memory_size,
             "sink_tokens": self.sink_tokens,
             "compress_rate": self.compress_rate,
             "compressed_size": self.compressed_size,
+            "recent_tokens": self.recent_tokens,
+            "window": self.window,
+            "layer_budget": self.layer_budget,
         }
 
     def policy(self):
@@ -81,6 +89,14 @@ class RunConfig:
             n = getattr(self, name)
             if not low <= n <= MAX_SIZE:
                 raise UsageError(f"--{name.replace('_', '-')} must be an integer from {low} to {MAX_SIZE}, got {short(n)}")
+        if self.recent_tokens is not None and not 0 <= self.recent_tokens <= self.memory_size:
+            raise UsageError(f"--recent-tokens must be an integer from 0 to --memory-size ({self.memory_size}), "
+                             f"got {short(self.recent_tokens)}")
+        if not 1 <= self.window <= MAX_SIZE:
+            raise UsageError(f"--window must be an integer from 1 to {MAX_SIZE} (queries scoring the memory), "
+                             f"got {short(self.window)}")
+        if self.layer_budget not in LAYER_BUDGETS:
+            raise UsageError(f"--layer-budget must be one of {', '.join(LAYER_BUDGETS)}, got {short(self.layer_budget)}")
         if self.device not in DEVICES:
             raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {short(self.device)}")
         if self.dtype not in DTYPES:

@@ -51,9 +51,20 @@ class Errors(str, enum.Enum):
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model directory or hub id (default: the bundled model).")]
 SegmentSizeOpt = Annotated[Optional[int], typer.Option("--segment-size", "-s", help="Tokens per segment, n_s.")]
-MemorySizeOpt = Annotated[Optional[int], typer.Option(help="FIFO memory pairs n_c (fifo, sink, compressive).")]
+MemorySizeOpt = Annotated[Optional[int], typer.Option(help="Memory pairs n_c (fifo, sink, compressive, tova, h2o, snapkv, keynorm).")]
 SinkOpt = Annotated[Optional[int], typer.Option(help="Sink pairs kept for ever (sink).")]
 RateOpt = Annotated[Optional[int], typer.Option(help="Pairs mean-pooled into one compressed slot (compressive).")]
+RecentOpt = Annotated[Optional[int], typer.Option(help="Newest pairs always kept, r <= n_c (h2o; default n_c / 2).")]
+WindowOpt = Annotated[Optional[int], typer.Option(help="Last queries that score the memory, newest pairs kept (snapkv).")]
+
+
+class LayerBudget(str, enum.Enum):
+    uniform = "uniform"
+    pyramid = "pyramid"
+
+
+LayerBudgetOpt = Annotated[Optional[LayerBudget], typer.Option(
+    help="Slots per layer: uniform (n_c each) or pyramid (PyramidKV's linear schedule, same total; tova, h2o, snapkv, keynorm).")]
 CompressedOpt = Annotated[Optional[int], typer.Option(help="Compressed slots n_cm (compressive).")]
 DeviceOpt = Annotated[Optional[Device], typer.Option(help="auto picks CUDA when a GPU is present.")]
 DTypeOpt = Annotated[Optional[DType], typer.Option(help="auto: float32 on CPU, bfloat16 on CUDA.")]

@@ -59,12 +59,13 @@ def make_progress(quiet: bool, total: int | None) -> Progress:
 def _shared() -> dict[str, tuple[Any, Any]]:
     from .common import (
         CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, ModelOpt, QuietOpt, RateOpt, RevisionOpt,
-        SeedOpt, SinkOpt, TrustOpt, MemorySizeOpt,
+        SeedOpt, SinkOpt, TrustOpt, MemorySizeOpt, RecentOpt, WindowOpt, LayerBudgetOpt,
     )
 
     return {  # name -> (annotation, default)
         "model": (ModelOpt, None), "memory_size": (MemorySizeOpt, None), "sink_tokens": (SinkOpt, None),
-        "compress_rate": (RateOpt, None), "compressed_size": (CompressedOpt, None), "device": (DeviceOpt, None),
+        "compress_rate": (RateOpt, None), "compressed_size": (CompressedOpt, None),
+        "recent_tokens": (RecentOpt, None), "window": (WindowOpt, None), "layer_budget": (LayerBudgetOpt, None), "device": (DeviceOpt, None),
         "dtype": (DTypeOpt, None), "config": (ConfigOpt, None), "seed": (SeedOpt, None), "errors": (ErrorsOpt, None),
         "revision": (RevisionOpt, None), "trust_remote_code": (TrustOpt, None), "quiet": (QuietOpt, False),
         "debug": (DebugOpt, False),
@@ -72,7 +73,8 @@ def _shared() -> dict[str, tuple[Any, Any]]:
 
 
 MODEL_OPTIONS = ("model", "device", "dtype", "revision", "trust_remote_code", "seed", "errors")
-SIZE_OPTIONS = ("memory_size", "sink_tokens", "compress_rate", "compressed_size")
+SIZE_OPTIONS = ("memory_size", "sink_tokens", "compress_rate", "compressed_size", "recent_tokens", "window",
+                "layer_budget")
 RUN_OPTIONS = (*SIZE_OPTIONS, *MODEL_OPTIONS, "config", "quiet", "debug")  # what run, compare, generate, probe share
 
 

@@ -7,13 +7,17 @@ from .base import KVRead, LayerStats, MemoryPolicy
 from .compressive import Compressive
 from .fifo import Fifo
 from .full import Full
+from .h2o import H2O
+from .keynorm import KeyNorm
 from .linear import Linear
 from .none import NoMemory
 from .sink import Sink
+from .snapkv import SnapKV
+from .tova import Tova
 from .xl import XL
 
 REGISTRY: dict[str, type[MemoryPolicy]] = {
-    cls.name: cls for cls in (Full, NoMemory, Fifo, XL, Sink, Average, Compressive, Linear)
+    cls.name: cls for cls in (Full, NoMemory, Fifo, XL, Sink, Average, Compressive, Linear, Tova, H2O, SnapKV, KeyNorm)
 }
 POLICY_NAMES: tuple[str, ...] = tuple(REGISTRY)
 

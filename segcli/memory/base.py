@@ -25,6 +25,13 @@ Every state but `none`'s is `Carried`: besides its memory it hands the next
 segment the last key of this one (`last_key`, set by a model with smeared keys),
 so under `none` nothing of a segment reaches the next, not even that key.
 
+Attention-scored policies (tova, h2o, snapkv) set `needs_attention` ("last", "all" or "window"): their
+`extend` appends the segment (the state briefly holds [memory; segment]) and, after the segment's attention,
+the model calls `observe(state, attn)` with attn (B, H_kv, m + T) float32: the attention probability each
+pair of [memory; segment] got, summed over the segment's last `score_queries(T)` queries and over the query
+heads of each key-value head's group. `observe` evicts down to the layer's budget. Policies with
+`needs_attention = None` never see attention and cost nothing more.
+
 Two more, outside the segment loop: `peak_bytes(heads, head_dim, itemsize,
 segment_size, tokens)` bounds what one layer's state can hold (segcli.memory.budget
 checks settings with it before a run), and `check_state` is for states read back
@@ -60,6 +67,8 @@ class LayerStats:
     value_norm: float  # mean L2 norm of remembered values (linear: Frobenius of mu per head)
     oldest_age: int  # tokens between the next position and the oldest token represented
     tokens_per_slot: float  # tokens summarised per slot (1 for exact pairs)
+    evicted: int = 0  # pairs dropped by the last update (bounded policies)
+    mean_age: float = 0.0  # mean distance back from the next position to the held pairs (exact pairs)
 
 
 @dataclass(kw_only=True)
@@ -114,12 +123,29 @@ class MemoryPolicy(ABC):
     size_rule: ClassVar[str]  # how many slots it holds
     parameters: ClassVar[tuple[str, ...]] = ()  # config fields this policy uses
     kind: ClassVar[str] = "kv"  # "kv": softmax over slots; "linear": fast-weight memory
+    needs_attention: ClassVar[str | None] = None  # None | "last" | "all" | "window": see `observe`
 
-    def __init__(self, memory_size: int = 512, sink_tokens: int = 4, compress_rate: int = 4, compressed_size: int = 128):
+    def __init__(self, memory_size: int = 512, sink_tokens: int = 4, compress_rate: int = 4, compressed_size: int = 128,
+                 recent_tokens: int | None = None, window: int = 32, layer_budget: str = "uniform"):
         self.memory_size = memory_size
         self.sink_tokens = sink_tokens
         self.compress_rate = compress_rate
         self.compressed_size = compressed_size
+        self.recent_tokens = memory_size // 2 if recent_tokens is None else recent_tokens  # h2o's r (H2O: half)
+        self.window = window  # snapkv's observation window w
+        self.layer_budget = layer_budget  # uniform | pyramid (PyramidKV)
+
+    def init_layer_state(self, layer: int, layers: int, batch: int, heads: int, head_dim: int, *, device, dtype) -> Any:
+        """The state of layer `layer` of `layers` (policies whose budget depends on the layer override it)."""
+        return self.init_state(batch, heads, head_dim, device=device, dtype=dtype)
+
+    def score_queries(self, t: int) -> int:
+        """How many of a T-query segment's last queries `observe` wants the attention of (0: none)."""
+        return 0
+
+    def observe(self, state: Any, attn: Tensor | None) -> Any:
+        """After the segment's attention: fold in what it attended to (see the module doc). Default: nothing."""
+        return state
 
     def describe(self) -> dict[str, int]:
         return {p: getattr(self, p) for p in self.parameters}

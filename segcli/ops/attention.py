@@ -126,3 +126,42 @@ def reference_attention(q: Tensor, k_all: Tensor, v_all: Tensor, allowed: Tensor
     s = (q @ k_all.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     s = s.masked_fill(~allowed, float("-inf"))
     return torch.softmax(s, dim=-1) @ v_all
+
+
+def scored_attention(q: Tensor, k_all: Tensor, v_all: Tensor, m: int, k: Tensor, v: Tensor, n_last: int,
+                     scale: float | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """`attend`, plus what an attention-scored memory needs: the attention probability of the segment's last
+    `n_last` queries on every key of [memory; segment], summed over those queries.
+
+    q, k, v (B, H, T, D); k_all/v_all (B, H, m + T, D). Returns out (B, H, T, D), mass (B, H, T) or None, and
+    attn (B, H, m + T) float32, detached (scores never carry gradient). With n_last = T (h2o) one masked
+    softmax gives both; otherwise the output takes `attend`'s fast path and only the last queries' rows are
+    scored again.
+    """
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    t, s = q.shape[-2], k_all.shape[-2]
+    if n_last >= t:
+        keys = torch.cat([k_all[:, :, :m], k], 2) if torch.is_grad_enabled() else k_all  # gradients via k, v
+        values = torch.cat([v_all[:, :, :m], v], 2) if torch.is_grad_enabled() else v_all
+        p = torch.softmax(((q * scale) @ keys.transpose(-1, -2)).masked_fill(~_segment_mask(m, t, t, q.device),
+                                                                             float("-inf")), dim=-1)  # (B, H, T, S)
+        out = p @ values
+        mass = p[..., :m].sum(-1) if m else None
+        return out, mass, p.detach().float().sum(-2)
+    out, mass = attend(q, k_all, v_all, m, k, v, scale)
+    return out, mass, last_query_attention(q[:, :, t - n_last :].detach(), k_all, m, t, scale)
+
+
+def _segment_mask(m: int, t: int, n: int, device) -> Tensor:
+    """(n, m + T) bool for the last n of T queries over [memory; segment]: all memory, causal in the segment."""
+    i = torch.arange(m + t - n, m + t, device=device)[:, None]
+    return torch.arange(m + t, device=device)[None] <= i
+
+
+def last_query_attention(q_last: Tensor, k_all: Tensor, m: int, t: int, scale: float | None = None) -> Tensor:
+    """Attention probabilities of the last n queries q_last (B, H, n, D) of a T-query segment over
+    [memory; segment] k_all (B, H, m + T, D), summed over the n queries: (B, H, m + T) float32."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q_last.shape[-1])
+    n = q_last.shape[-2]
+    s = ((q_last * scale) @ k_all.transpose(-1, -2)).float()  # (B, H, n, S)
+    return torch.softmax(s.masked_fill(~_segment_mask(m, t, n, q_last.device), float("-inf")), dim=-1).sum(-2)

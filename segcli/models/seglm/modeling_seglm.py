@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 
 from ...memory import MemoryPolicy, make_policy
 from ...memory.base import Carried, LayerStats
-from ...ops.attention import attend, band_attention
+from ...ops.attention import attend, band_attention, scored_attention
 from ...ops.linear_attention import read_memory
 from ...ops.rope import apply_rope, inv_frequencies, rope_cos_sin, shift_rope
 from ...ops.smear import smear_keys
@@ -102,6 +102,10 @@ class SegLMAttention(nn.Module):
             if band is not None:  # T single-token steps through a sliding window: mass per query (T,)
                 out, mass = band_attention(qr, k_all, v_all, m, band)
                 mass = mass.mean((0, 1))
+            elif policy.needs_attention is not None:  # tova, h2o, snapkv: evict by the attention just computed
+                out, mass, attn = scored_attention(qr, k_all, v_all, m, kr, v, policy.score_queries(t))
+                state = policy.observe(state, attn)  # attn (B, H, m + T); no GQA here: one query head per KV head
+                mass = None if mass is None else mass.mean()
             else:
                 out, mass = attend(qr, k_all, v_all, m, kr, v)
                 mass = None if mass is None else mass.mean()
@@ -206,9 +210,11 @@ class SegLMForCausalLM(SegLMPreTrainedModel):
             policy = make_policy(policy, **sizes)
         p = next(self.parameters())
         cfg = self.config
-        states = [
-            policy.init_state(batch, cfg.num_attention_heads, cfg.head_dim, device=p.device, dtype=dtype or p.dtype)
-            for _ in range(cfg.num_hidden_layers)
+        n = cfg.num_hidden_layers
+        states = [  # per layer: policies with per-layer budgets (--layer-budget pyramid) size each one
+            policy.init_layer_state(i, n, batch, cfg.num_attention_heads, cfg.head_dim, device=p.device,
+                                    dtype=dtype or p.dtype)
+            for i in range(n)
         ]
         return SegMemory(policy, states, 0)
 
