@@ -36,7 +36,7 @@ def layer_budgets(memory_size: int, layers: int, schedule: str = "uniform") -> l
         raise ValueError(f"unknown layer budget {schedule!r}; choose uniform or pyramid")
     lo = max(1, memory_size // PYRAMID_BETA)
     hi = 2 * memory_size - lo
-    out = [hi - (hi - lo) * i // (layers - 1) for i in range(layers)]
+    out = [lo + (hi - lo) * (layers - 1 - i) // (layers - 1) for i in range(layers)]  # floors: at most the total
     total = memory_size * layers
     for i in range(total - sum(out)):  # rounding: the first layers take the remainder, one slot each
         out[i % layers] += 1
