@@ -244,3 +244,35 @@ def test_cli_run_reports_evictions(tiny_model_dir, doc_path):
     assert res.exit_code == 0, res.output
     segs = [json.loads(x) for x in res.stdout.splitlines() if x.strip() and json.loads(x)["type"] == "segment"]
     assert segs[-1]["memory"]["policy"] == "h2o" and len(segs) == 8
+
+
+@pytest.mark.parametrize("policy", ["tova", "h2o", "snapkv"])
+def test_cli_save_then_load_equals_one_run(tiny_model_dir, tmp_path, policy):
+    from conftest import SAMPLE
+
+    text = (SAMPLE / "milton_areopagitica.txt").read_text(encoding="utf-8")
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(text[:1500])
+    b.write_text(text[1500:3000])
+    runner = CliRunner()
+    extra = {"tova": [], "h2o": ["--recent-tokens", "5"], "snapkv": ["--window", "3"]}[policy]
+    common = ["--model", str(tiny_model_dir), "--device", "cpu", "-q", "--memory", policy, "--memory-size", "20",
+              *extra, "-s", "16", "--max-tokens", "90", "--format", "jsonl"]
+
+    def segs(*args):
+        res = runner.invoke(app, ["run", *map(str, args), *common])
+        assert res.exit_code == 0, res.output
+        recs = [json.loads(x) for x in res.stdout.splitlines() if x.strip()]
+        return [{k: v for k, v in r.items() if k not in ("seconds", "tokens_per_s")} for r in recs
+                if r["type"] == "segment" and r["document"] == str(b)]
+
+    mem = tmp_path / "m.safetensors"
+    together = segs(a, b)
+    runner.invoke(app, ["run", str(a), *common, "--save-memory", str(mem)])
+    assert together and together == segs(b, "--load-memory", mem)
+    from safetensors import safe_open
+
+    with safe_open(str(mem), "pt") as f:
+        assert "layer0.score" in f.keys()
+        meta = json.loads(f.metadata()["segcli"])
+    assert meta["sizes"]["memory_size"] == 20 and meta["policy"] == policy
