@@ -94,13 +94,13 @@ class Features:
     limit_reason: str = ""  # why, one clause
     eagerless: tuple[str, ...] = ()  # attention classes without an eager function segcli can wrap (linear)
 
-    @property
-    def windowed(self) -> bool:
-        return any(k.kind in ("sliding", "chunked") for k in self.layers)
-
     def describe(self) -> str:
-        kinds = sorted({f"{k.kind}({k.window})" if k.window else k.kind for k in self.layers})
-        return f"{self.family}: {self.attn} attention, layers {', '.join(kinds)}"
+        """The layer kinds, e.g. "2 sliding (window 4096), 1 full"."""
+        counts: dict[str, int] = {}
+        for k in self.layers:
+            label = f"{k.kind} ({'chunk' if k.kind == 'chunked' else 'window'} {k.window})" if k.window else k.kind
+            counts[label] = counts.get(label, 0) + 1
+        return ", ".join(f"{n} {label}" for label, n in counts.items())
 
 
 def text_config(model):
@@ -605,6 +605,8 @@ def _placeholders(model, feats: Features) -> dict[int, Any]:
 def _mass_hook(module, args, kwargs, output) -> None:
     cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("layer_past")))
     if not isinstance(cache, SegcliCache) or not isinstance(output, tuple) or len(output) < 2:
+        return
+    if module.layer_idx >= len(cache.layers):  # a layer reading another's pairs, without a cache layer (gemma3n)
         return
     layer = cache.layers[module.layer_idx]
     w = output[1]

@@ -118,6 +118,7 @@ def load_hf(cfg: RunConfig, path: Path, model_cfg, device: torch.device, dtype: 
         "tokenizer_sha256": file_sha256(path / "tokenizer.json") if (path / "tokenizer.json").exists() else None,
         "parameters": sum(p.numel() for p in model.parameters()),
         "attn_implementation": attn,
+        "attention_layers": model_features(model).describe(),
     }
     hooks = track_memory_mass(model) if attn == "eager" else []
     return HFBackend(model, backend_tok, bos, device, dtype, identity, attn_implementation=attn, hooks=hooks,

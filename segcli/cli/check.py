@@ -112,8 +112,8 @@ def _check(doc, max_tokens, segment_sizes, attn_implementation, format, config, 
 
 
 def render(report: CheckReport, console) -> None:
-    table = new_table(f"segcli check: {report.family} ({report.attn_implementation} attention, {report.dtype}), "
-                      f"{report.tokens} tokens", [
+    table = new_table(f"segcli check: {report.family} ({report.attn_implementation} attention, {report.dtype}; "
+                      f"layers: {report.layers}), {report.tokens} tokens", [
         ("memory", "left"), ("n_s", "right"), ("sizes", "left"), ("compared with", "left"), ("dNLL", "right"),
         ("max |dlogit|", "right"), ("verdict", "left")])
     for s in report.settings:
