@@ -14,6 +14,7 @@ from .window import Window
 class FifoState(Carried):
     window: Window
     seen: int = 0
+    evicted: int = 0  # pairs the last push dropped
 
 
 class Fifo(MemoryPolicy):
@@ -34,7 +35,8 @@ class Fifo(MemoryPolicy):
     def extend(self, state, k, v, k_raw, shift_keys):
         m = state.window.filled
         _, (k_all, v_all) = state.window.push(k, v)
-        return FifoState(state.window, state.seen + k.shape[2]), k_all, v_all, m
+        dropped = max(0, m + k.shape[2] - self.memory_size)
+        return FifoState(state.window, state.seen + k.shape[2], dropped), k_all, v_all, m
 
     def update(self, state, k, v, k_raw=None):
         return self.extend(state, k, v, k_raw, None)[0]
@@ -63,6 +65,7 @@ class Fifo(MemoryPolicy):
             out.append(LayerStats(
                 slots=n, capacity=self.memory_size, bytes=nbytes, key_norm=(ck[e] - ck[e - n]) / (b * h * n),
                 value_norm=(cv[e] - cv[e - n]) / (b * h * n), oldest_age=n, tokens_per_slot=1.0,
+                evicted=int(e > self.memory_size), mean_age=(n + 1) / 2,
             ))
         return out
 
@@ -81,4 +84,5 @@ class Fifo(MemoryPolicy):
         return LayerStats(
             slots=w.filled, capacity=self.memory_size, bytes=tensor_bytes(w.k, w.v, w.kn, w.vn),
             key_norm=mean_of(kn), value_norm=mean_of(vn), oldest_age=w.filled, tokens_per_slot=1.0,
+            evicted=state.evicted, mean_age=(w.filled + 1) / 2 if w.filled else 0.0,  # ages 1 .. filled
         )

@@ -276,3 +276,14 @@ def test_cli_save_then_load_equals_one_run(tiny_model_dir, tmp_path, policy):
         assert "layer0.score" in f.keys()
         meta = json.loads(f.metadata()["segcli"])
     assert meta["sizes"]["memory_size"] == 20 and meta["policy"] == policy
+
+
+@torch.no_grad()
+def test_fifo_reports_evictions_and_mean_age(model, ids):
+    mem = model.new_memory("fifo", memory_size=10)
+    got = []
+    for s in range(0, 24, 8):
+        mem = model(ids[:, s : s + 8], mem).memory
+        st = mem.stats()[0]
+        got.append((st.slots, st.evicted, st.mean_age))
+    assert got == [(8, 0, 4.5), (10, 6, 5.5), (10, 8, 5.5)]
