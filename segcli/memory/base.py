@@ -147,8 +147,10 @@ class MemoryPolicy(ABC):
         """After the segment's attention: fold in what it attended to (see the module doc). Default: nothing."""
         return state
 
-    def describe(self) -> dict[str, int]:
-        return {p: getattr(self, p) for p in self.parameters}
+    def describe(self) -> dict[str, int | str]:
+        """The sizes this policy uses; the default uniform layer budget is left out (files and messages from
+        before --layer-budget name the same policy)."""
+        return {p: getattr(self, p) for p in self.parameters if not (p == "layer_budget" and self.layer_budget == "uniform")}
 
     def capacity(self, segment_size: int) -> int | None:
         """Maximum slots the memory can hold at this segment size."""

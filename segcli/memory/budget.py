@@ -65,7 +65,7 @@ def check_memory_budget(policy: MemoryPolicy, *, layers: int, kv_heads: int, hea
     if need > limit:
         sizes = "".join(f" --{k.replace('_', '-')} {v}" for k, v in policy.describe().items())
         over = f" over {tokens:,} tokens" if tokens is not None else ""
-        knobs = [f"--{k.replace('_', '-')}" for k in policy.parameters if k != "compress_rate"] + ["--segment-size"]
+        knobs = [f"--{k.replace('_', '-')}" for k in policy.parameters if k not in ("compress_rate", "layer_budget")] + ["--segment-size"]
         raise UsageError(f"--memory {policy.name}{sizes} at --segment-size {segment_size}: the memory can reach "
                          f"{gib(need)} ({need:,} bytes){over}, more than {what}; give smaller {', '.join(knobs)}")
     return need

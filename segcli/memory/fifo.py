@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Carried, KVRead, LayerStats, MemoryPolicy, expect, mean_of, tensor_bytes
+from .scored import layer_budgets
 from .window import Window
 
 
@@ -21,7 +22,7 @@ class Fifo(MemoryPolicy):
     name = "fifo"
     rule = "append, then drop the oldest beyond memory_size pairs"
     size_rule = "memory_size"
-    parameters = ("memory_size",)
+    parameters = ("memory_size", "layer_budget")
 
     def capacity(self, segment_size):
         return self.memory_size
@@ -29,13 +30,17 @@ class Fifo(MemoryPolicy):
     def init_state(self, batch, heads, head_dim, *, device, dtype):
         return FifoState(Window.empty(batch, heads, self.memory_size, head_dim, device, dtype))
 
+    def init_layer_state(self, layer, layers, batch, heads, head_dim, *, device, dtype):
+        size = layer_budgets(self.memory_size, layers, self.layer_budget)[layer]  # pyramid: PyramidKV's schedule
+        return FifoState(Window.empty(batch, heads, size, head_dim, device, dtype))
+
     def read(self, state, shift_keys):
         return KVRead(*state.window.view()) if state.window.filled else None
 
     def extend(self, state, k, v, k_raw, shift_keys):
         m = state.window.filled
         _, (k_all, v_all) = state.window.push(k, v)
-        dropped = max(0, m + k.shape[2] - self.memory_size)
+        dropped = max(0, m + k.shape[2] - state.window.size)
         return FifoState(state.window, state.seen + k.shape[2], dropped), k_all, v_all, m
 
     def update(self, state, k, v, k_raw=None):
@@ -45,7 +50,7 @@ class Fifo(MemoryPolicy):
         return state.window.filled
 
     def sliding_window(self):
-        return self.memory_size
+        return self.memory_size if self.layer_budget == "uniform" else None  # one band for every layer
 
     def stats_each(self, state, before, t):
         w = state.window
@@ -60,21 +65,27 @@ class Fifo(MemoryPolicy):
         start_slots, slot_bytes = getattr(w, "capacity_before_push", w.capacity), w.slot_bytes()
         out = []
         for e in range(before + 1, before + t + 1):  # e: pairs pushed so far; the window holds the last n of them
-            n = min(e, self.memory_size)
+            n = min(e, w.size)
             nbytes = max(start_slots, w.slots_for(n)) * slot_bytes
             out.append(LayerStats(
-                slots=n, capacity=self.memory_size, bytes=nbytes, key_norm=(ck[e] - ck[e - n]) / (b * h * n),
+                slots=n, capacity=w.size, bytes=nbytes, key_norm=(ck[e] - ck[e - n]) / (b * h * n),
                 value_norm=(cv[e] - cv[e - n]) / (b * h * n), oldest_age=n, tokens_per_slot=1.0,
-                evicted=int(e > self.memory_size), mean_age=(n + 1) / 2,
+                evicted=int(e > w.size), mean_age=(n + 1) / 2,
             ))
         return out
 
     def peak_bytes(self, heads, head_dim, itemsize, segment_size, tokens=None):
-        return Window.peak_bytes(self.memory_size, 0, segment_size, tokens, heads, head_dim, itemsize)
+        most = 2 * self.memory_size if self.layer_budget == "pyramid" else self.memory_size  # the first layer's
+        return Window.peak_bytes(most, 0, segment_size, tokens, heads, head_dim, itemsize)
 
     def check_state(self, state, *, batch, heads, head_dim, dtype, seen):
         super().check_state(state, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, seen=seen)
-        state.window.check(batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, size=self.memory_size, front=0)
+        size = self.memory_size
+        if self.layer_budget == "pyramid":  # the layer's own budget, at most the first layer's
+            size = state.window.size
+            expect(isinstance(size, int) and 1 <= size < 2 * self.memory_size,
+                   f"window.size {size} is no layer's budget under --layer-budget pyramid --memory-size {self.memory_size}")
+        state.window.check(batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, size=size, front=0)
         expect(state.seen == seen, f"seen {state.seen}, the file says {seen} tokens")
         expect(state.window.filled <= seen, f"the window holds {state.window.filled} pairs of {seen} tokens")
 
@@ -82,7 +93,7 @@ class Fifo(MemoryPolicy):
         w = state.window
         kn, vn = w.norms()
         return LayerStats(
-            slots=w.filled, capacity=self.memory_size, bytes=tensor_bytes(w.k, w.v, w.kn, w.vn),
+            slots=w.filled, capacity=w.size, bytes=tensor_bytes(w.k, w.v, w.kn, w.vn),
             key_norm=mean_of(kn), value_norm=mean_of(vn), oldest_age=w.filled, tokens_per_slot=1.0,
             evicted=state.evicted, mean_age=(w.filled + 1) / 2 if w.filled else 0.0,  # ages 1 .. filled
         )

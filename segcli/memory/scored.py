@@ -153,10 +153,11 @@ class ScoredPolicy(MemoryPolicy):
         expect_tensor(state.v, "v", (batch, heads, n, head_dim), dtype)
         expect_tensor(state.pos, "pos", (batch, heads, n), torch.long)
         expect_tensor(state.score, "score", (batch, heads, n), torch.float32)
-        allowed = set(self.budgets(max(1, 64))) if self.layer_budget == "pyramid" else {self.memory_size}
-        expect(1 <= state.budget <= 2 * self.memory_size and (self.layer_budget == "pyramid" or state.budget in allowed),
-               f"budget {state.budget} is not one this policy gives a layer (--memory-size {self.memory_size}, "
-               f"--layer-budget {self.layer_budget})")
+        if self.layer_budget == "pyramid":  # the layer's own budget: at most the first layer's
+            expect(1 <= state.budget <= 2 * self.memory_size, f"budget {state.budget} is no layer's under --layer-budget "
+                   f"pyramid --memory-size {self.memory_size}")
+        else:
+            expect(state.budget == self.memory_size, f"budget {state.budget}, the policy holds {self.memory_size}")
         expect(n <= state.budget, f"the state holds {n} pairs, more than its budget {state.budget}")
         expect(state.seen == seen, f"seen {state.seen}, the file says {seen} tokens")
         expect(state.pending == 0, f"{state.pending} pairs are waiting to be scored")

@@ -22,6 +22,7 @@ class SinkState(Carried):
     sink_v: Tensor
     window: Window
     seen: int = 0
+    evicted: int = 0  # window pairs the last push dropped
 
 
 class Sink(MemoryPolicy):
@@ -56,8 +57,9 @@ class Sink(MemoryPolicy):
             return super().extend(state, k, v, k_raw, shift_keys)
         m = self.slots(state)
         sinks = self._sinks(state, shift_keys)
+        dropped = max(0, state.window.filled + k.shape[2] - self.memory_size)
         _, (k_all, v_all) = state.window.push(k, v, prefix=sinks)
-        return SinkState(state.sink_k, state.sink_v, state.window, state.seen + k.shape[2]), k_all, v_all, m
+        return SinkState(state.sink_k, state.sink_v, state.window, state.seen + k.shape[2], dropped), k_all, v_all, m
 
     def update(self, state, k, v, k_raw=None):
         take = max(0, min(self.sink_tokens - state.sink_k.shape[2], k.shape[2]))
@@ -65,8 +67,9 @@ class Sink(MemoryPolicy):
         if take:
             sink_k = torch.cat([sink_k, k[:, :, :take]], 2)
             sink_v = torch.cat([sink_v, v[:, :, :take]], 2)
+        dropped = max(0, state.window.filled + k.shape[2] - take - self.memory_size)
         state.window.push(k[:, :, take:], v[:, :, take:])
-        return SinkState(sink_k, sink_v, state.window, state.seen + k.shape[2])
+        return SinkState(sink_k, sink_v, state.window, state.seen + k.shape[2], dropped)
 
     def peak_bytes(self, heads, head_dim, itemsize, segment_size, tokens=None):
         sinks = self.sink_tokens if tokens is None else min(self.sink_tokens, tokens)
@@ -100,7 +103,10 @@ class Sink(MemoryPolicy):
             bytes=tensor_bytes(state.sink_k, state.sink_v, w.k, w.v, w.kn, w.vn),
             key_norm=float(kn.sum() + sk) / denom if slots else 0.0,
             value_norm=float(vn.sum() + sv) / denom if slots else 0.0,
-            oldest_age=state.seen, tokens_per_slot=1.0,
+            oldest_age=state.seen, tokens_per_slot=1.0, evicted=state.evicted,
+            # true distances: the window's 1 .. filled, the sinks' seen - i (however they are rotated for reading)
+            mean_age=(w.filled * (w.filled + 1) / 2 + n_sink * state.seen - n_sink * (n_sink - 1) / 2) / slots
+            if slots else 0.0,
         )
 
 

@@ -14,6 +14,7 @@ class XLState(Carried):
     k: Tensor | None = None  # (B, H, n_s, D) the previous segment
     v: Tensor | None = None
     capacity: int = 0  # the segment size (largest segment seen)
+    evicted: int = 0  # pairs of the segment before, dropped by the last update
 
 
 class XL(MemoryPolicy):
@@ -31,7 +32,7 @@ class XL(MemoryPolicy):
         return None if state.k is None else KVRead(state.k, state.v)
 
     def update(self, state, k, v, k_raw=None):
-        return XLState(k, v, max(state.capacity, k.shape[2]))
+        return XLState(k, v, max(state.capacity, k.shape[2]), self.slots(state))
 
     def peak_bytes(self, heads, head_dim, itemsize, segment_size, tokens=None):
         t = segment_size if tokens is None else min(segment_size, tokens)
@@ -55,4 +56,5 @@ class XL(MemoryPolicy):
         return LayerStats(
             slots=n, capacity=state.capacity, bytes=tensor_bytes(state.k, state.v),
             key_norm=mean_norm(state.k), value_norm=mean_norm(state.v), oldest_age=n, tokens_per_slot=1.0,
+            evicted=state.evicted, mean_age=(n + 1) / 2 if n else 0.0,  # ages 1 .. n
         )

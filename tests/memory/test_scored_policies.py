@@ -81,7 +81,7 @@ def test_snapkv_with_a_window_of_the_whole_memory_is_fifo(model, ids, n_s):
 
 @torch.no_grad()
 @pytest.mark.parametrize("budget", ["uniform", "pyramid"])
-@pytest.mark.parametrize("policy", SCORED)
+@pytest.mark.parametrize("policy", [*SCORED, "fifo"])
 def test_slots_never_exceed_the_layer_budgets(policy, budget):
     model = tiny_model(seed=2, num_hidden_layers=4)
     ids = torch.randint(0, 8192, (1, 90), generator=torch.Generator().manual_seed(2))
@@ -94,6 +94,8 @@ def test_slots_never_exceed_the_layer_budgets(policy, budget):
         assert all(st.slots <= b for st, b in zip(stats, budgets)) and sum(st.slots for st in stats) <= 16 * 4
         assert all(0 <= st.evicted <= 7 for st in stats)
     assert [st.slots for st in stats] == budgets  # full by now
+    if policy == "fifo":
+        assert mem.policy.sliding_window() == (16 if budget == "uniform" else None)  # a band only when uniform
     assert stats[0].mean_age >= 1 and stats[0].oldest_age <= 90
 
 
@@ -172,7 +174,7 @@ def test_without_attention_a_state_stays_bounded():
 # -- memory files ------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-@pytest.mark.parametrize("policy", SCORED)
+@pytest.mark.parametrize("policy", [*SCORED, "fifo"])
 def test_states_round_trip_through_a_file_with_their_scores(model, ids, policy):
     sizes = dict(memory_size=9, recent_tokens=3, window=2, layer_budget="pyramid")
     whole = stream(model, ids, 8, policy, **sizes)[0]
@@ -217,7 +219,7 @@ def test_option_errors():
     with pytest.raises(UsageError, match="--layer-budget must be one of uniform, pyramid"):
         RunConfig(memory="tova", layer_budget="cone").validate()
     for memory, option in [("tova", "window"), ("tova", "recent_tokens"), ("snapkv", "recent_tokens"),
-                           ("h2o", "window"), ("fifo", "layer_budget"), ("sink", "window"), ("keynorm", "window")]:
+                           ("h2o", "window"), ("sink", "layer_budget"), ("xl", "layer_budget"), ("sink", "window"), ("keynorm", "window")]:
         with pytest.raises(UsageError, match=f"--{option.replace('_', '-')} does not apply to --memory {memory}"):
             RunConfig(memory=memory).check_options_apply(explicit_keys(RunConfig, None, {option: 1}))
     for name in SCORED:
@@ -287,3 +289,16 @@ def test_fifo_reports_evictions_and_mean_age(model, ids):
         st = mem.stats()[0]
         got.append((st.slots, st.evicted, st.mean_age))
     assert got == [(8, 0, 4.5), (10, 6, 5.5), (10, 8, 5.5)]
+
+
+@torch.no_grad()
+def test_sink_and_xl_report_evictions_and_mean_age(model, ids):
+    got = {}
+    for policy, sizes in [("sink", dict(sink_tokens=2, memory_size=6)), ("xl", {})]:
+        mem, got[policy] = model.new_memory(policy, **sizes), []
+        for s in range(0, 12, 4):
+            mem = model(ids[:, s : s + 4], mem).memory
+            st = mem.stats()[1]
+            got[policy].append((st.slots, st.evicted, st.mean_age))
+    assert got["sink"] == [(4, 0, 2.5), (8, 0, 4.5), (8, 4, 5.5)]  # sinks at their true distance, 0 and 1 back
+    assert got["xl"] == [(4, 0, 2.5), (4, 4, 2.5), (4, 4, 2.5)]
