@@ -302,3 +302,11 @@ def test_sink_and_xl_report_evictions_and_mean_age(model, ids):
             got[policy].append((st.slots, st.evicted, st.mean_age))
     assert got["sink"] == [(4, 0, 2.5), (8, 0, 4.5), (8, 4, 5.5)]  # sinks at their true distance, 0 and 1 back
     assert got["xl"] == [(4, 0, 2.5), (4, 4, 2.5), (4, 4, 2.5)]
+
+
+def test_hf_refusal_names_what_the_hf_cache_cannot_do():
+    for name in SCORED:
+        assert "native seglm model" in make_policy(name).hf_refusal()
+    assert make_policy("fifo").hf_refusal() is None
+    assert "--layer-budget pyramid" in make_policy("fifo", layer_budget="pyramid").hf_refusal()
+    assert all(make_policy(n).hf_refusal() is None for n in POLICY_NAMES if n not in SCORED)
