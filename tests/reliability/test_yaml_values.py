@@ -259,7 +259,8 @@ def test_policies_csv_is_csv():
     assert set(rows[0]) == {"type", "name", "rule", "parameters", "defaults", "bound", "recurrent_layers",
                             "hybrid_attention_layers"}
     fifo = next(r for r in rows if r["name"] == "fifo")
-    assert fifo["parameters"] == "memory_size" and fifo["defaults"] == "memory_size=512"
+    assert fifo["parameters"] == "memory_size layer_budget"
+    assert fifo["defaults"] == "memory_size=512 layer_budget=uniform"
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json"])
