@@ -50,3 +50,31 @@ def doc_path(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("docs") / "excerpt.txt"
     p.write_text(text, encoding="utf-8")
     return p
+
+
+@pytest.fixture(scope="session")
+def two_docs(tmp_path_factory) -> tuple[Path, Path]:
+    """Two consecutive 1,500-character pieces of a sample document (a memory saved after the first continues)."""
+    text = (SAMPLE / "milton_areopagitica.txt").read_text(encoding="utf-8")
+    d = tmp_path_factory.mktemp("ab")
+    (d / "a.txt").write_text(text[:1500])
+    (d / "b.txt").write_text(text[1500:3000])
+    return d / "a.txt", d / "b.txt"
+
+
+def signal_at_step(monkeypatch, sig: int, at: int = 3) -> list[int]:
+    """Make the native backend's `at`-th segment step send `sig` to this process; the list counts the steps."""
+    import os
+
+    from segcli.backends.native import NativeBackend
+
+    real, calls = NativeBackend.step, []
+
+    def signalling(self, ids, memory):
+        calls.append(1)
+        if len(calls) == at:
+            os.kill(os.getpid(), sig)
+        return real(self, ids, memory)
+
+    monkeypatch.setattr(NativeBackend, "step", signalling)
+    return calls

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import SAMPLE, save_with_tokenizer, tiny_model
+from conftest import save_with_tokenizer, tiny_model
 from segcli.backends import load_backend
 from segcli.cli import app
 from segcli.config import RunConfig
@@ -54,12 +54,8 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def docs(tmp_path_factory):
-    text = (SAMPLE / "milton_areopagitica.txt").read_text(encoding="utf-8")
-    d = tmp_path_factory.mktemp("docs")
-    (d / "a.txt").write_text(text[:1500])
-    (d / "b.txt").write_text(text[1500:3000])
-    return d / "a.txt", d / "b.txt"
+def docs(two_docs):
+    return two_docs
 
 
 def read(path):

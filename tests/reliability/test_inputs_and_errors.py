@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,10 +27,11 @@ from segcli.documents import (
 from segcli.errors import UsageError
 from segcli.memory import POLICY_NAMES, REGISTRY, make_policy
 
-from conftest import ROOT, SAMPLE, save_with_tokenizer, tiny_model
+from conftest import ROOT, SAMPLE, save_with_tokenizer, signal_at_step, tiny_model
 
 runner = CliRunner()
-SIZES = {"memory_size": 24, "sink_tokens": 2, "compress_rate": 3, "compressed_size": 5}
+SIZES = {"memory_size": 24, "sink_tokens": 2, "compress_rate": 3, "compressed_size": 5, "layer_budget": "pyramid",
+         "recent_tokens": 8, "window": 4}
 
 
 def invoke(*args, input=None):
@@ -319,17 +319,7 @@ def test_stdin_first_segments_before_input_ends_and_sigint_while_waiting(base, d
 def test_signal_during_run_with_output_leaves_no_file(base, doc_path, tmp_path, monkeypatch, sig):
     """In-process: the signal arrives during segment 3; the loop stops before segment 4,
     exits 128 + signal, and --output leaves neither the target nor its temporary file."""
-    from segcli.backends.native import NativeBackend as Backend
-
-    real, calls = Backend.step, []
-
-    def signalling(self, ids, memory):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), sig)
-        return real(self, ids, memory)
-
-    monkeypatch.setattr(Backend, "step", signalling)
+    calls = signal_at_step(monkeypatch, sig)
     previous = signal.getsignal(sig)
     res = invoke("run", doc_path, *base, "-s", 32, "--output", tmp_path / "out.jsonl")
     assert signal.getsignal(sig) == previous  # handlers restored
@@ -427,15 +417,6 @@ def test_stdin_and_file_identical_records(base, doc_path):
 
 
 # -- 4. memory state files ----------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def two_docs(tmp_path_factory):
-    text = (SAMPLE / "milton_areopagitica.txt").read_text(encoding="utf-8")
-    d = tmp_path_factory.mktemp("ab")
-    (d / "a.txt").write_text(text[:1500])
-    (d / "b.txt").write_text(text[1500:3000])
-    return d / "a.txt", d / "b.txt"
-
 
 @pytest.mark.parametrize("policy", POLICY_NAMES)
 def test_save_then_load_memory_equals_one_run(base, two_docs, tmp_path, policy):

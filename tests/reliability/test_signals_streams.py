@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from segcli.cli import app
 from segcli.cli.common import HANDLED_SIGNALS, Interrupted
 
-from conftest import ROOT, SAMPLE
+from conftest import ROOT, SAMPLE, signal_at_step
 
 runner = CliRunner()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -55,17 +55,7 @@ def test_interrupted_is_not_an_exception():
 def test_hup_and_quit_during_a_run_like_term(base, doc, tmp_path, monkeypatch, sig):
     """In-process: the signal arrives during segment 3; one line, exit 128 + n, no output file, no
     temporary file, handlers restored."""
-    from segcli.backends.native import NativeBackend as Backend
-
-    real, calls = Backend.step, []
-
-    def signalling(self, ids, memory):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), sig)
-        return real(self, ids, memory)
-
-    monkeypatch.setattr(Backend, "step", signalling)
+    signal_at_step(monkeypatch, sig)
     previous = signal.getsignal(sig)
     res = runner.invoke(app, ["run", str(doc), *base, "-s", "32", "--output", str(tmp_path / "out.jsonl")])
     assert signal.getsignal(sig) == previous
