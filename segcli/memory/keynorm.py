@@ -12,5 +12,8 @@ class KeyNorm(ScoredPolicy):
     size_rule = "memory_size"
     parameters = ("memory_size", "layer_budget")
 
+    def entering(self, k):
+        return k.float().norm(dim=-1)  # (B, H, T): computed once, as the pair enters
+
     def keep(self, state, attn, budget):
-        return top_indices(-state.k.float().norm(dim=-1), budget)
+        return top_indices(-state.score, budget)

@@ -48,22 +48,34 @@ class ScoredState(Carried):
     k: Tensor  # (B, H, M, D) rotated keys, per head in position order
     v: Tensor  # (B, H, M, D)
     pos: Tensor  # (B, H, M) int64 absolute position of each pair
-    score: Tensor  # (B, H, M) float32 accumulated attention (h2o; zeros for the others)
+    score: Tensor  # (B, H, M) float32: accumulated attention (h2o), key L2 norm (keynorm), else 0
     seen: int = 0  # tokens pushed = position of the next token
     pending: int = 0  # pairs of the last segment appended but not yet scored and evicted
     evicted: int = 0  # pairs the last eviction dropped
     budget: int = 0  # this layer's slots
 
 
-def gather(x: Tensor, idx: Tensor) -> Tensor:
-    """x (B, H, S[, D]) at idx (B, H, n) along dim 2."""
+def flat_rows(idx: Tensor, s: int) -> Tensor:
+    """idx (B, H, n) into S pairs per head as row numbers of a (B*H*S, ...) view: one index_select per tensor
+    copies whole rows (much faster on CPU than gather with an index expanded over D)."""
+    b, h, _ = idx.shape
+    return (idx + torch.arange(b * h, device=idx.device).view(b, h, 1) * s).flatten()
+
+
+def gather(x: Tensor, rows: Tensor, idx_shape: torch.Size) -> Tensor:
+    """x (B, H, S[, D]) at the kept pairs (rows from `flat_rows`), (B, H, n[, D])."""
+    b, h, n = idx_shape
     if x.dim() == 4:
-        return x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
-    return x.gather(2, idx)
+        return x.reshape(-1, x.shape[-1]).index_select(0, rows).view(b, h, n, x.shape[-1])
+    return x.reshape(-1).index_select(0, rows).view(b, h, n)
 
 
 def top_indices(score: Tensor, n: int, offset: int = 0) -> Tensor:
     """Indices (B, H, n) of the n highest scores (B, H, S) plus offset, ascending."""
+    s = score.shape[-1]
+    if n == s - 1:  # one to drop (every token step at n_s = 1): the lowest, no sort
+        i = torch.arange(n, device=score.device)
+        return i + (i >= score.argmin(-1, keepdim=True)) + offset
     return score.topk(n, dim=-1).indices.sort(-1).values + offset
 
 
@@ -109,7 +121,7 @@ class ScoredPolicy(MemoryPolicy):
         pos = torch.arange(state.seen, state.seen + t, device=k.device).expand(b, h, t)
         k_all, v_all = torch.cat([state.k, k], 2), torch.cat([state.v, v], 2)  # (B, H, m + T, D)
         state = replace(state, k=k_all, v=v_all, pos=torch.cat([state.pos, pos], 2),
-                        score=torch.cat([state.score, state.score.new_zeros(b, h, t)], 2), seen=state.seen + t,
+                        score=torch.cat([state.score, self.entering(k)], 2), seen=state.seen + t,
                         pending=t)
         if self.needs_attention is None:  # nothing to wait for: evict now (k_all stays what the segment reads)
             state = self.observe(state, None)
@@ -125,8 +137,14 @@ class ScoredPolicy(MemoryPolicy):
         if total <= budget:
             return replace(state, pending=0, evicted=0)
         idx = self.keep(state, attn, budget)  # (B, H, budget)
-        return replace(state, k=gather(state.k, idx), v=gather(state.v, idx), pos=gather(state.pos, idx),
-                       score=gather(state.score, idx), pending=0, evicted=total - budget)
+        rows, shape = flat_rows(idx, total), idx.shape
+        return replace(state, k=gather(state.k, rows, shape), v=gather(state.v, rows, shape),
+                       pos=gather(state.pos, rows, shape), score=gather(state.score, rows, shape), pending=0,
+                       evicted=total - budget)
+
+    def entering(self, k: Tensor) -> Tensor:
+        """The score (B, H, T) float32 of pairs entering with keys k (B, H, T, D): 0 (keynorm: the key's norm)."""
+        return k.new_zeros(k.shape[:3], dtype=torch.float32)
 
     def scored(self, state: ScoredState, attn: Tensor) -> ScoredState:
         """The state with this segment's attention folded into its scores (h2o); default unchanged."""

@@ -310,3 +310,11 @@ def test_hf_refusal_names_what_the_hf_cache_cannot_do():
     assert make_policy("fifo").hf_refusal() is None
     assert "--layer-budget pyramid" in make_policy("fifo", layer_budget="pyramid").hf_refusal()
     assert all(make_policy(n).hf_refusal() is None for n in POLICY_NAMES if n not in SCORED)
+
+
+def test_dropping_one_equals_keeping_the_top():
+    from segcli.memory.scored import top_indices
+
+    x = torch.randn(2, 3, 9, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(top_indices(x, 8), x.topk(8, -1).indices.sort(-1).values)
+    assert torch.equal(top_indices(x, 5, offset=2), x.topk(5, -1).indices.sort(-1).values + 2)
