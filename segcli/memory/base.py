@@ -147,18 +147,6 @@ class MemoryPolicy(ABC):
         """After the segment's attention: fold in what it attended to (see the module doc). Default: nothing."""
         return state
 
-    def hf_refusal(self) -> str | None:
-        """Why segcli's Hugging Face cache layers (segcli.hf) cannot run this policy as configured, one clause;
-        None when they can. They call `extend` only (never `observe`) and build every layer with `init_state`."""
-        if self.needs_attention is not None:
-            return (f"--memory {self.name} scores pairs by the attention they get, which segcli passes to the memory "
-                    "only on the native seglm model so far; use the native model, or --memory fifo, sink")
-        if self.name == "keynorm":  # per-head slots by content: not yet checked against the HF frames (ALiBi's relative one)
-            return "--memory keynorm runs on the native seglm model only so far; use the native model, or --memory fifo, sink"
-        if self.layer_budget != "uniform":
-            return f"--layer-budget {self.layer_budget} works on the native seglm model only so far; use --layer-budget uniform"
-        return None
-
     def describe(self) -> dict[str, int | str]:
         """The sizes this policy uses; the default uniform layer budget is left out (files and messages from
         before --layer-budget name the same policy)."""

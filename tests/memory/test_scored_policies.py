@@ -304,14 +304,6 @@ def test_sink_and_xl_report_evictions_and_mean_age(model, ids):
     assert got["xl"] == [(4, 0, 2.5), (4, 4, 2.5), (4, 4, 2.5)]
 
 
-def test_hf_refusal_names_what_the_hf_cache_cannot_do():
-    for name in SCORED:
-        assert "native seglm model" in make_policy(name).hf_refusal()
-    assert make_policy("fifo").hf_refusal() is None
-    assert "--layer-budget pyramid" in make_policy("fifo", layer_budget="pyramid").hf_refusal()
-    assert all(make_policy(n).hf_refusal() is None for n in POLICY_NAMES if n not in SCORED)
-
-
 def test_dropping_one_equals_keeping_the_top():
     from segcli.memory.scored import top_indices
 
