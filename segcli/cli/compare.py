@@ -55,16 +55,12 @@ def compare(
 
 
 @handle_errors
-def _compare(doc, segment_sizes, memory, model, reference, memory_size, sink_tokens, compress_rate, compressed_size, device,
-             dtype, config, format, output, max_tokens, seed, errors, revision, trust_remote_code, plot, quiet, debug):
+def _compare(doc, segment_sizes, memory, model, reference, config, format, output, max_tokens, plot, quiet, debug,
+             **options):
     models = list(dict.fromkeys(parse_list(model, "model"))) if model is not None else None
     if models:  # "bundled" names the bundled model (unless a folder of that name is there)
         models = [None if m == "bundled" and not Path(m).exists() else m for m in models]
-    base = build_config(
-        config, model=models[0] if models else None, memory_size=memory_size, sink_tokens=sink_tokens, compress_rate=compress_rate,
-        compressed_size=compressed_size, device=device, dtype=dtype, seed=seed, errors=errors, revision=revision,
-        trust_remote_code=trust_remote_code,
-    )
+    base = build_config(config, model=models[0] if models else None, **options)
     sizes = parse_list(segment_sizes, "segment-sizes", int)
     policies = parse_list(memory, "memory") if memory else [base.memory]
     configs = [dataclasses.replace(base, memory=p, segment_size=n).validate() for p in policies for n in sizes]

@@ -38,6 +38,8 @@ class MemoryReport:
     attn_mass_memory: float | None  # fraction of attention on memory (linear: the memory gate)
     oldest_age: int  # tokens back to the oldest token the memory still represents
     tokens_per_slot: float
+    evicted: int = 0  # pairs dropped this segment (the first attention layer, as slots)
+    mean_age: float = 0.0  # mean distance back of the held pairs, averaged over the attention layers
     by_kind: dict[str, dict] | None = None  # recurrent/hybrid models: per layer kind (attention, recurrent, conv)
 
 
@@ -96,6 +98,8 @@ def memory_report(stats: list[LayerStats], policy: str, mass: float | None) -> M
         attn_mass_memory=mass,
         oldest_age=s0.oldest_age,
         tokens_per_slot=s0.tokens_per_slot,
+        evicted=getattr(s0, "evicted", 0),
+        mean_age=sum(getattr(s, "mean_age", 0.0) for s in attention) / n,
         by_kind=by_kind(stats),
     )
 

@@ -55,13 +55,15 @@ def test_stdin_and_file_give_the_same_numbers(base, doc_path):
 
 @pytest.mark.parametrize("policy", POLICY_NAMES)
 def test_every_policy_runs(base, doc_path, policy):
-    sizes = {"memory_size": 40, "sink_tokens": 2, "compress_rate": 3, "compressed_size": 5}
+    sizes = {"memory_size": 40, "sink_tokens": 2, "compress_rate": 3, "compressed_size": 5, "recent_tokens": 3,
+             "window": 4, "layer_budget": "uniform"}
     opts = [x for k in REGISTRY[policy].parameters for x in (f"--{k.replace('_', '-')}", sizes[k])]
     recs = jsonl(invoke("run", doc_path, *base, "--memory", policy, "--segment-size", 32, *opts, "--format", "jsonl"))
     segs = [r for r in recs if r["type"] == "segment"]
     assert all(r["memory"]["policy"] == policy for r in segs)
     cap = segs[-1]["memory"]["capacity"]
-    expect = {"full": None, "none": 0, "fifo": 40, "xl": 32, "sink": 42, "average": 1, "compressive": 45, "linear": 1}
+    expect = {"full": None, "none": 0, "fifo": 40, "xl": 32, "sink": 42, "average": 1, "compressive": 45, "linear": 1,
+              "tova": 40, "h2o": 40, "snapkv": 40, "keynorm": 40}
     assert cap == expect[policy]
     assert recs[-1]["config"]["memory"] == policy
 
