@@ -9,7 +9,8 @@ attention implementation it has (eager, SDPA):
 - exact: streamed equals one plain forward of the model (DESIGN §1's equivalences: full at n_s 1, 7, 64; fifo at
   n_s 1 and 8 = a sliding window within the model's own windows; xl; none; a memory larger than the text);
 - runs: streams (finite logits, bounded memory) where no equivalence defines the numbers (sink and compressive past
-  their window, average, linear); for sink and compressive a memory larger than the text was also exact;
+  their window, average, linear, tova, h2o, snapkv, keynorm); for sink and compressive a memory larger than the
+  text was also exact, and tova, h2o, snapkv and keynorm evict as the native model does (tests/hf/test_hf_scored.py);
 - refused: segcli refuses it with one line (the note below the table says why).
 """
 
@@ -28,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 START = re.compile(r"<!-- families:start[^\n]*-->\n")
 END = "<!-- families:end -->"
-COLUMNS = ("full", "fifo", "xl", "none", "sink", "compressive", "average", "linear")
-PAST_WINDOW = {"sink": "sink+", "compressive": "compressive+", "average": "average+", "linear": "linear+"}
+COLUMNS = ("full", "fifo", "xl", "none", "sink", "compressive", "average", "linear", "tova", "h2o", "snapkv", "keynorm")
+PAST_WINDOW = {p: p + "+" for p in ("sink", "compressive", "average", "linear", "tova", "h2o", "snapkv", "keynorm")}
 
 
 def run_matrix(out: Path) -> None:

@@ -16,7 +16,8 @@ StreamingLLM re-rotates them; compressive, average: pooled slots sit just before
 
 Sliding and chunked layers never see past their window: their view of the memory is the newest run of exact
 pairs that their window can reach (`Positions` replays the policy on the slots' true positions to find it),
-the same slots transformers' own sliding-window cache would hold. Keys sit in the cache rotated at their
+the same slots transformers' own sliding-window cache would hold; under `full` (the ordinary cache) they keep
+only those, window - 1 pairs, as transformers' cache does. Keys sit in the cache rotated at their
 absolute positions; `sink` re-rotates its sinks with the shift `rotary_shifts` finds per layer by checking it
 against the model's own keys at shifted positions (half-split or interleaved rotary, partial rotary, one
 frequency set per layer type, NoPE layers; refused where no rule reproduces the model).
@@ -59,6 +60,7 @@ from .ops.linear_attention import read_memory
 LINEAR_GATE = 0.5
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "segcli")  # the ones whose masks follow `get_mask_sizes` exactly
 POSITIONAL_POLICIES = frozenset({"full", "none", "fifo", "xl", "sink", "average", "compressive", "linear"})
+CONTIGUOUS = frozenset({"full", "none", "fifo", "xl", "linear"})  # every slot an exact pair, the newest ones
 # ^ policies whose slots depend only on token counts, never on the keys' content: `Positions` can replay them on
 #   positions alone. A policy that picks slots by content cannot be placed inside a sliding window this way.
 
@@ -203,6 +205,13 @@ def refusal(features: Features, policy: MemoryPolicy) -> str | None:
     if windowed and name not in POSITIONAL_POLICIES:
         return (f"{f}: --memory {name} picks its slots by content, and segcli cannot place such slots inside the "
                 f"{windowed[0].kind} windows of its layers; use fifo, sink or full")
+    budget = getattr(policy, "layer_budget", "uniform")
+    if budget != "uniform":
+        return (f"{f}: --layer-budget {budget} gives each layer its own number of slots, and the model builds one "
+                "mask per layer type from one layer's sizes; use --layer-budget uniform")
+    if policy.needs_attention and features.attn != "eager":
+        return (f"{f}: --memory {name} evicts by attention probabilities, which only eager attention returns; load "
+                "the model with attn_implementation='eager'")
     chunked = [k for k in windowed if k.kind == "chunked"]
     if chunked and features.attn == "sdpa" and name in ("none", "average"):
         return (f"{f}: under SDPA, transformers drops the chunk mask of a segment that reads no exact pair (--memory "
@@ -430,9 +439,10 @@ class PolicyLayer(CacheLayerMixin):
     is_compileable = False
 
     def __init__(self, policy: MemoryPolicy, kind: LayerKind = LayerKind("full"), shift_keys=None,
-                 positions: Positions | None = None, index: int = 0, frame: str = "absolute"):
+                 positions: Positions | None = None, index: int = 0, frame: str = "absolute", layers: int = 1):
         super().__init__()
         self.policy, self.kind, self.positions, self.index, self.frame = policy, kind, positions, index, frame
+        self.layers = layers  # in the model (per-layer policy states)
         self.shift_keys = shift_keys or (lambda k, d: k)
         self.is_sliding = kind.kind in ("sliding", "chunked")  # transformers sizes those masks from such a layer
         self.state: Any = None
@@ -443,14 +453,17 @@ class PolicyLayer(CacheLayerMixin):
         self.mass: Tensor | None = None  # attention on memory this segment, from the model's probabilities
 
     def _visible(self) -> int:
-        if self.positions is None or self.kind.kind in ("full", "shared"):
-            return self.n_slots
-        return min(self.n_slots, self.kind.visible(self.n_slots, self.positions.tail_for(self.seen), self.seen))
+        """Memory slots the next segment's first query can reach: all in a full layer, the exact pairs its window
+        reaches in a sliding or chunked one (every slot is an exact pair at the newest positions without a
+        `Positions`: under full, fifo, xl)."""
+        tail = self.positions.tail_for(self.seen) if self.positions is not None else self.n_slots
+        return min(self.n_slots, self.kind.visible(self.n_slots, tail, self.seen))
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         b, h, _, d = key_states.shape
         self.device = key_states.device
-        self.state = self.policy.init_state(b, h, d, device=key_states.device, dtype=key_states.dtype)
+        self.state = self.policy.init_layer_state(self.index, self.layers, b, h, d, device=key_states.device,
+                                                  dtype=key_states.dtype)
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -503,13 +516,22 @@ class SegcliCache(Cache):
                  frame: str = "absolute"):
         kinds = kinds or [LayerKind("full")] * num_layers
         shifts = shift_keys if isinstance(shift_keys, list) else [shift_keys] * len(kinds)
-        positioned = policy.kind != "linear" and any(k.kind in ("sliding", "chunked") for k in kinds)
+        positioned = policy.name not in CONTIGUOUS and any(k.kind in ("sliding", "chunked") for k in kinds)
         self.positions = Positions(policy) if positioned else None
         placeholders = placeholders or {}
-        layers = [placeholders[i] if i in placeholders else PolicyLayer(policy, k, s, self.positions, i, frame)
+        layers = [placeholders[i] if i in placeholders else
+                  PolicyLayer(self.layer_policy(policy, k), k, s, self.positions, i, frame, len(kinds))
                   for i, (k, s) in enumerate(zip(kinds, shifts))]
         super().__init__(layers=layers)
         self.policy, self.frame = policy, frame
+
+    @staticmethod
+    def layer_policy(policy: MemoryPolicy, kind: LayerKind) -> MemoryPolicy:
+        """What a layer holds: the policy's memory, except that under `full` (the ordinary cache) a sliding or
+        chunked layer keeps the last window - 1 pairs, as transformers' own cache does: it never reads older ones."""
+        if policy.name == "full" and kind.kind in ("sliding", "chunked"):
+            return make_policy("fifo", memory_size=max(1, kind.window - 1))
+        return policy
 
     @property
     def memory_layers(self) -> list[PolicyLayer]:
@@ -537,6 +559,11 @@ def make_cache(model, policy: str | MemoryPolicy = "fifo", **sizes: int) -> Segc
     if reason:
         raise UsageError(reason)
     shifts = rotary_shifts(model) if pol.name == "sink" else None
+    if pol.needs_attention:
+        track_memory_mass(model)  # the hooks that hand each layer's attention to the policy's `observe`
+        problem = _observed_problem(model, feats, pol)
+        if problem:
+            raise UsageError(problem)
     frame = "absolute"
     if pol.capacity(1) is not None:
         frame, problem = bounded_frame(model)
@@ -563,6 +590,26 @@ def bounded_frame(model) -> tuple[str, str | None]:
             break
     model._segcli_frame = {**done, feats.attn: (frame, problem)}
     return frame, problem
+
+
+def _observed_problem(model, feats: Features, policy: MemoryPolicy) -> str | None:
+    """Why the model's attention modules do not hand their probabilities to `policy.observe` (None: they do):
+    two tokens into a memory of one slot; every layer must have evicted to its budget after the forward."""
+    if getattr(model, "_segcli_observed", False):
+        return None
+    cfg = text_config(model)
+    dev = next(model.parameters()).device
+    ids = ((torch.arange(2) * 13 + 7) % cfg.vocab_size)[None].to(dev)
+    probe = type(policy)(memory_size=1, sink_tokens=policy.sink_tokens, compress_rate=policy.compress_rate,
+                         compressed_size=policy.compressed_size, recent_tokens=0, window=1)
+    cache = SegcliCache(probe, kinds=list(feats.layers), placeholders=_placeholders(model, feats))
+    with torch.no_grad():
+        model(input_ids=ids, position_ids=torch.arange(2, device=dev)[None], use_cache=True, **{cache_kwarg(model): cache})
+    if any(getattr(layer.state, "pending", 0) for layer in cache.memory_layers):
+        return (f"{feats.family}: its attention modules return no attention probabilities segcli can read, so "
+                f"--memory {policy.name} cannot evict by them; use fifo, sink or keynorm")
+    model._segcli_observed = True
+    return None
 
 
 def _three_token_check(model, feats: Features, frame: str) -> str | None:
@@ -613,14 +660,28 @@ def _mass_hook(module, args, kwargs, output) -> None:
     if not isinstance(layer, PolicyLayer) or layer.policy.kind == "linear" or not isinstance(w, Tensor):
         return
     m = layer.visible
-    if m and w.dim() == 4 and w.shape[-1] > m:
-        layer.mass = w[..., :m].float().sum(-1).mean()  # (B, H, T, m + T) probabilities: share on memory
+    if w.dim() != 4 or w.shape[-1] != m + w.shape[-2]:  # not (B, H, T, m + T) probabilities of this segment
+        return
+    if m:
+        layer.mass = w[..., :m].float().sum(-1).mean()  # the share on memory
+    if layer.policy.needs_attention and layer.state.pending:  # evict by the attention the segment just paid
+        q = layer.policy.score_queries(w.shape[-2])
+        heads = layer.state.k.shape[1]
+        a = w[:, :, -q:].float().sum(2)  # (B, H, m + T): summed over the last q queries
+        a = a.reshape(a.shape[0], heads, -1, a.shape[-1]).sum(2)  # (B, H_kv, m + T): over each group's heads
+        layer.state = layer.policy.observe(layer.state, a)
+        layer.n_slots = layer.policy.slots(layer.state)
 
 
 def track_memory_mass(model) -> list:
-    """Forward hooks that read each attention module's own probabilities (eager attention returns them) into
-    its cache layer's `mass`; SDPA returns none, and then nothing is recorded. Returns the hook handles."""
-    return [m.register_forward_hook(_mass_hook, with_kwargs=True) for m in attention_modules(model)]
+    """Forward hooks (installed once per model) that read each attention module's own probabilities (eager
+    attention returns them) into its cache layer: the mass on memory, and for the policies that evict by
+    attention (tova, h2o, snapkv) their `observe`. SDPA returns none: nothing is recorded. Returns the handles."""
+    handles = getattr(model, "_segcli_hooks", None)
+    if handles is None:
+        handles = [m.register_forward_hook(_mass_hook, with_kwargs=True) for m in attention_modules(model)]
+        model._segcli_hooks = handles
+    return handles
 
 
 # -- segcli's attention function: the linear memory's read ------------------------------------------------------------

@@ -26,26 +26,35 @@ from .base import Backend, file_sha256, model_fingerprint
 @dataclass
 class HFBackend(Backend):
     kind = "hf"
-    attn_implementation: str = "sdpa"  # what the model was loaded with (linear runs switch to "segcli" and back)
-    hooks: list = field(default_factory=list)  # eager attention: hooks reading the mass on memory
+    attn_implementation: str = "sdpa"  # what the model was loaded with (some policies switch it while they run)
     load_args: dict = field(default_factory=dict)  # how to load the checkpoint again (path, revision, ...)
 
-    def _use_attention(self, name: str) -> None:
+    def attention_for(self, policy) -> str:
+        """The attention implementation a policy runs under: segcli's for the linear memory's read, eager where
+        the policy evicts by attention probabilities (only eager returns them), else the one loaded."""
+        if policy.kind == "linear":
+            return "segcli"
+        return "eager" if getattr(policy, "needs_attention", None) else self.attn_implementation
+
+    def _use_attention(self, name: str, policy: str | None = None) -> None:
         cfg = self.model.config.get_text_config()
-        if cfg._attn_implementation == name:
-            return
-        if name == "segcli":
-            register_attention()
-        try:
-            self.model.set_attn_implementation(name)
-        except (ValueError, ImportError, KeyError):
-            pass
+        if cfg._attn_implementation != name:
+            if name == "segcli":
+                register_attention()
+            try:
+                self.model.set_attn_implementation(name)
+            except (ValueError, ImportError, KeyError):
+                pass
         if cfg._attn_implementation != name:
             family, cls = self.identity["model_type"], type(self.model).__name__
             if name == "segcli":
                 raise UsageError(f"{family}: --memory linear needs segcli's attention function, and {cls} does not "
                                  "go through transformers' attention interface; use another policy")
-            raise UsageError(f"{family}: {cls} has no {name} attention in this transformers")
+            why = f"--memory {policy} evicts by attention probabilities, which only eager attention returns, and " \
+                if policy else ""
+            raise UsageError(f"{family}: {why}{cls} cannot switch to {name} attention in this transformers")
+        if name in ("eager", "segcli"):
+            track_memory_mass(self.model)  # their probabilities give the mass on memory (and scored evictions)
 
     def use_attention_implementation(self, name: str) -> None:
         """Run the model under another of transformers' attention implementations ("eager", "sdpa") from now on:
@@ -59,9 +68,6 @@ class HFBackend(Backend):
             self._use_attention(name)
         self.attn_implementation = name
         self.identity["attn_implementation"] = name
-        for h in self.hooks:
-            h.remove()
-        self.hooks = track_memory_mass(self.model) if name == "eager" else []
 
     @torch.inference_mode()
     def reference_logits(self, ids: Tensor, rule: tuple[str, int, int] | None = None) -> Tensor | None:
@@ -78,13 +84,13 @@ class HFBackend(Backend):
 
     def new_memory(self, cfg: RunConfig, batch: int = 1) -> SegcliCache:
         policy = cfg.policy()
-        self._use_attention("segcli" if policy.kind == "linear" else self.attn_implementation)
+        self._use_attention(self.attention_for(policy), policy.name)
         return make_cache(self.model, policy)
 
     def step(self, ids: Tensor, memory: SegcliCache):
         t = ids.shape[1]
         start = memory.seen
-        self._use_attention("segcli" if memory.policy.kind == "linear" else self.attn_implementation)
+        self._use_attention(self.attention_for(memory.policy), memory.policy.name)
         feats = model_features(self.model)
         limit = feats.position_limit
         if limit is not None and start + t > limit:
@@ -120,9 +126,9 @@ def load_hf(cfg: RunConfig, path: Path, model_cfg, device: torch.device, dtype: 
         "attn_implementation": attn,
         "attention_layers": model_features(model).describe(),
     }
-    hooks = track_memory_mass(model) if attn == "eager" else []
-    return HFBackend(model, backend_tok, bos, device, dtype, identity, attn_implementation=attn, hooks=hooks,
-                     load_args=load_args)
+    if attn == "eager":
+        track_memory_mass(model)
+    return HFBackend(model, backend_tok, bos, device, dtype, identity, attn_implementation=attn, load_args=load_args)
 
 
 def _load_model(path: Path, dtype: torch.dtype, revision, trust_remote_code: bool, attn_implementation=None):

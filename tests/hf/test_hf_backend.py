@@ -111,7 +111,8 @@ def test_xl_equals_fifo_with_memory_size_segment_size(hf_dir, doc):
 @pytest.mark.parametrize("policy", POLICY_NAMES)
 def test_every_policy_bounded_over_3000_tokens(hf_dir, policy):
     arch, d = hf_dir
-    sizes = {"memory_size": 64, "sink_tokens": 4, "compress_rate": 4, "compressed_size": 16}
+    sizes = {"memory_size": 64, "sink_tokens": 4, "compress_rate": 4, "compressed_size": 16, "recent_tokens": 16,
+             "window": 8, "layer_budget": "uniform"}
     opts = [x for k in REGISTRY[policy].parameters for x in (f"--{k.replace('_', '-')}", sizes[k])]
     recs = run(d, SAMPLE / "hamlet.txt", "--memory", policy, "--segment-size", 100, *opts, "--max-tokens", 3000)
     segs = [r for r in recs if r["type"] == "segment"]

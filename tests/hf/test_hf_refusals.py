@@ -15,7 +15,6 @@ from hf_families import V, build_config, save_family
 from segcli.cli import app
 from segcli.errors import UsageError
 from segcli.hf import make_cache
-from segcli.memory.fifo import Fifo
 
 runner = CliRunner()
 
@@ -82,17 +81,14 @@ def test_bidirectional_attention_is_refused():
     one_line(e.value, "gemma3_text", "bidirectional")
 
 
-class ByContent(Fifo):
-    """A policy whose slots would be chosen by the keys' content (as TOVA, H2O, SnapKV or keynorm choose)."""
-
-    name = "keynorm"
-
-
-def test_slots_chosen_by_content_are_refused_in_windowed_models_only():
+@pytest.mark.parametrize("policy", ["keynorm", "tova"])
+def test_slots_chosen_by_content_are_refused_in_windowed_models_only(policy):
     with pytest.raises(UsageError) as e:
-        make_cache(model_of("mistral"), ByContent(memory_size=8))
-    one_line(e.value, "mistral", "keynorm", "sliding windows")
-    make_cache(model_of("llama"), ByContent(memory_size=8))  # no window to place them in: every slot is visible
+        make_cache(model_of("mistral"), policy, memory_size=8)
+    one_line(e.value, "mistral", policy, "sliding windows")
+    llama = model_of("llama")
+    llama.set_attn_implementation("eager")
+    make_cache(llama, policy, memory_size=8)  # no window to place them in: every slot is visible
 
 
 @pytest.mark.parametrize("name,words", [("gemma2", ("sliding-window layers", "--memory linear")),
@@ -101,6 +97,15 @@ def test_linear_memory_refused(name, words, doc, tmp_path_factory):
     line = refused_line(runner.invoke(app, ["run", str(doc), "--model", saved(name, tmp_path_factory), "-q",
                                             "--memory", "linear", "--device", "cpu", "--max-tokens", "40"]))
     assert line.startswith(f"segcli: error: {name}:") and all(w in line for w in words), line
+
+
+def test_per_layer_budgets_are_refused():
+    """PyramidKV's budgets give each layer its own number of slots; the model builds one mask per layer type."""
+    from segcli.memory import make_policy
+
+    with pytest.raises(UsageError) as e:
+        make_cache(model_of("llama"), make_policy("fifo", memory_size=8, layer_budget="pyramid"))
+    one_line(e.value, "llama", "--layer-budget pyramid", "uniform")
 
 
 def test_linear_memory_without_segcli_attention_is_refused_by_make_cache():
