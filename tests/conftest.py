@@ -11,6 +11,10 @@ import torch
 
 from segcli.models.seglm import SegLMConfig, SegLMForCausalLM
 
+# In-process runs use tiny models, which are launch-bound: one thread is as fast, and it cannot be slowed by a
+# second process contending for the other core (a shared machine slowed two-thread steps ~50x).
+torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_TOKENIZER = ROOT / "segcli" / "bundled" / "tokenizer.json"
 SAMPLE = ROOT / "sample_docs"
