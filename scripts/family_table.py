@@ -53,6 +53,7 @@ def cell(rows: list[dict], policy: str, notes: dict[str, int]) -> str:
         return good
     why = re.sub(r" \((window|best match off by) [^)]*\)", "", refused[0]["why"].split(": ", 1)[-1])
     why = re.sub(r"\w+ForCausalLM", "its model class", why)
+    why = re.sub(r"--memory \w+", "the policy", why)  # one note for every policy refused the same way
     n = notes.setdefault(why, len(notes) + 1)
     bad = sorted({r["implementation"] for r in refused})
     fine = sorted({r["implementation"] for r in mine} - set(bad))

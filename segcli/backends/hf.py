@@ -84,7 +84,13 @@ class HFBackend(Backend):
 
     def new_memory(self, cfg: RunConfig, batch: int = 1) -> SegcliCache:
         policy = cfg.policy()
-        self._use_attention(self.attention_for(policy), policy.name)
+        name = self.attention_for(policy)
+        try:
+            self._use_attention(name, policy.name)
+        except UsageError:
+            if name != "eager":
+                raise
+            self.use_attention_implementation("eager")  # a family that cannot switch: loaded again, eager from now on
         return make_cache(self.model, policy)
 
     def step(self, ids: Tensor, memory: SegcliCache):
