@@ -22,10 +22,16 @@ absolute positions; `sink` re-rotates its sinks with the shift `rotary_shifts` f
 against the model's own keys at shifted positions (half-split or interleaved rotary, partial rotary, one
 frequency set per layer type, NoPE layers; refused where no rule reproduces the model).
 
+A bounded memory is checked once per model on three tokens against the model's own masked forward
+(`bounded_frame`); where the family builds ALiBi over the cache's length (falcon, bloom in 5.17) the positions
+are counted from the oldest visible slot instead ("relative" frame). tova, h2o and snapkv evict by the
+probabilities of the model's own eager attention, handed to their `observe` by a hook per attention module.
+
 `make_cache` refuses, with one line (UsageError), what cannot be streamed as the model computes it: recurrent
-or shared-state layers, bidirectional models, content-chosen slots in windowed models, the linear memory on
-windowed models, attention implementations other than eager/SDPA, and models whose forward does not take a
-memory shorter than the tokens seen (found by a three-token check against the model's own masked forward).
+layers, bidirectional models, content-chosen slots in windowed models, per-layer budgets, the linear memory on
+windowed models, attention-scored policies without eager attention, attention implementations other than
+eager/SDPA, and models whose forward does not take a memory shorter than the tokens seen.
+`segcli check` (segcli.engine.check) compares streams with one plain forward on the user's own model.
 
 The `linear` policy needs the attention itself to change (a linear read mixed in by a gate), so it runs
 through segcli's attention function ("segcli", see `register_attention`): the model's own eager attention
@@ -391,11 +397,6 @@ def rotary_shifts(model) -> list[Rotary]:
     return rules
 
 
-def rotary_shift_fn(model) -> Callable[[Tensor, int], Tensor]:
-    """shift(k, delta) for layer 0 (kept for callers that shift one layer's keys)."""
-    return rotary_shifts(model)[0]
-
-
 # -- the memory's slots, by position -----------------------------------------------------------------------------
 
 class Positions:
@@ -739,4 +740,5 @@ def _cache_kwarg_of(cls: type) -> str:  # once per model class: signature() cost
 
 
 __all__ = ["make_cache", "cache_kwarg", "register_attention", "track_memory_mass", "model_features", "refusal",
-           "rotary_shifts", "extra_mask", "visible_in_stream", "SegcliCache", "PolicyLayer", "LINEAR_GATE"]
+           "rotary_shifts", "bounded_frame", "extra_mask", "visible_in_stream", "SegcliCache", "PolicyLayer",
+           "Positions", "LayerKind", "Features", "Rotary", "LINEAR_GATE"]

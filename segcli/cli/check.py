@@ -13,7 +13,7 @@ from ..engine.check import DEFAULT_TOKENS, SEGMENT_SIZES, CheckReport, check as 
 from ..errors import UsageError
 from ..reader import Reader
 from .common import (
-    CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, MemorySizeOpt, ModelOpt, Policy, QuietOpt,
+    CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, ErrorsOpt, MemorySizeOpt, ModelOpt, Policy, QuietOpt,
     RateOpt, RevisionOpt, SegmentSizeOpt, SinkOpt, TrustOpt, handle_errors, say, value,
 )
 from .options import build_config

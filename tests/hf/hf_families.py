@@ -108,7 +108,7 @@ def build_config(name: str):
     return cfg
 
 
-def save_family(name: str, path, tokenizer_file) -> "Path | None":
+def save_family(name: str, path, tokenizer_file):
     """Build the family's tiny model (seeded) and save it with the bundled tokenizer; None when unknown here."""
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
