@@ -156,7 +156,7 @@ class Family:
         for i, n in both:
             mine = cache.layers[i]
             cache.layers[i] = HybridPolicyLayer(policy, mine.kind, mine.shift_keys, mine.positions, i, mine.frame,
-                                                number_of_states=n)
+                                                mine.layers, number_of_states=n)
         return cache
 
     def export(self, model, cache: Any) -> dict[str, Tensor | int]:
@@ -217,8 +217,8 @@ def _hybrid_policy_layer_class() -> type:
         LinearAttentionLayer keeps them) and an attention memory under a segcli policy (PolicyLayer): zamba's and
         zamba2's hybrid layers, falcon_h1's."""
 
-        def __init__(self, policy, kind, shift_keys, positions, index, frame, number_of_states: int = 1):
-            PolicyLayer.__init__(self, policy, kind, shift_keys, positions, index, frame)
+        def __init__(self, policy, kind, shift_keys, positions, index, frame, layers: int = 1, number_of_states: int = 1):
+            PolicyLayer.__init__(self, policy, kind, shift_keys, positions, index, frame, layers)
             LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
 
         def lazy_initialization(self, *args, **kwargs) -> None:

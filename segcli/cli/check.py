@@ -86,10 +86,12 @@ def _check(doc, max_tokens, segment_sizes, attn_implementation, format, config, 
         (source,) = reader.sources([doc])
         reader.check([source])
     backend = load_backend(cfg)
-    if backend.kind != "hf":
+    if not hasattr(backend, "reference_logits"):  # the HF and recurrent backends have a plain forward to compare with
         raise UsageError(f"segcli check compares Hugging Face models with their own plain forward; the {backend.kind} "
                          "backend is not one (pass --model DIR of a transformers checkpoint)")
     if attn_implementation:
+        if not hasattr(backend, "use_attention_implementation"):
+            raise UsageError(f"--attn-implementation: the {backend.kind} backend runs the attention its model loads with")
         backend.use_attention_implementation(attn_implementation)
     if source is not None:
         tdoc = reader.tokenized(source, backend)

@@ -254,3 +254,10 @@ def test_save_memory_then_load_memory_equals_one_run(model_dir, tmp_path, name):
     assert [r["memory"]["bytes"] for r in second] == [r["memory"]["bytes"] for r in both]
     line = one_error_line(invoke("run", b, *[c if c != "full" else "fifo" for c in common], "--load-memory", mem))
     assert "saved with policy full" in line
+
+
+def test_segcli_check_on_a_recurrent_model_is_exact(model_dir):
+    res = invoke("check", "--model", model_dir("mamba2"), "--format", "json", "--max-tokens", 64, "-q")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["family"] == "mamba2" and {s["verdict"] for s in report["settings"]} == {"exact"}
