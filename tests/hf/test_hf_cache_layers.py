@@ -11,13 +11,6 @@ from segcli.hf import Positions, cache_kwarg, make_cache
 from segcli.memory import make_policy
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def stream(model, cache, n: int, ns: int) -> None:
     ids = torch.randint(1, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))

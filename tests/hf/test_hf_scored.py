@@ -24,13 +24,6 @@ SIZES = {"tova": dict(memory_size=8), "h2o": dict(memory_size=8, recent_tokens=3
          "snapkv": dict(memory_size=8, window=2), "keynorm": dict(memory_size=8)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def twins():

@@ -19,13 +19,6 @@ from segcli.hf import Rotary, cache_kwarg, make_cache, rotary_shifts
 N_SINK, N_C, N = 2, 5, 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def one_layer(name: str):
     cfg = build_config(name)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recurrent_families import FAMILIES, V, build_config  # noqa: E402
-from test_recurrent_stream import one_thread, save_model  # noqa: E402,F401  (the fixture is used by every test)
+from test_recurrent_stream import save_model  # noqa: E402
 
 from conftest import SAMPLE  # noqa: E402
 from segcli.cli import app  # noqa: E402

@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recurrent_families import FAMILIES  # noqa: E402
-from test_recurrent_stream import one_thread, save_model  # noqa: E402,F401
+from test_recurrent_stream import save_model  # noqa: E402
 
 from segcli.config import RunConfig  # noqa: E402
 

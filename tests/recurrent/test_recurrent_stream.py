@@ -25,15 +25,6 @@ REL = 1e-4
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is ~50x faster than two contending ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def save_model(name: str, path: Path, config=None) -> Path:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
