@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import tiny_model
+from reference import streamed
 from segcli.cli import app
 from segcli.config import RunConfig, explicit_keys
 from segcli.errors import UsageError
@@ -23,13 +24,7 @@ no_shift = lambda k, d: k  # noqa: E731
 
 
 def stream(model, ids, n_s, policy, **sizes):
-    mem = model.new_memory(policy, **sizes)
-    out = []
-    for s in range(0, ids.shape[1], n_s):
-        o = model(ids[:, s : s + n_s], mem)
-        mem = o.memory
-        out.append(o.logits)
-    return torch.cat(out, 1), mem
+    return streamed(model, ids, policy, n_s, **sizes)
 
 
 @pytest.fixture(scope="module")

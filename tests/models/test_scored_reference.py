@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from reference import streamed
 from segcli.ops.rope import apply_rope, inv_frequencies, rope_cos_sin
 
 N = 48
@@ -93,13 +94,7 @@ def evict(cache, probs, k, v, s, policy, n_c, recent):
 
 
 def segcli_stream(model, ids, n_s, policy, **sizes):
-    mem = model.new_memory(policy, **sizes)
-    out = []
-    for s in range(0, ids.shape[1], n_s):
-        o = model(ids[:, s : s + n_s], mem)
-        mem = o.memory
-        out.append(o.logits)
-    return torch.cat(out, 1), mem
+    return streamed(model, ids, policy, n_s, **sizes)
 
 
 @torch.no_grad()
