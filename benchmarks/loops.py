@@ -95,7 +95,7 @@ def hf_step(model, window: int | None = None) -> Callable:
     """model(ids, position_ids, cache) per segment; the memory is (cache, position of the next token).
 
     window: cut a DynamicCache to its last `window` pairs after each call (plain transformers' sliding
-    window); None leaves the cache as the model left it (a SegcliCache evicts by itself; a DynamicCache grows)."""
+    window); None leaves the cache as the model left it (segcli's cache evicts by itself; a DynamicCache grows)."""
     from segcli.hf import cache_kwarg
 
     arg = cache_kwarg(model)  # looked up once, outside the timed forward
@@ -256,8 +256,8 @@ def run_hf(b: Bench, fm: FlopModel, native_backend, doc, inp, tgt, text: str, wi
             t.inner_seconds = inner[0] if inner else None
             b.add_row("segcli HF backend: Stream(load_backend(--model))", "segcli-hf", ns, t, policy="fifo",
                       memory_size=cfg.memory_size, api="segcli.backends.load_backend + segcli.engine.stream.Stream")
-            b.add_row("raw forward: Llama(attn=segcli) + SegcliCache", "hf-raw-segcli-cache", ns, raw, policy="fifo",
-                      memory_size=cfg.memory_size, api="model(ids, position_ids, cache=segcli.hf.SegcliCache)")
+            b.add_row("raw forward: Llama(sdpa) + segcli cache", "hf-raw-segcli-cache", ns, raw, policy="fifo",
+                      memory_size=cfg.memory_size, api="model(ids, position_ids, cache=segcli.hf.make_cache(...))")
             b.add_row("plain transformers: Llama(sdpa) + DynamicCache cropped", "hf-plain-window", ns, p,
                       memory_size=args.memory_size, api="model(ids, position_ids, cache=DynamicCache), keep last "
                       f"{args.memory_size} pairs")
