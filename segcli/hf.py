@@ -419,16 +419,25 @@ class Positions:
         p = torch.arange(self.seen, self.seen + t, dtype=torch.float64)[None, None, :, None]
         self.state, *_ = self.policy.extend(self.state, p, p, p, lambda k, d: k)
         self.seen += t
+        self.tail = self._tail()
+
+    def _tail(self) -> int:
+        """The newest slots of the state that are exact pairs at positions seen - tail .. seen - 1."""
         mem = self.policy.read(self.state, lambda k, d: k)
         pos = getattr(mem, "k", None)
         if pos is None or pos.shape[2] == 0:
-            self.tail = 0
-            return
+            return 0
         pos = pos[0, 0, :, 0]
         m = pos.shape[0]
         exact = pos == torch.arange(self.seen - m, self.seen, dtype=torch.float64)
         wrong = (~exact).nonzero()
-        self.tail = m if wrong.numel() == 0 else m - 1 - int(wrong[-1])
+        return m if wrong.numel() == 0 else m - 1 - int(wrong[-1])
+
+    def restore(self, state: Any, seen: int) -> None:
+        """Continue from `state` (the policy replayed on positions, read back from a memory file) after `seen`
+        tokens, between segments; the tail is found again from it."""
+        self.state, self.seen = state, seen
+        self.tail = self.segment_tail = self._tail()
 
 
 _PENDING = threading.local()  # the linear layer just updated, for segcli_attention right after it
@@ -452,6 +461,14 @@ class PolicyLayer(CacheLayerMixin):
         self.n_slots = 0
         self.visible = 0  # memory slots the current segment's attention reads
         self.mass: Tensor | None = None  # attention on memory this segment, from the model's probabilities
+        self.kv_shape: tuple | None = None  # (batch, kv heads, head dim, dtype) once the first segment came
+
+    def restore(self, state: Any, seen: int, device: torch.device) -> None:
+        """Continue from `state` (this layer's policy state, read back from a memory file and checked) after `seen`
+        tokens, between segments: the next `update` folds the next segment into it."""
+        self.state, self.seen, self.device, self.is_initialized = state, seen, device, True
+        self.read_state, self.visible, self.mass = None, 0, None
+        self.n_slots = self.policy.slots(state)
 
     def _visible(self) -> int:
         """Memory slots the next segment's first query can reach: all in a full layer, the exact pairs its window
@@ -463,6 +480,7 @@ class PolicyLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         b, h, _, d = key_states.shape
         self.device = key_states.device
+        self.kv_shape = (b, h, d, key_states.dtype)  # what this layer's pairs look like (memory files check it)
         self.state = self.policy.init_layer_state(self.index, self.layers, b, h, d, device=key_states.device,
                                                   dtype=key_states.dtype)
         self.is_initialized = True

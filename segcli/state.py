@@ -24,6 +24,15 @@ Format 2 (this one). Format 1 (segcli before the smeared key moved into the
 layer states) kept the last keys apart, as metadata `last_keys` with entries
 `last_key{i}`, and whole window buffers; it still loads.
 
+A Hugging Face transformer's memory (body "hf") is its segcli.hf cache: per cache layer (`PolicyLayer`) its kind
+(full, sliding with its window, chunked), tokens seen and policy state, flattened as above, the scored policies'
+scores and absolute positions and the per-layer budgets inside the states; where a sliding window needs them, the
+true positions of the slots (the policy replayed on positions: `positions.*`); layers the model keeps itself (shared
+key-value layers) hold nothing (null). A recurrent or hybrid model's memory (body "recurrent") is its layers' own
+states (segcli.backends.recurrent_files) and, under a bounded policy on a hybrid's attention layers, the same
+"attention" description of its segcli.hf layers. Reading either rebuilds every layer against a fresh cache of this
+run (the model stepped once on one token says each layer's heads, head size and dtype) and checks it as above.
+
 An `xl` memory is one segment: a file records the segment size it was saved at
 (`segment_size`) and loads only at that segment size; a file that does not
 record it loads when its segment fits (no larger than this run's).
@@ -150,8 +159,7 @@ def save_memory(path: str, memory, backend, extra: dict[str, Any] | None = None)
     from safetensors.torch import save
 
     if backend.kind not in BODIES:
-        raise UsageError(f"--save-memory works with the native seglm model and recurrent models; "
-                         f"this is a {backend.kind} model")
+        raise UsageError(f"--save-memory does not work with {backend.kind} models yet")
     tensors, body = BODIES[backend.kind][0](memory, backend)
     meta = {
         "format": FORMAT,
@@ -179,14 +187,124 @@ def native_body(memory, backend) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 
 def recurrent_body(memory, backend) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """A recurrent or hybrid model's memory: its layers' own states (segcli.backends.recurrent_files)."""
+    """A recurrent or hybrid model's memory: its layers' own states (segcli.backends.recurrent_files), and the policy
+    states of a hybrid's attention layers where segcli.hf's layers hold them (a bounded policy)."""
     from .backends.recurrent_files import save_state
 
     try:
         tensors, body = save_state(backend, memory)
     except ValueError as e:
         raise UsageError(f"--save-memory: {e}") from None
-    return tensors, {"layers": [], "recurrent": body}
+    out: dict[str, Any] = {"layers": [], "recurrent": body}
+    if _policy_layers(memory.cache):
+        out["attention"] = attention_body(memory.cache, tensors)
+    return tensors, out
+
+
+def hf_body(memory, backend) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A Hugging Face transformer's memory: its segcli.hf cache layers' policy states (`attention_body`)."""
+    tensors: dict[str, Tensor] = {}
+    return tensors, {"layers": [], "hf": {"family": backend.identity.get("model_type"),
+                                          **attention_body(memory, tensors)}}
+
+
+ATTENTION_FORMAT = 1
+
+
+def _policy_layers(cache) -> list:
+    from .hf import PolicyLayer
+
+    return [layer for layer in getattr(cache, "layers", []) if isinstance(layer, PolicyLayer)]
+
+
+def attention_body(cache, tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """segcli.hf's layers of `cache` (a SegcliCache): per cache layer its kind and window, tokens seen and flattened
+    policy state (`layer{i}.*`; null for a layer the model keeps itself, or before any token), and the positions of
+    the slots where sliding windows need them (`positions.*`)."""
+    from .hf import PolicyLayer
+
+    layers: list[Any] = []
+    for i, layer in enumerate(cache.layers):
+        if not isinstance(layer, PolicyLayer):
+            layers.append(None)
+            continue
+        layers.append({"kind": layer.kind.kind, "window": layer.kind.window, "seen": layer.seen,
+                       "state": None if layer.state is None else flatten_state(layer.state, f"layer{i}", tensors)})
+    pos = getattr(cache, "positions", None)
+    positions = None if pos is None else {"seen": pos.seen, "state": flatten_state(pos.state, "positions", tensors)}
+    return {"format": ATTENTION_FORMAT, "layers": layers, "positions": positions}
+
+
+def kv_shapes(backend, cfg) -> dict[int, tuple]:
+    """Per segcli.hf layer of this run's memory, (batch, key-value heads, head dim, dtype) of its pairs: what the
+    model hands a fresh memory for one token."""
+    memory = backend.new_memory(cfg)
+    ids = torch.full((1, 1), backend.bos_id or 0, dtype=torch.long, device=backend.device)
+    with torch.inference_mode():
+        _, memory, _ = backend.step(ids, memory)
+    cache = getattr(memory, "cache", memory)
+    return {i: layer.kv_shape for i, layer in enumerate(getattr(cache, "layers", []))
+            if getattr(layer, "kv_shape", None) is not None}
+
+
+def restore_attention(body: Any, tensors: dict[str, Tensor], cache, shapes: dict[int, tuple], seen: int,
+                      device: torch.device) -> None:
+    """Put the policy states `body` (attention_body) describes into the fresh segcli.hf layers of `cache`, each
+    rebuilt against its layer's policy and checked (`check_state`); StateFileError or ValueError naming the first
+    thing that does not fit."""
+    from .hf import PolicyLayer
+
+    if not isinstance(body, dict) or body.get("format") != ATTENTION_FORMAT:
+        raise StateFileError(f"attention layer format {body.get('format') if isinstance(body, dict) else body!r}, "
+                             f"this segcli reads format {ATTENTION_FORMAT}")
+    layers = body.get("layers")
+    if not isinstance(layers, list) or len(layers) != len(cache.layers):
+        n = len(layers) if isinstance(layers, list) else 0
+        raise StateFileError(f"{n} cache layers saved, the model has {len(cache.layers)}")
+    used: set[str] = set()
+    for i, (desc, layer) in enumerate(zip(layers, cache.layers)):
+        mine = isinstance(layer, PolicyLayer)
+        if desc is None and not mine:
+            continue
+        if desc is None or not mine:
+            raise StateFileError(f"layer {i}: " + ("no memory saved for it" if mine else
+                                                   "a memory saved for a layer the model keeps itself"))
+        if not isinstance(desc, dict):
+            raise StateFileError(f"layer {i} is not a layer description")
+        kind = (desc.get("kind"), desc.get("window"))
+        if kind != (layer.kind.kind, layer.kind.window):
+            raise StateFileError(f"layer {i} was saved as a {kind[0]} layer (window {kind[1]}); this model's is "
+                                 f"{layer.kind.kind} (window {layer.kind.window})")
+        if desc.get("seen") != seen:
+            raise StateFileError(f"layer {i} has seen {desc.get('seen')!r} tokens, the file says {seen}")
+        if desc.get("state") is None:
+            if seen:
+                raise StateFileError(f"layer {i} holds no state after {seen} tokens")
+            continue
+        if i not in shapes:
+            raise StateFileError(f"layer {i}: the model hands it no key-value pairs")
+        b, h, d, dtype = shapes[i]
+        try:
+            like = layer.policy.init_layer_state(i, layer.layers, b, h, d, device=device, dtype=dtype)
+            state = rebuild_state(desc["state"], tensors, device, like, "state", used)
+            layer.policy.check_state(state, batch=b, heads=h, head_dim=d, dtype=dtype, seen=seen)
+        except (StateFileError, ValueError) as e:
+            raise StateFileError(f"layer {i}: {e}") from None
+        layer.restore(packed_state(state), seen, device)
+    positions, pos = body.get("positions"), getattr(cache, "positions", None)
+    if (positions is None) != (pos is None):
+        raise StateFileError("the slots' positions are " + ("missing" if pos is not None else "saved, but this run "
+                                                            "keeps none"))
+    if pos is not None:
+        if not isinstance(positions, dict) or positions.get("seen") != seen:
+            raise StateFileError(f"the slots' positions are not those of {seen} tokens")
+        like = pos.policy.init_state(1, 1, 1, device="cpu", dtype=torch.float64)
+        try:
+            state = rebuild_state(positions.get("state"), tensors, torch.device("cpu"), like, "state", used)
+            pos.policy.check_state(state, batch=1, heads=1, head_dim=1, dtype=torch.float64, seen=seen)
+        except (StateFileError, ValueError) as e:
+            raise StateFileError(f"positions: {e}") from None
+        pos.restore(packed_state(state), seen)
 
 
 def read_memory_file(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -228,8 +346,7 @@ def load_memory(path: str, backend, cfg):
     """The memory saved in `path`, checked against this run's model, tokenizer, policy, dtype and (xl)
     segment size; a file that is damaged or was not written for this run is one UsageError line."""
     if backend.kind not in BODIES:
-        raise UsageError(f"--load-memory works with the native seglm model and recurrent models; "
-                         f"this is a {backend.kind} model")
+        raise UsageError(f"--load-memory does not work with {backend.kind} models yet")
     meta, tensors = read_memory_file(path)
     ident = backend.identity
     if meta.get("model_sha256") != ident.get("model_sha256"):
@@ -262,10 +379,35 @@ def recurrent_memory(path: str, meta: dict[str, Any], tensors: dict[str, Tensor]
     from .backends.recurrent_files import load_state
 
     try:
-        return load_state(backend, cfg, meta.get("recurrent"), tensors)
+        memory = load_state(backend, cfg, meta.get("recurrent"), tensors)
+        if _policy_layers(memory.cache):
+            restore_attention(meta.get("attention"), tensors, memory.cache, kv_shapes(backend, cfg), memory.seen,
+                              backend.device)
+        elif meta.get("attention") is not None:
+            raise StateFileError("attention layer memories saved, but this run keeps its model's own cache")
+    except ValueError as e:  # StateFileError included
+        raise UsageError(f"--load-memory {path}: {e}; the file is damaged or was not written by --save-memory "
+                         "for this run") from None
+    return memory
+
+
+def hf_memory(path: str, meta: dict[str, Any], tensors: dict[str, Tensor], backend, cfg, policy):
+    """The segcli.hf cache of an "hf" file: a fresh cache of this run (the backend refuses a policy the model cannot
+    take here), every layer's state rebuilt against its own and checked."""
+    seen = count_field(meta, "seen", path)
+    body = meta.get("hf")
+    family = backend.identity.get("model_type")
+    if not isinstance(body, dict) or body.get("family") != family:
+        saved = body.get("family") if isinstance(body, dict) else None
+        raise UsageError(f"--load-memory {path}: saved from a {saved} model, this run's model is a {family}; "
+                         "pass the same --model")
+    cache = backend.new_memory(cfg)
+    try:
+        restore_attention(body, tensors, cache, kv_shapes(backend, cfg), seen, backend.device)
     except ValueError as e:
         raise UsageError(f"--load-memory {path}: {e}; the file is damaged or was not written by --save-memory "
                          "for this run") from None
+    return cache
 
 
 def native_memory(path: str, meta: dict[str, Any], tensors: dict[str, Tensor], backend, cfg, policy):
@@ -309,4 +451,5 @@ def native_memory(path: str, meta: dict[str, Any], tensors: dict[str, Tensor], b
 BODIES = {  # backend kind -> (the file body of a memory, the memory of a file body)
     "native": (native_body, native_memory),
     "recurrent": (recurrent_body, recurrent_memory),
+    "hf": (hf_body, hf_memory),
 }

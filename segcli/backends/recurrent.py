@@ -520,9 +520,11 @@ class RecurrentBackend(Backend):
             raise UsageError(f"{self.model_type}: segcli streams one document at a time (batch {batch})")
         policy = cfg.policy()
         self.check_policy(policy)
-        return RecurrentMemory(policy, self._fresh(policy))
+        return RecurrentMemory(policy, self.fresh_cache(policy))
 
-    def _fresh(self, policy: MemoryPolicy) -> Any:
+    def fresh_cache(self, policy: MemoryPolicy) -> Any:
+        """An empty state object for a stream under `policy`: segcli.hf's policy layers on the attention layers of a
+        hybrid under a bounded policy, the model's own cache otherwise."""
         if self.n_attention and policy.name not in POLICY_ON_ATTENTION:
             return self.family.policy_cache(self.model, policy)
         return self.family.new_cache(self.model)

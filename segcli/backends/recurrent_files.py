@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..config import RunConfig
-from .recurrent import RecurrentBackend, RecurrentMemory
+from .recurrent import POLICY_ON_ATTENTION, RecurrentBackend, RecurrentMemory
 
 FORMAT = 1
 PREFIX = "recurrent."
@@ -31,11 +31,8 @@ MAX_COUNT = 1 << 53
 
 def save_state(backend: RecurrentBackend, memory: RecurrentMemory) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The memory's tensors (own CPU storage, contiguous: safetensors refuses shared storage) and its description.
-    ValueError for a hybrid under a policy other than full and none: its attention layers then hold segcli.hf
-    policy states, which this format does not write yet."""
-    if any(type(layer).__name__.endswith("PolicyLayer") for layer in getattr(memory.cache, "layers", [])):
-        raise ValueError(f"{backend.model_type}: saving --memory {memory.policy.name} on a hybrid's attention layers "
-                         "is not supported yet; save under --memory full or none")
+    The recurrent parts only: under a bounded policy a hybrid's attention layers hold segcli.hf policy states, which
+    segcli.state writes beside them (as it writes a transformer's)."""
     entries = backend.family.export(backend.model, memory.cache)
     tensors = {PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in entries.items() if isinstance(v, Tensor)}
     counts = {k: int(v) for k, v in entries.items() if not isinstance(v, Tensor)}
@@ -50,12 +47,14 @@ def _count(x: Any, name: str) -> int:
     return x
 
 
-def template(backend: RecurrentBackend) -> dict[str, Tensor | int]:
-    """What this model's state holds after one token: the names, dtypes and shapes a file must match."""
+def template(backend: RecurrentBackend, policy=None) -> dict[str, Tensor | int]:
+    """What this model's state under `policy` (None: full) holds after one token: the names, dtypes and shapes a
+    file must match (under a bounded policy a hybrid's attention layers are segcli.hf's and export nothing here)."""
     with torch.inference_mode():
         ids = torch.zeros(1, 1, dtype=torch.long, device=backend.device)
         pos = torch.zeros(1, 1, dtype=torch.long, device=backend.device)
-        _, cache = backend.family.forward(backend.model, ids, pos, backend.family.new_cache(backend.model))
+        fresh = backend.family.new_cache(backend.model) if policy is None else backend.fresh_cache(policy)
+        _, cache = backend.family.forward(backend.model, ids, pos, fresh)
     return backend.family.export(backend.model, cache)
 
 
@@ -73,7 +72,8 @@ def load_state(backend: RecurrentBackend, cfg: RunConfig, body: Any, tensors: di
     names, counts = body.get("tensors"), body.get("counts")
     if not isinstance(names, list) or not isinstance(counts, dict):
         raise ValueError("the recurrent state lists no tensors or counts")
-    like = template(backend)
+    policy = cfg.policy()
+    like = template(backend, policy)
     entries: dict[str, Tensor | int] = {}
     for name in names:
         if not isinstance(name, str) or PREFIX + name not in tensors:
@@ -97,5 +97,8 @@ def load_state(backend: RecurrentBackend, cfg: RunConfig, body: Any, tensors: di
     missing = sorted(set(like) - set(entries)) if since else []
     if missing:
         raise ValueError(f"the state lacks {missing[0]}")
-    cache = backend.family.restore(backend.model, entries)
-    return RecurrentMemory(cfg.policy(), cache, seen, since)
+    if backend.n_attention and policy.name not in POLICY_ON_ATTENTION:  # segcli.hf's layers on the attention layers:
+        cache = backend.family.restore(backend.model, entries, backend.fresh_cache(policy))  # segcli.state fills them
+    else:
+        cache = backend.family.restore(backend.model, entries)
+    return RecurrentMemory(policy, cache, seen, since)
