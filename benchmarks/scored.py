@@ -1,0 +1,130 @@
+"""Attention-scored memories (tova, h2o, snapkv, keynorm): their cost against fifo's on the bundled model.
+
+    OMP_NUM_THREADS=1 python benchmarks/scored.py --threads 1                  # both rows, table on stdout
+    OMP_NUM_THREADS=1 python benchmarks/scored.py --threads 1 --sections step --json results/scored.json
+
+Method. The same tokens as benchmarks/loops.py (the sample documents, `corpus_text` / `tokenized`), the native
+bundled model (`load_backend(RunConfig(...))`), the same memory size n_c (512 by default) for every policy. Each
+loop is `Stream(backend, cfg).segments(doc)`, everything the runner does per segment included; its memory is
+filled first (`--prefill` tokens in segments of 512, untimed), then `--warm` tokens at the measured segment size
+untimed, then the timed tokens. All loops of a row run in one process, interleaved segment by segment
+(`timing.run_interleaved`: this machine's speed drifts, so only ratios measured side by side mean anything).
+
+- step (n_s = 128): each scored policy's time per segment against fifo's at the same n_s. Goal: <= 1.15x.
+- tokens (n_s = 1): each scored policy's tokens/s against fifo's token-by-token path
+  (`Stream(backend, cfg, window_chunk=0)`; fifo's default at n_s = 1 is the sliding-window pass, shown as info).
+  Goal: >= 0.8x.
+
+Prints each policy's tokens/s, its ratio to fifo's and the goal, the losses (to see the loops did the work),
+the machine (benchmarks/machine.py) and the commit. Never asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loops import corpus_text, stream_segments, tokenized  # noqa: E402
+from machine import machine_info  # noqa: E402
+from timing import Plan, run_interleaved  # noqa: E402
+
+SCORED = ("tova", "h2o", "snapkv", "keynorm")
+GOALS = {"step": ("time per segment", 1.15, "<="), "tokens": ("tokens/s", 0.8, ">=")}
+
+
+class NoFlops:
+    """stream_segments counts model FLOPs for the roofline rows; this benchmark compares times only."""
+
+    def segment(self, t: int, slots: int) -> float:
+        return 0.0
+
+
+def section(backend, doc, base, policies: list[str], ns: int, plan: Plan, kind: str) -> list[dict]:
+    """One interleaved run: fifo (token path at n_s = 1, plus its sliding-window pass as info) and each policy."""
+    loops = [("fifo", {"window_chunk": 0} if ns == 1 else {})]
+    if ns == 1:
+        loops.append(("fifo (sliding-window pass)", {}))
+    loops += [(p, {}) for p in policies]
+    gens = []
+    for name, extra in loops:
+        cfg = dataclasses.replace(base, memory=name.split()[0], segment_size=ns)
+        gens.append(stream_segments(backend, cfg, doc, plan, NoFlops(), [], **extra))
+    timings = run_interleaved(gens, plan.warm)
+    ref = timings[0].summary()
+    what, goal, sense = GOALS[kind]
+    rows = []
+    for (name, extra), t in zip(loops, timings):
+        s = t.summary()
+        # time per segment / fifo's = fifo's tokens/s / this one's (the same segments in both)
+        ratio = ref["tokens_per_s"] / s["tokens_per_s"] if kind == "step" else s["tokens_per_s"] / ref["tokens_per_s"]
+        blocks = [a / b for a, b in zip(s["tokens_per_s_blocks"], ref["tokens_per_s_blocks"])]
+        if kind == "step":
+            blocks = [1 / x for x in blocks]
+        rows.append({"section": kind, "policy": name, "segment_size": ns, "memory_size": base.memory_size,
+                     "tokens": s["tokens"], "tokens_per_s": s["tokens_per_s"],
+                     "ms_per_segment": 1e3 * s["seconds"] / max(1, len(t.segments)),
+                     "ratio_to_fifo": ratio, "ratio_blocks": blocks, "measure": what, "goal": f"{sense} {goal}",
+                     "meets_goal": None if name.startswith("fifo") else (ratio <= goal if sense == "<=" else ratio >= goal),
+                     "loss": s["loss"], "api": "Stream(backend, cfg" + (", window_chunk=0)" if extra else ")")})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sections", default="step,tokens", help="step (n_s = 128), tokens (n_s = 1), or both")
+    p.add_argument("--policies", default=",".join(SCORED))
+    p.add_argument("--memory-size", type=int, default=512, help="n_c for every policy")
+    p.add_argument("--segment-size", type=int, default=128, help="n_s of the step section")
+    p.add_argument("--prefill", type=int, default=1024, help="tokens that fill the memory first (segments of 512)")
+    p.add_argument("--step-tokens", type=int, default=8192, help="timed tokens per loop at n_s = --segment-size")
+    p.add_argument("--token-tokens", type=int, default=768, help="timed tokens per loop at n_s = 1")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", default=None, help="also write the rows and the machine to this file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from segcli.backends import load_backend
+    from segcli.config import RunConfig
+
+    base = RunConfig(memory="fifo", memory_size=args.memory_size, device="cpu", dtype="float32")
+    backend = load_backend(base)
+    doc = tokenized(backend, corpus_text())
+    policies = [x for x in args.policies.split(",") if x]
+    rows = []
+    for kind in args.sections.split(","):
+        if kind == "step":
+            plan = Plan(prefill=args.prefill, warm=2 * args.segment_size, timed=args.step_tokens)
+            rows += section(backend, doc, base, policies, args.segment_size, plan, "step")
+        elif kind == "tokens":
+            plan = Plan(prefill=args.prefill, warm=32, timed=args.token_tokens)
+            rows += section(backend, doc, base, policies, 1, plan, "tokens")
+        else:
+            p.error(f"unknown section {kind!r}; choose step or tokens")
+    info = machine_info(torch.device("cpu"), torch.float32)
+
+    print("# attention-scored memories vs fifo, bundled model, n_c = "
+          f"{args.memory_size}; loops interleaved segment by segment in one process")
+    print(f"{'n_s':>4} {'policy':<28} {'tokens':>6} {'tok/s':>8} {'ms/seg':>7} {'ratio':>6} {'goal':>7}  "
+          f"{'blocks (min..max)':<17} loss")
+    for r in rows:
+        lo, hi = (min(r["ratio_blocks"]), max(r["ratio_blocks"])) if r["ratio_blocks"] else (0, 0)
+        ok = "" if r["meets_goal"] is None else (" ok" if r["meets_goal"] else " MISS")
+        print(f"{r['segment_size']:>4} {r['policy']:<28} {r['tokens']:>6} {r['tokens_per_s']:>8.0f} "
+              f"{r['ms_per_segment']:>7.2f} {r['ratio_to_fifo']:>6.3f} {r['goal']:>7}{ok:<5} {lo:.3f}..{hi:.3f}"
+              f"{'':>5} {r['loss']:.4f}")
+    print("# ratio: n_s = 128, time per segment / fifo's; n_s = 1, tokens/s / fifo's token path (window_chunk=0)")
+    print(f"# {info['cpu']}, {info['torch_threads']} torch threads, OMP_NUM_THREADS={info['omp_num_threads']}, "
+          f"torch {info['torch']}, transformers {info['transformers']}, commit {info['git_commit']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
