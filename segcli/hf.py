@@ -672,9 +672,10 @@ def _mass_hook(module, args, kwargs, output) -> None:
     cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("layer_past")))
     if not isinstance(cache, SegcliCache) or not isinstance(output, tuple) or len(output) < 2:
         return
-    if module.layer_idx >= len(cache.layers):  # a layer reading another's pairs, without a cache layer (gemma3n)
+    idx = module.layer_idx  # None: one module shared by several layers (zamba's shared attention block)
+    if not isinstance(idx, int) or idx >= len(cache.layers):  # or reading another's pairs, without a layer (gemma3n)
         return
-    layer = cache.layers[module.layer_idx]
+    layer = cache.layers[idx]
     w = output[1]
     if not isinstance(layer, PolicyLayer) or layer.policy.kind == "linear" or not isinstance(w, Tensor):
         return

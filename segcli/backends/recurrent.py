@@ -447,7 +447,8 @@ class RecurrentBackend(Backend):
     family: Family = field(default_factory=Family)
     routes: list[Route] = field(default_factory=list)  # exact routes installed on the model's layers
     n_attention: int = 0  # attention layers (0: a pure recurrent model)
-    _bounded: str | None = None  # bounded_check's finding, once per model ("" where a bounded memory is exact)
+    _bounded: dict = field(default_factory=dict)  # bounded_check's finding per attention implementation ("": exact)
+    _observed: bool = False  # observed_check found that the attention modules hand their probabilities on
 
     @property
     def model_type(self) -> str:
@@ -471,18 +472,66 @@ class RecurrentBackend(Backend):
                              "not run its attention function on hybrid models; use another policy")
         from ..hf import Features, refusal
 
+        cfg = self.model.config.get_text_config()
+        loaded = cfg._attn_implementation
+        if policy.needs_attention:
+            self.use_eager(policy)
         kinds = [k for k in self.family.layer_kinds(self.model)[0] if k.kind != "shared"]
-        attn = self.model.config.get_text_config()._attn_implementation
-        reason = refusal(Features(self.model_type, attn, tuple(kinds), None, None), policy) or self.bounded_check()
+        reason = refusal(Features(self.model_type, cfg._attn_implementation, tuple(kinds), None, None), policy) \
+            or self.bounded_check() or (self.observed_check(policy) if policy.needs_attention else None)
+        if reason and cfg._attn_implementation != loaded:  # back to what it was loaded with, for other policies
+            self.model.set_attn_implementation(loaded)
+            self.identity["attn_implementation"] = loaded
         if reason:
             raise UsageError(f"{reason} (--memory {policy.name})" if reason.startswith(self.model_type) else reason)
+
+    def use_eager(self, policy: MemoryPolicy) -> None:
+        """tova, h2o and snapkv evict by attention probabilities, which only eager attention returns: the model runs
+        eager attention from then on (switched in place where the family allows it; refused by `refusal` where not),
+        with segcli.hf's hooks handing each attention module's probabilities to its policy layer."""
+        from ..hf import track_memory_mass
+
+        cfg = self.model.config.get_text_config()
+        if cfg._attn_implementation != "eager":
+            try:
+                self.model.set_attn_implementation("eager")
+            except (ValueError, ImportError, KeyError, AttributeError):
+                return
+            self.identity["attn_implementation"] = cfg._attn_implementation
+        if cfg._attn_implementation == "eager":
+            track_memory_mass(self.model)
+
+    def observed_check(self, policy: MemoryPolicy) -> str | None:
+        """Why the attention modules do not hand their probabilities to `policy.observe` (None: they do), found once:
+        two tokens into a memory of one slot; every attention layer must have evicted to its budget after it."""
+        if self._observed:
+            return None
+        from ..hf import PolicyLayer
+
+        probe = type(policy)(memory_size=1, sink_tokens=policy.sink_tokens, compress_rate=policy.compress_rate,
+                             compressed_size=policy.compressed_size, recent_tokens=0, window=1)
+        vocab = self.model.config.get_text_config().vocab_size
+        ids = ((torch.arange(2) * 13 + 7) % vocab)[None].to(self.device)
+        try:
+            with torch.inference_mode():
+                _, cache = self.family.forward(self.model, ids, torch.arange(2, device=self.device)[None],
+                                               self.family.policy_cache(self.model, probe))
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:
+            return (f"{self.model_type}: its attention fails under eager attention, which --memory {policy.name} needs "
+                    f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]})")
+        if any(getattr(layer.state, "pending", 0) for layer in cache.layers if isinstance(layer, PolicyLayer)):
+            return (f"{self.model_type}: its attention modules return no attention probabilities segcli can read, so "
+                    f"--memory {policy.name} cannot evict by them; use fifo, sink or keynorm")
+        self._observed = True
+        return None
 
     def bounded_check(self) -> str | None:
         """Why a bounded memory on the attention layers does not reproduce the model (None: it does), found once
         on three tokens: two into a fifo memory of one slot, then one more, against one plain forward whose
         attention masks say the same (segcli.hf.extra_mask); the recurrent layers carry their state in both."""
-        if self._bounded is not None:
-            return self._bounded or None
+        impl = self.model.config.get_text_config()._attn_implementation
+        if impl in self._bounded:
+            return self._bounded[impl] or None
         from ..hf import extra_mask, visible_in_stream
         from ..memory import make_policy
 
@@ -498,13 +547,13 @@ class RecurrentBackend(Backend):
                     plain, _ = self.family.forward(self.model, ids, pos, self.family.new_cache(self.model))
             streamed = torch.cat([first, last], 1).float()
             gap = float((streamed - plain.float()).abs().max() / plain.float().abs().max().clamp_min(1.0))
-            self._bounded = "" if calls and gap <= probe_tolerance(self.dtype) else (
+            self._bounded[impl] = "" if calls and gap <= probe_tolerance(self.dtype) else (
                 f"{self.model_type}: a bounded memory on its attention layers does not reproduce the model (relative "
                 f"logit gap {gap:.1e} on a three-token check)")
         except (RuntimeError, ValueError, IndexError, TypeError) as e:
-            self._bounded = (f"{self.model_type}: its attention layers do not cache key-value pairs segcli's policy "
+            self._bounded[impl] = (f"{self.model_type}: its attention layers do not cache key-value pairs segcli's policy "
                              f"layers can hold ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]})")
-        return self._bounded or None
+        return self._bounded[impl] or None
 
     def notes(self, cfg: RunConfig) -> list[str]:
         """Lines for stderr, once per run (the engine prints them as it prints CorpusRun.note): the exact routes
