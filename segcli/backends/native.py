@@ -33,23 +33,36 @@ class NativeBackend(Backend):
         return out.logits, out.memory, mass
 
     def sliding_window(self, memory, segment_size: int) -> int | None:
-        return memory.policy.sliding_window() if segment_size == 1 else None
+        """The pass bound when segment size 1 has a parallel form under this policy (fifo: its window; sink,
+        compressive, xl, average, linear: their token passes), so `step_window` takes up to that many tokens."""
+        return memory.policy.token_pass() if segment_size == 1 else None
 
     def step_window(self, ids: Tensor, memory, band: int) -> tuple[Tensor, object, list[float | None], list[list[LayerStats]]]:
-        """ids (1, T) as T segments of one token through a sliding-window memory of `band` keys, in one pass.
+        """ids (1, T) as T segments of one token, in one token pass (`policy.extend_each`; `band`: the pass bound).
 
         Returns logits (1, T, V), the memory after the last token, and per token what `step` and
         `memory_stats` would have returned after it: the mass (None while the memory was empty) and the
-        layers' stats.
+        layers' stats. First tokens the policy must still step one by one (sink's sinks) go through `step`.
         """
-        policy = memory.policy
-        before = policy.slots(memory.states[0])
-        out = self.model(ids, memory, band=band)
-        t = ids.shape[1]
-        mass = out.memory_mass.float().mean(0).tolist()  # (L, T) -> T
-        mass = [None if before + i == 0 else x for i, x in enumerate(mass)]
-        per_layer = [policy.stats_each(s, before, t) for s in out.memory.states]  # L lists of T
-        return out.logits, out.memory, mass, [list(layers) for layers in zip(*per_layer)]
+        policy, t = memory.policy, ids.shape[1]
+        lead = min(t, policy.serial_tokens(memory.states[0]))
+        logits, masses, stats = [], [], []
+        for j in range(lead):
+            lg, memory, mass = self.step(ids[:, j : j + 1], memory)
+            logits.append(lg)
+            masses.append(mass)
+            stats.append(self.memory_stats(memory))
+        if lead < t:
+            empty = policy.is_empty(memory.states[0])
+            out = self.model(ids[:, lead:], memory, band=band)
+            mass = out.memory_mass.float().mean(0).tolist()  # (L, T) -> T
+            if empty:
+                mass[0] = None
+            masses += mass
+            stats += [list(layers) for layers in zip(*out.extras["stats_each"])]  # L lists of T -> T lists of L
+            logits.append(out.logits)
+            memory = out.memory
+        return logits[0] if len(logits) == 1 else torch.cat(logits, 1), memory, masses, stats
 
 
 def load_tokenizer(path: Path):

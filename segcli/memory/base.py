@@ -32,6 +32,17 @@ pair of [memory; segment] got, summed over the segment's last `score_queries(T)`
 heads of each key-value head's group. `observe` evicts down to the layer's budget. Policies with
 `needs_attention = None` never see attention and cost nothing more.
 
+Token passes (segment size 1, inference). Where a policy has an exact parallel form of T single-token steps,
+`token_pass()` gives the most tokens one pass may take, and
+
+    state, out, mass, each = policy.extend_each(state, q, k, v, k_raw, shift_keys)
+
+computes what T steps of one token compute: out (B, H, T, D) each query's attention over its own memory and
+itself, mass (B, H, T) the share on memory, `each` the T `LayerStats` the steps would report, and the state the
+last step leaves. `shift_keys` then also takes a (T,) tensor of deltas (one shifted copy per query, (B, H, T,
+S, D)). `serial_tokens(state)`: how many first tokens must still go one by one (sink, while its sinks fill).
+The linear memory has `read_each` instead (the model mixes its read with the segment through the gate).
+
 Two more, outside the segment loop: `peak_bytes(heads, head_dim, itemsize,
 segment_size, tokens)` bounds what one layer's state can hold (segcli.memory.budget
 checks settings with it before a run), and `check_state` is for states read back
@@ -48,6 +59,7 @@ import torch
 from torch import Tensor
 
 ShiftFn = Callable[[Tensor, int], Tensor]
+PASS_BOUND = 1024  # most tokens per token pass for policies whose pass needs no window room (xl, average, linear)
 
 
 @dataclass
@@ -177,6 +189,23 @@ class MemoryPolicy(ABC):
         if mem is None:
             return state, k, v, 0
         return state, torch.cat([mem.k, k], 2), torch.cat([mem.v, v], 2), mem.k.shape[2]
+
+    def token_pass(self) -> int | None:
+        """The most tokens one `extend_each` pass at segment size 1 may take; None: no parallel form (token by
+        token). Default: the sliding window's width (fifo)."""
+        return self.sliding_window()
+
+    def serial_tokens(self, state: Any) -> int:
+        """How many next tokens must be stepped one at a time before a token pass (0: none)."""
+        return 0
+
+    def is_empty(self, state: Any) -> bool:
+        """Whether the next token has nothing to read (its step reports no attention mass)."""
+        return self.slots(state) == 0
+
+    def extend_each(self, state: Any, q: Tensor, k: Tensor, v: Tensor, k_raw: Tensor | None, shift_keys: ShiftFn):
+        """T single-token segments in one pass (see the module doc): (state, out, mass, stats of each)."""
+        raise NotImplementedError(f"{self.name} has no token pass")
 
     def sliding_window(self) -> int | None:
         """W when, at segment size 1, this policy is a causal sliding window of the W keys before each token

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from ..ops.attention import band_attention
 from .base import Carried, KVRead, LayerStats, MemoryPolicy, expect, mean_of, tensor_bytes
 from .scored import layer_budgets
 from .window import Window
@@ -51,6 +52,14 @@ class Fifo(MemoryPolicy):
 
     def sliding_window(self):
         return self.memory_size if self.layer_budget == "uniform" else None  # one band for every layer
+
+    def extend_each(self, state, q, k, v, k_raw, shift_keys):
+        """T single-token steps: a causal sliding window of n_c keys before each query, as one band."""
+        before, t = state.window.filled, k.shape[2]
+        state, k_all, v_all, m = self.extend(state, k, v, k_raw, shift_keys)
+        out, mass = band_attention(q, k_all, v_all, m, state.window.size)
+        each = self.stats_each(state, before, t)
+        return replace(state, evicted=each[-1].evicted), out, mass, each  # the last step's drop, as its state has
 
     def stats_each(self, state, before, t):
         w = state.window

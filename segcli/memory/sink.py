@@ -3,6 +3,11 @@
 Positions follow StreamingLLM: remembered pairs keep their true distance to the
 query, and the sink pairs are moved (re-rotated) to sit just before the oldest
 pair of the window, so no distance ever exceeds n_sink + n_c + n_s.
+
+At n_s = 1, once the sinks are full, `extend_each` computes T single-token steps in one pass: the window is a
+band of n_c keys before each query, and each query reads the sinks shifted to sit before *its* window (one
+shifted copy per query, the shift its own step applies). The first n_sink tokens of a stream go one by one
+(`serial_tokens`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..ops.attention import band_mask, pass_attention, slot_scores
 from .base import Carried, KVRead, LayerStats, MemoryPolicy, expect, expect_tensor, kv_slot_bytes, tensor_bytes
 from .window import Window, pow2_at_least
 
@@ -60,6 +66,49 @@ class Sink(MemoryPolicy):
         dropped = max(0, state.window.filled + k.shape[2] - self.memory_size)
         _, (k_all, v_all) = state.window.push(k, v, prefix=sinks)
         return SinkState(state.sink_k, state.sink_v, state.window, state.seen + k.shape[2], dropped), k_all, v_all, m
+
+    def token_pass(self):
+        return self.memory_size  # a pass fits the window's room (its buffer grows as single steps grow it)
+
+    def serial_tokens(self, state):
+        return max(0, self.sink_tokens - state.sink_k.shape[2])
+
+    def extend_each(self, state, q, k, v, k_raw, shift_keys):
+        n_sink, w, t, size = state.sink_k.shape[2], state.window, k.shape[2], self.memory_size
+        assert n_sink == self.sink_tokens, "the sinks fill token by token (serial_tokens)"
+        f0, seen0 = w.filled, state.seen
+        # [sinks; window before; pass] (B, H, n_sink + f0 + T, D), one view: the prefix each step writes
+        _, (k_all, v_all) = w.push(k, v, prefix=(state.sink_k, state.sink_v))
+        i = torch.arange(t, device=k.device)
+        held = (f0 + i).clamp(max=size)  # (T,) window pairs before each step
+        allowed = torch.cat([torch.ones(t, n_sink, dtype=torch.bool, device=k.device),
+                             band_mask(f0, t, size, k.device)], 1)  # every sink, the window's band
+        at = None
+        if n_sink:  # each query's sinks sit just before its window: shifted by (window start - n_sink)
+            at = (0, slot_scores(q, shift_keys(state.sink_k, seen0 + i - held - n_sink)))  # (B, H, T, n_sink)
+        out, mass = pass_attention(q, k_all, v_all, n_sink + f0, allowed, scores_at=at)
+        each = self._stats_each(state, w, f0, seen0, t)
+        return SinkState(state.sink_k, state.sink_v, w, seen0 + t, each[-1].evicted), out, mass, each
+
+    def _stats_each(self, state, w: Window, f0: int, seen0: int, t: int) -> list[LayerStats]:
+        """What `stats` reports after each of the pass's t steps."""
+        b, h, n_sink = state.sink_k.shape[0], state.sink_k.shape[1], state.sink_k.shape[2]
+        sk = float(state.sink_k.float().norm(dim=-1).sum()) if n_sink else 0.0
+        sv = float(state.sink_v.float().norm(dim=-1).sum()) if n_sink else 0.0
+        ck, cv = w.norm_sums(f0, t)
+        held = [min(self.memory_size, f0 + i + 1) for i in range(t)]
+        nbytes = w.bytes_each(held, [n_sink] * t)
+        sink_bytes = tensor_bytes(state.sink_k, state.sink_v)
+        out = []
+        for i, n in enumerate(held):
+            e, seen, slots = f0 + i + 1, seen0 + i + 1, n_sink + n  # e: window pushes counted from the oldest held
+            out.append(LayerStats(
+                slots=slots, capacity=self.capacity(0), bytes=sink_bytes + nbytes[i],
+                key_norm=(ck[e] - ck[e - n] + sk) / (slots * b * h), value_norm=(cv[e] - cv[e - n] + sv) / (slots * b * h),
+                oldest_age=seen, tokens_per_slot=1.0, evicted=int(f0 + i + 1 > self.memory_size),
+                mean_age=(n * (n + 1) / 2 + n_sink * seen - n_sink * (n_sink - 1) / 2) / slots,
+            ))
+        return out
 
     def update(self, state, k, v, k_raw=None):
         take = max(0, min(self.sink_tokens - state.sink_k.shape[2], k.shape[2]))

@@ -144,12 +144,12 @@ class Window:
                 x[:, :, lead : lead + n] = x[:, :, sl].clone()
         self.start, self.end = lead, lead + n
 
-    def _push_inplace(self, k: Tensor, v: Tensor, prefix: tuple[Tensor, Tensor] | None):
+    def _push_inplace(self, k: Tensor, v: Tensor, prefix: tuple[Tensor, Tensor] | None, room: int = 0):
         t = k.shape[2]
         p = 0 if prefix is None else prefix[0].shape[2]
-        assert p <= self.front, "prefix longer than the front reserve"
+        assert max(p, room) <= self.front, "prefix longer than the front reserve"
         self.capacity_before_push = self.capacity  # what single-token steps started from (`stats_each`)
-        self._reserve(t, p)
+        self._reserve(t, max(p, room))
         old_start, e = self.start, self.end
         self.k[:, :, e : e + t] = k
         self.v[:, :, e : e + t] = v
@@ -183,8 +183,9 @@ class Window:
             all_k, all_v = torch.cat([prefix[0], all_k], 2), torch.cat([prefix[1], all_v], 2)
         return ev, (all_k, all_v)
 
-    def push(self, k: Tensor, v: Tensor, prefix: tuple[Tensor, Tensor] | None = None):
-        """Append k, v (B, H, T, D); drop the oldest beyond `size`.
+    def push(self, k: Tensor, v: Tensor, prefix: tuple[Tensor, Tensor] | None = None, room: int = 0):
+        """Append k, v (B, H, T, D); drop the oldest beyond `size`. `room`: keep room for a prefix of that many
+        pairs before the window without writing one (a token pass: the buffer its last step's prefix needs).
 
         Returns (evicted_k, evicted_v), oldest first, and the joined view
         [prefix; memory before this push; k] for the attention. The evicted pairs
@@ -192,7 +193,27 @@ class Window:
         """
         if torch.is_grad_enabled():
             return self._push_functional(k, v, prefix)
-        return self._push_inplace(k, v, prefix)
+        return self._push_inplace(k, v, prefix, room)
+
+    # -- token passes ---------------------------------------------------------------
+    def norm_sums(self, before: int, t: int) -> tuple[list[float], list[float]]:
+        """After one push of t pairs onto `before` held (in place): running sums (before + t + 1,) of the key and
+        value norms (summed over batch and heads, float64) of the pairs from the oldest then held on; entry e
+        minus entry e - n is the sum over the n newest of the first e. The pairs the push evicted are still in
+        the buffer, right before `start`."""
+        lo = self.end - before - t
+        assert lo >= 0 and not torch.is_grad_enabled(), "norm_sums reads an in-place (inference) window"
+        return tuple(torch.cat([n.new_zeros(1, dtype=torch.float64), n[:, :, lo : self.end].double().sum((0, 1)).cumsum(0)])
+                     .tolist() for n in (self.kn, self.vn))
+
+    def bytes_each(self, held: list[int], prefix: list[int]) -> list[int]:
+        """Buffer bytes after each of a pass's single-token pushes (held pairs after it, prefix it was pushed
+        with): what the buffer those steps grow reaches, from the one the pass started with."""
+        cap, out, slot = getattr(self, "capacity_before_push", self.capacity), [], self.slot_bytes()
+        for n, p in zip(held, prefix):
+            cap = max(cap, self.slots_for(n, p))
+            out.append(cap * slot)
+        return out
 
     # -- files ---------------------------------------------------------------------
     def packed(self) -> "Window":

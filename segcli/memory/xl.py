@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-from .base import Carried, KVRead, LayerStats, MemoryPolicy, expect, expect_tensor, kv_slot_bytes, mean_norm, tensor_bytes
+from ..ops.attention import band_mask, pass_attention
+from .base import (
+    PASS_BOUND, Carried, KVRead, LayerStats, MemoryPolicy, expect, expect_tensor, kv_slot_bytes, mean_norm, tensor_bytes,
+)
 
 
 @dataclass
@@ -33,6 +37,24 @@ class XL(MemoryPolicy):
 
     def update(self, state, k, v, k_raw=None):
         return XLState(k, v, max(state.capacity, k.shape[2]), self.slots(state))
+
+    def token_pass(self):
+        return PASS_BOUND
+
+    def extend_each(self, state, q, k, v, k_raw, shift_keys):
+        """T single-token steps: each query reads the key before it (the first: the memory's segment) and itself."""
+        m, t = self.slots(state), k.shape[2]
+        k_all, v_all = (k, v) if m == 0 else (torch.cat([state.k, k], 2), torch.cat([state.v, v], 2))
+        allowed = band_mask(m, t, 1, k.device)
+        allowed[0, :m] = True  # the first query reads the whole previous segment (one pair at n_s = 1)
+        out, mass = pass_attention(q, k_all, v_all, m, allowed)
+        b, h = k.shape[:2]
+        kn, vn = (x.float().norm(dim=-1).mean((0, 1)).tolist() for x in (k, v))  # (T,) mean over batch and heads
+        cap, nbytes = max(state.capacity, 1), tensor_bytes(k[:, :, :1], v[:, :, :1])
+        each = [LayerStats(slots=1, capacity=cap, bytes=nbytes, key_norm=kn[i], value_norm=vn[i], oldest_age=1,
+                           tokens_per_slot=1.0, evicted=m if i == 0 else 1, mean_age=1.0) for i in range(t)]
+        last = XLState(k[:, :, -1:].clone(), v[:, :, -1:].clone(), cap, each[-1].evicted)
+        return last, out, mass, each
 
     def peak_bytes(self, heads, head_dim, itemsize, segment_size, tokens=None):
         t = segment_size if tokens is None else min(segment_size, tokens)

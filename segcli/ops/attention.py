@@ -8,7 +8,9 @@ segment: causal), merged through the two blocks' log-sum-exps: no score matrix
 in memory and the memory mass still exact. `attend` picks the fast form where it
 applies. `reference_attention` is the plain concatenate-and-mask form the tests
 compare both with. `band_attention` is the sliding-window form: each query reads a
-fixed number of keys before it and itself (fifo at n_s = 1 computed many tokens at a time).
+fixed number of keys before it and itself (fifo at n_s = 1 computed many tokens at a time);
+`pass_attention` is its general form for the other policies' passes at n_s = 1: any per-query key set over
+[memory; pass], plus slot blocks outside it (sinks, compressed slots, a running mean), one softmax per query.
 """
 
 from __future__ import annotations
@@ -119,6 +121,53 @@ def band_attention(q: Tensor, k_all: Tensor, v_all: Tensor, m: int, band: int, s
     out = p @ v_all  # (B, H, T, D)
     mass = 1.0 - p.diagonal(offset=m, dim1=-2, dim2=-1)  # (B, H, T): everything but the query's own key
     return out, mass
+
+
+def band_mask(m: int, t: int, band: int, device) -> Tensor:
+    """(T, m + T) bool: query i (key index m + i) reads keys m + i - band .. m + i."""
+    i = torch.arange(m, m + t, device=device)[:, None]  # (T, 1) key index of each query
+    j = torch.arange(m + t, device=device)[None]  # (1, S)
+    return (j <= i) & (j >= i - band)
+
+
+def slot_scores(q: Tensor, k_slots: Tensor, allowed: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """Scaled scores of queries q (B, H, T, D) on slots outside [memory; pass]: k_slots (B, H, P, D) shared by
+    every query, or (B, H, T, P, D) one set per query. allowed (T, P) or (B, H, T, P) bool masks slots a query
+    does not hold. Returns (B, H, T, P), -inf where masked: a `pass_attention` block."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if k_slots.dim() == 4:
+        s = (q * scale) @ k_slots.transpose(-1, -2)
+    else:
+        s = torch.einsum("bhtd,bhtpd->bhtp", q * scale, k_slots)
+    return s if allowed is None else s.masked_fill(~allowed, float("-inf"))
+
+
+def pass_attention(q: Tensor, k_all: Tensor, v_all: Tensor, own: int, allowed: Tensor,
+                   blocks: tuple[tuple[Tensor, Tensor], ...] = (), scores_at: tuple[int, Tensor] | None = None,
+                   scale: float | None = None):
+    """T single-token steps in one pass: query i reads the keys allowed[i] (T, S) of k_all/v_all (B, H, S, D),
+    its own key `own + i` among them, and the slots of each block (scores, values): scores (B, H, T, P) from
+    `slot_scores`, values (B, H, P, D) shared or (B, H, T, P, D) per query. scores_at = (j, scores (B, H, T, P)):
+    those scores replace the ones of keys j .. j + P - 1 (keys a query reads shifted: sinks).
+
+    One softmax per query over all of them (what its single-token step computes over [its memory; itself]).
+    Returns out (B, H, T, D) and mass (B, H, T): attention on everything but the query's own key.
+    """
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    s = (q * scale) @ k_all.transpose(-1, -2)  # (B, H, T, S)
+    if scores_at is not None:
+        s[..., scores_at[0] : scores_at[0] + scores_at[1].shape[-1]] = scores_at[1]
+    s = s.masked_fill_(~allowed, float("-inf"))
+    if not blocks:
+        p = torch.softmax(s, dim=-1)
+        return p @ v_all, 1.0 - p.diagonal(offset=own, dim1=-2, dim2=-1)
+    sizes = [b[0].shape[-1] for b in blocks]
+    p = torch.softmax(torch.cat([b[0] for b in blocks] + [s], -1), dim=-1)
+    parts = p.split(sizes + [s.shape[-1]], -1)
+    out = parts[-1] @ v_all  # (B, H, T, D)
+    for pb, (_, vb) in zip(parts, blocks):
+        out = out + (pb @ vb if vb.dim() == 4 else torch.einsum("bhtp,bhtpd->bhtd", pb, vb))
+    return out, 1.0 - parts[-1].diagonal(offset=own, dim1=-2, dim2=-1)  # (B, H, T)
 
 
 def reference_attention(q: Tensor, k_all: Tensor, v_all: Tensor, allowed: Tensor) -> Tensor:

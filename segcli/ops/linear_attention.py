@@ -12,6 +12,9 @@ Forms (same signature, same defaults):
   batched update. The model computes exactly this, in its two halves:
   `read_memory` inside the attention and `update_state` through the `linear`
   memory policy (segcli.memory.linear), which holds the state between segments.
+- `token_linear_memory`: segment size 1 for T tokens at once: every token reads the state
+  *before itself* (the earlier state plus every earlier token of the T, a masked quadratic
+  form), then one batched update; what T one-token segments of `chunk_linear_memory` compute.
 Each returns (A_mem for every token of the segment, final state).
 """
 
@@ -90,6 +93,23 @@ def recurrent_linear_memory(q, k, v, initial_state=None, output_final_state=True
         n += 1
     final = LinearState(mu=mu_sum / max(n, 1), nu=nu_sum / max(n, 1), n=n) if output_final_state else None
     return out, final
+
+
+def token_linear_memory(q, k, v, initial_state=None, output_final_state=True):
+    """Token-level reads: token i reads the state after the i tokens before it (zeros while it is empty)."""
+    b, h, t, dk = k.shape
+    state = initial_state or empty_state(b, h, dk, v.shape[-1], k.device, k.dtype)
+    fq, fk = phi(q), phi(k)  # (B, H, T, Dk)
+    a = (fq @ fk.transpose(-1, -2)).tril(-1)  # (B, H, T, T): query i on the tokens j < i
+    n = torch.arange(state.n, state.n + t, device=q.device, dtype=q.dtype)[:, None]  # (T, 1) tokens read by each
+    num = a @ v  # (B, H, T, Dv), sums over earlier tokens of the T
+    den = a.sum(-1, keepdim=True)  # (B, H, T, 1)
+    if state.n:  # the earlier state, as the sums it is the mean of
+        num = num + state.n * (fq @ state.mu)
+        den = den + state.n * (fq * state.nu[..., None, :]).sum(-1, keepdim=True)
+    out = (num / n.clamp(min=1)) / (den / n.clamp(min=1) + EPS)
+    out = out.masked_fill(n == 0, 0.0)  # an empty state reads zeros
+    return out, (update_state(state, k, v) if output_final_state else None)
 
 
 def naive_linear_memory(q, k_past, v_past):

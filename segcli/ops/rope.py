@@ -40,3 +40,10 @@ def shift_rope(x: Tensor, delta: int | float, inv_freq: Tensor) -> Tensor:
         return x
     cos, sin = rope_cos_sin(torch.tensor([delta], device=x.device), inv_freq.to(x.device), x.dtype)
     return apply_rope(x, cos[0], sin[0])
+
+
+def shift_rope_each(x: Tensor, deltas: Tensor, inv_freq: Tensor) -> Tensor:
+    """Rotated keys x (B, H, S, D) shifted by each of T deltas (T,) -> (B, H, T, S, D): row t is
+    `shift_rope(x, deltas[t])`, with the same float operations (a zero shift leaves the keys exact)."""
+    cos, sin = rope_cos_sin(deltas, inv_freq.to(x.device), x.dtype)  # (T, D)
+    return apply_rope(x[:, :, None], cos[:, None], sin[:, None])

@@ -26,9 +26,9 @@ from transformers import PreTrainedModel
 
 from ...memory import MemoryPolicy, make_policy
 from ...memory.base import Carried, LayerStats
-from ...ops.attention import attend, band_attention, scored_attention
+from ...ops.attention import attend, scored_attention
 from ...ops.linear_attention import read_memory
-from ...ops.rope import apply_rope, inv_frequencies, rope_cos_sin, shift_rope
+from ...ops.rope import apply_rope, inv_frequencies, rope_cos_sin, shift_rope, shift_rope_each
 from ...ops.smear import smear_keys
 from .configuration_seglm import SegLMConfig
 
@@ -77,7 +77,9 @@ class SegLMAttention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, policy: MemoryPolicy, state: Any, shift_keys,
                 band: int | None = None):
+        """Returns (y, state, mass, each): `each` the memory stats after each token of a token pass (band), else None."""
         b, t, c = x.shape
+        each = None
         qkv = self.qkv(x).view(b, t, 3, self.h, self.d).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         q, k, v = qkv.unbind(0)
         qr, kr = apply_rope(qkv[:2], cos, sin).unbind(0)  # q and k rotated together: one set of kernels
@@ -85,7 +87,15 @@ class SegLMAttention(nn.Module):
             # the key before this segment's first: the previous segment's last, where the state carries one
             last_key = kr[:, :, -1:].detach()  # (B, H, 1, D)
             kr = smear_keys(kr, state.last_key if isinstance(state, Carried) else None, self.key_smear)
-        if policy.kind == "linear":
+        if policy.kind == "linear" and band is not None:  # T one-token segments: each reads the state before it
+            g = torch.sigmoid(self.memory_gate).view(1, self.h, 1, 1)
+            empty = state.n == 0
+            a_mem, state, each = policy.read_each(state, q, k.detach(), v.detach())
+            out = g * a_mem + (1 - g) * v  # a one-token segment's softmax over itself is its value
+            if empty:  # the first token of an empty memory has nothing to mix in
+                out[:, :, :1] = v[:, :, :1]
+            mass = g.mean().expand(t)
+        elif policy.kind == "linear":
             out = F.scaled_dot_product_attention(qr, kr, v, is_causal=True)  # (B, H, T, D)
             g = torch.sigmoid(self.memory_gate).view(1, self.h, 1, 1)
             if state.n:  # an empty memory has nothing to mix in
@@ -95,14 +105,14 @@ class SegLMAttention(nn.Module):
                 mass = None
             # Memory never carries gradient across segments (Transformer-XL's stop-gradient).
             state = policy.update(state, kr.detach(), v.detach(), k.detach())
+        elif band is not None:  # T single-token steps in one pass (segment size 1): mass per query (T,)
+            state, out, mass, each = policy.extend_each(state, qr, kr.detach(), v.detach(), k.detach(), shift_keys)
+            mass = mass.mean((0, 1))
         else:
             state, k_all, v_all, m = policy.extend(state, kr.detach(), v.detach(), k.detach(), shift_keys)
             # k_all = [memory before this segment; segment] (a view for window policies); the segment
             # part is taken from kr/v themselves so gradients flow within the segment.
-            if band is not None:  # T single-token steps through a sliding window: mass per query (T,)
-                out, mass = band_attention(qr, k_all, v_all, m, band)
-                mass = mass.mean((0, 1))
-            elif policy.needs_attention is not None:  # tova, h2o, snapkv: evict by the attention just computed
+            if policy.needs_attention is not None:  # tova, h2o, snapkv: evict by the attention just computed
                 out, mass, attn = scored_attention(qr, k_all, v_all, m, kr, v, policy.score_queries(t))
                 state = policy.observe(state, attn)  # attn (B, H, m + T); no GQA here: one query head per KV head
                 mass = None if mass is None else mass.mean()
@@ -112,7 +122,7 @@ class SegLMAttention(nn.Module):
         if self.key_smear is not None and isinstance(state, Carried):  # `none` carries nothing, not even this
             state = replace(state, last_key=last_key)
         y = self.o(out.transpose(1, 2).reshape(b, t, c))
-        return y, state, mass
+        return y, state, mass, each
 
 
 def _unchanged(x: Tensor) -> Tensor:
@@ -129,10 +139,10 @@ class SegLMBlock(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, policy, state, shift_keys, band=None):
-        a, state, mass = self.attn(self.attn_norm(x), cos, sin, policy, state, shift_keys, band)
+        a, state, mass, each = self.attn(self.attn_norm(x), cos, sin, policy, state, shift_keys, band)
         drop = self.drop if self.training and self.drop.p > 0 else _unchanged  # no module calls at inference
         x = x + drop(a)
-        return x + drop(self.mlp(self.mlp_norm(x))), state, mass
+        return x + drop(self.mlp(self.mlp_norm(x))), state, mass, each
 
 
 class SegLMPreTrainedModel(PreTrainedModel):
@@ -178,21 +188,26 @@ class SegLMModel(SegLMPreTrainedModel):
             self._inv_freq[device] = inv_frequencies(self.config.head_dim, self.config.rope_theta, device)
         return self._inv_freq[device]
 
-    def shift_keys(self, k: Tensor, delta: int) -> Tensor:
+    def shift_keys(self, k: Tensor, delta: int | Tensor) -> Tensor:
+        """Rotated keys (B, H, S, D) shifted by `delta` positions; a (T,) tensor of deltas gives one shifted copy
+        per delta, (B, H, T, S, D) (token passes: each query's own shift)."""
+        if isinstance(delta, Tensor):
+            return shift_rope_each(k, delta, self.inv_freq(k.device))
         return shift_rope(k, delta, self.inv_freq(k.device))
 
     def forward(self, input_ids: Tensor, memory: SegMemory, band: int | None = None):
         b, t = input_ids.shape
         x = self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.rope_tables(memory.seen, t, input_ids.device, x.dtype)  # (T, D)
-        states, masses = [], []
+        states, masses, each = [], [], []
         for layer, state in zip(self.layers, memory.states):
-            x, state, mass = layer(x, cos, sin, memory.policy, state, self.shift_keys, band)
+            x, state, mass, stats = layer(x, cos, sin, memory.policy, state, self.shift_keys, band)
             states.append(state)
             masses.append(mass)
+            each.append(stats)
         mem = SegMemory(memory.policy, states, memory.seen + t)
         mass = None if any(m is None for m in masses) else torch.stack(masses)
-        return self.norm(x), mem, mass
+        return self.norm(x), mem, mass, (each if band is not None else None)
 
 
 class SegLMForCausalLM(SegLMPreTrainedModel):
@@ -222,16 +237,20 @@ class SegLMForCausalLM(SegLMPreTrainedModel):
                 band: int | None = None, **_):
         """input_ids (B, T): one segment. Returns logits (B, T, V) and the updated memory.
 
-        band: compute the T tokens as T segments of one token each, in one pass. Only for a policy that is a
-        sliding window of `band` keys at n_s = 1 (`policy.sliding_window()`); memory_mass is then (L, T).
+        band: compute the T tokens as T segments of one token each, in one pass (a token pass). Only for a
+        policy with a parallel form at n_s = 1 whose pass bound is `band` (`policy.token_pass()`: fifo's is its
+        window n_c, the band of keys each query reads); T <= band keeps every reported number the token path's.
+        memory_mass is then (L, T), and extras["stats_each"] holds per layer the T stats the steps would report.
         """
         if memory is None:
             memory = self.new_memory("none", input_ids.shape[0])
-        if band is not None and band != memory.policy.sliding_window():
-            raise ValueError(f"band={band}: the {memory.policy.name} memory is not a sliding window of {band} keys")
-        h, memory, mass = self.model(input_ids, memory, band)
+        if band is not None and band != memory.policy.token_pass():
+            raise ValueError(f"band={band}: the {memory.policy.name} memory is not a sliding window of {band} keys "
+                             "(it has no token pass of that bound)")
+        h, memory, mass, each = self.model(input_ids, memory, band)
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return SegLMOutput(logits=logits, memory=memory, loss=loss, memory_mass=mass)
+        extras = {} if each is None else {"stats_each": each}
+        return SegLMOutput(logits=logits, memory=memory, loss=loss, memory_mass=mass, extras=extras)
