@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from .base import expect
-from .scored import ScoredPolicy, newest, top_indices
+from .scored import ScoredPolicy, newest, oldest, top_indices
 
 
 class H2O(ScoredPolicy):
@@ -37,6 +37,12 @@ class H2O(ScoredPolicy):
             return recent
         heavy = top_indices(state.score[..., : total - r], budget - r)  # older pairs only
         return torch.cat([heavy, recent], -1)
+
+    def drop_one(self, state, attn, budget):
+        r = min(self.recent_tokens, budget)
+        if r == budget:
+            return oldest(state.k)
+        return state.score[..., : state.k.shape[2] - r].argmin(-1, keepdim=True)  # the lightest older pair
 
     def check_state(self, state, **kw):
         super().check_state(state, **kw)

@@ -12,8 +12,11 @@ class KeyNorm(ScoredPolicy):
     size_rule = "memory_size"
     parameters = ("memory_size", "layer_budget")
 
-    def entering(self, k):
-        return k.float().norm(dim=-1)  # (B, H, T): computed once, as the pair enters
+    def entering(self, k, kn):
+        return kn  # (B, H, T): the key norms the report keeps anyway, computed once as the pair enters
 
     def keep(self, state, attn, budget):
         return top_indices(-state.score, budget)
+
+    def drop_one(self, state, attn, budget):
+        return state.score.neg().argmin(-1, keepdim=True)  # the largest norm, as keep's top of -norm leaves out

@@ -14,16 +14,26 @@ one segment. The model always passes the attention.
 
 Per-layer budgets (`--layer-budget`): `uniform` gives every layer n_c; `pyramid` is PyramidKV's linear
 schedule, most slots in the first layer and n_c / 20 in the last, the same n_c x layers in all.
+
+Cost (benchmarks/scored.py). The key and value norms the memory report needs are computed once, as pairs enter,
+and travel with their pairs, so statistics never re-read the memory. At inference an eviction copies the kept
+pairs into buffers with room for one more segment of the size just seen (an attribute of the kept keys' tensor,
+so it travels with them through `dataclasses.replace` and never into a memory file), and the next `extend`
+writes the segment there instead of concatenating: one copy of the memory per segment instead of two. A room is
+used once; a second `extend` from the same state concatenates, so a state continued twice stays what it was.
+When one pair is dropped (every token step at n_s = 1) the policy names it (`drop_one`) and the kept rows are
+the others, without a sort or a top-k.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Carried, LayerStats, MemoryPolicy, expect, expect_tensor, kv_slot_bytes, mean_norm, tensor_bytes
+from .base import Carried, LayerStats, MemoryPolicy, expect, expect_tensor, kv_slot_bytes, tensor_bytes
 
 PYRAMID_BETA = 20  # PyramidKV: the last layer keeps n_c / beta
 
@@ -53,6 +63,23 @@ class ScoredState(Carried):
     pending: int = 0  # pairs of the last segment appended but not yet scored and evicted
     evicted: int = 0  # pairs the last eviction dropped
     budget: int = 0  # this layer's slots
+    kn: Tensor | None = None  # (B, H, M) float32 L2 norm of each key, stored as it enters (None: files before them)
+    vn: Tensor | None = None  # (B, H, M) float32 L2 norm of each value
+
+
+HELD = ("k", "v", "pos", "score", "kn", "vn")  # the per-pair tensors, kept and evicted together
+
+
+def norms(x: Tensor) -> Tensor:
+    """L2 norms (B, H, T) float32 over the last dim of x (B, H, T, D)."""
+    return torch.linalg.vector_norm(x.float(), dim=-1)
+
+
+def stored_norms(state: ScoredState) -> tuple[Tensor, Tensor]:
+    """The key and value norms of the held pairs (computed here for a state read from a file without them)."""
+    if state.kn is None or state.vn is None:
+        return norms(state.k), norms(state.v)
+    return state.kn, state.vn
 
 
 def flat_rows(idx: Tensor, s: int) -> Tensor:
@@ -60,6 +87,40 @@ def flat_rows(idx: Tensor, s: int) -> Tensor:
     copies whole rows (much faster on CPU than gather with an index expanded over D)."""
     b, h, _ = idx.shape
     return (idx + torch.arange(b * h, device=idx.device).view(b, h, 1) * s).flatten()
+
+
+def rows_but_one(drop: Tensor, s: int, room: int) -> Tensor:
+    """Row numbers (as `flat_rows`) of the S - 1 pairs per head other than `drop` (B, H, 1), in order, then `room`
+    rows of each head's first pair: flat_rows(i + (i >= drop), S) over i < S - 1, and the room."""
+    b, h, _ = drop.shape
+    base, i = _row_grid(b, h, s, room, drop.device)
+    return (base + (i >= drop)).view(-1)
+
+
+_GRIDS: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _row_grid(b: int, h: int, s: int, room: int, device) -> tuple[Tensor, Tensor]:
+    """For `rows_but_one`: the rows (B, H, S - 1 + room) before the drop's shift and the slot index i of each
+    (-1 in the room: never >= a drop). The same few shapes recur every step: built once each."""
+    key = (b, h, s, room, str(device), torch.is_inference_mode_enabled())
+    got = _GRIDS.get(key)
+    if got is None:
+        if len(_GRIDS) > 64:
+            _GRIDS.clear()
+        i = torch.arange(s - 1 + room, device=device)
+        i = torch.where(i < s - 1, i, -1)  # the room: -1, so row 0 of the head
+        first = torch.arange(b * h, device=device).view(b, h, 1) * s
+        got = _GRIDS[key] = (first + i.clamp(min=0), i)
+    return got
+
+
+def with_fields(state: ScoredState, **changes) -> ScoredState:
+    """dataclasses.replace(state, **changes) without its per-call field walk (two per layer and token step)."""
+    out = object.__new__(type(state))
+    out.__dict__.update(state.__dict__)
+    out.__dict__.update(changes)
+    return out
 
 
 def gather(x: Tensor, rows: Tensor, idx_shape: torch.Size) -> Tensor:
@@ -77,6 +138,11 @@ def top_indices(score: Tensor, n: int, offset: int = 0) -> Tensor:
         i = torch.arange(n, device=score.device)
         return i + (i >= score.argmin(-1, keepdim=True)) + offset
     return score.topk(n, dim=-1).indices.sort(-1).values + offset
+
+
+def oldest(like: Tensor) -> Tensor:
+    """The index (B, H, 1) of the oldest pair: what keeping the newest drops."""
+    return torch.zeros(*like.shape[:2], 1, device=like.device, dtype=torch.long)
 
 
 def newest(total: int, n: int, like: Tensor) -> Tensor:
@@ -105,8 +171,9 @@ class ScoredPolicy(MemoryPolicy):
     @staticmethod
     def _empty(batch, heads, head_dim, budget, device, dtype) -> ScoredState:
         z = torch.zeros(batch, heads, 0, head_dim, device=device, dtype=dtype)
-        return ScoredState(z, z.clone(), torch.zeros(batch, heads, 0, device=device, dtype=torch.long),
-                           torch.zeros(batch, heads, 0, device=device, dtype=torch.float32), budget=budget)
+        n = torch.zeros(batch, heads, 0, device=device, dtype=torch.float32)
+        return ScoredState(z, z.clone(), torch.zeros(batch, heads, 0, device=device, dtype=torch.long), n,
+                           budget=budget, kn=n.clone(), vn=n.clone())
 
     def read(self, state, shift_keys):
         from .base import KVRead
@@ -118,14 +185,39 @@ class ScoredPolicy(MemoryPolicy):
             state = self.observe(state, None)
         b, h, t, _ = k.shape
         m = state.k.shape[2]
+        kn, vn = norms(k), norms(v)  # (B, H, T): the report's norms, once per pair
         pos = torch.arange(state.seen, state.seen + t, device=k.device).expand(b, h, t)
-        k_all, v_all = torch.cat([state.k, k], 2), torch.cat([state.v, v], 2)  # (B, H, m + T, D)
-        state = replace(state, k=k_all, v=v_all, pos=torch.cat([state.pos, pos], 2),
-                        score=torch.cat([state.score, self.entering(k)], 2), seen=state.seen + t,
-                        pending=t)
+        new = (k, v, pos, self.entering(k, kn), kn, vn)
+        room = self._room(state, t)
+        if room is not None:  # the buffers the last eviction left: write the segment after the memory
+            for buf, x in zip(room, new):
+                buf.narrow(2, m, t).copy_(x)
+            held = room
+        else:
+            old = (state.k, state.v, state.pos, state.score, *stored_norms(state))
+            held = tuple(torch.cat([a, x], 2) for a, x in zip(old, new))  # (B, H, m + T[, D])
+        state = with_fields(state, **dict(zip(HELD, held)), seen=state.seen + t, pending=t)
         if self.needs_attention is None:  # nothing to wait for: evict now (k_all stays what the segment reads)
             state = self.observe(state, None)
-        return state, k_all, v_all, m
+        return state, held[0], held[1], m
+
+    @staticmethod
+    def _room(state: ScoredState, t: int) -> tuple[Tensor, ...] | None:
+        """The buffers (B, H, m + t[, D]) whose first m pairs are `state`'s, when its eviction left room for t
+        more and this is the first `extend` from it (the room is taken: a second one concatenates)."""
+        room = state.k.__dict__.pop("_scored_room", None)
+        if room is None or room[0] != t or torch.is_grad_enabled():
+            return None
+        bufs = room[1]
+        if bufs[0].shape[2] != state.k.shape[2] + t:
+            return None
+        if bufs[0].is_inference() and not torch.is_inference_mode_enabled():
+            return None  # inference buffers cannot be written outside inference mode
+        # the buffers were made with these views; a state whose tensors were swapped since has no room
+        if any(x is None or buf.data_ptr() != x.data_ptr() for buf, x in
+               zip(bufs, (state.k, state.v, state.pos, state.score, state.kn, state.vn))):
+            return None
+        return bufs
 
     def update(self, state, k, v, k_raw=None):
         return self.observe(self.extend(state, k, v, k_raw, None)[0], None)
@@ -135,16 +227,35 @@ class ScoredPolicy(MemoryPolicy):
             state = self.scored(state, attn.float())
         total, budget = state.k.shape[2], state.budget
         if total <= budget:
-            return replace(state, pending=0, evicted=0)
-        idx = self.keep(state, attn, budget)  # (B, H, budget)
-        rows, shape = flat_rows(idx, total), idx.shape
-        return replace(state, k=gather(state.k, rows, shape), v=gather(state.v, rows, shape),
-                       pos=gather(state.pos, rows, shape), score=gather(state.score, rows, shape), pending=0,
-                       evicted=total - budget)
+            return with_fields(state, pending=0, evicted=0)
+        room = 0 if torch.is_grad_enabled() else state.pending  # the next segment is most likely this size
+        drop = self.drop_one(state, attn, budget) if total == budget + 1 else None
+        if drop is not None:
+            rows = rows_but_one(drop, total, room)
+        else:
+            idx = self.keep(state, attn, budget)  # (B, H, budget)
+            if room:  # rows after the kept ones: copies of row 0, overwritten by the next extend before it reads them
+                idx = F.pad(idx, (0, room))
+            rows = flat_rows(idx, total)
+        b, h = state.k.shape[:2]
+        shape = (b, h, budget + room)
+        held = (state.k, state.v, state.pos, state.score, *stored_norms(state))
+        kept = tuple(gather(x, rows, shape) for x in held)  # (B, H, budget + room[, D])
+        out = with_fields(state, **{name: x.narrow(2, 0, budget) for name, x in zip(HELD, kept)}, pending=0,
+                          evicted=total - budget)
+        if room:
+            out.k._scored_room = (room, kept)
+        return out
 
-    def entering(self, k: Tensor) -> Tensor:
-        """The score (B, H, T) float32 of pairs entering with keys k (B, H, T, D): 0 (keynorm: the key's norm)."""
-        return k.new_zeros(k.shape[:3], dtype=torch.float32)
+    def drop_one(self, state: ScoredState, attn: Tensor | None, budget: int) -> Tensor | None:
+        """When [memory; segment] holds one pair more than the budget: the index (B, H, 1) of the pair `keep` would
+        leave out, or None to call `keep`."""
+        return None
+
+    def entering(self, k: Tensor, kn: Tensor) -> Tensor:
+        """The score (B, H, T) float32 of pairs entering with keys k (B, H, T, D) of norms kn (B, H, T): 0
+        (keynorm: the key's norm)."""
+        return kn.new_zeros(kn.shape)
 
     def scored(self, state: ScoredState, attn: Tensor) -> ScoredState:
         """The state with this segment's attention folded into its scores (h2o); default unchanged."""
@@ -161,7 +272,7 @@ class ScoredPolicy(MemoryPolicy):
         # pyramid: the first layer holds up to twice n_c; [memory; segment] and its kept copy at once
         most = 2 * self.memory_size if self.layer_budget == "pyramid" else self.memory_size
         held = most + segment_size if tokens is None else min(most + segment_size, tokens)
-        per_pair = kv_slot_bytes(heads, head_dim, itemsize) + heads * (8 + 4)  # key, value, position, score
+        per_pair = kv_slot_bytes(heads, head_dim, itemsize) + heads * (8 + 4 + 8)  # + position, score, 2 norms
         return 2 * held * per_pair
 
     def check_state(self, state, *, batch, heads, head_dim, dtype, seen):
@@ -179,6 +290,11 @@ class ScoredPolicy(MemoryPolicy):
         expect(n <= state.budget, f"the state holds {n} pairs, more than its budget {state.budget}")
         expect(state.seen == seen, f"seen {state.seen}, the file says {seen} tokens")
         expect(state.pending == 0, f"{state.pending} pairs are waiting to be scored")
+        for name in ("kn", "vn"):  # absent in files written before segcli kept them: computed again
+            if getattr(state, name) is not None:
+                expect_tensor(getattr(state, name), name, (batch, heads, n), torch.float32)
+                expect(bool(torch.isfinite(getattr(state, name)).all()) and bool((getattr(state, name) >= 0).all()),
+                       f"a norm in {name} is not finite and >= 0")
         if n:
             expect(bool((state.pos >= 0).all()) and bool((state.pos < seen).all()), "a position lies outside the tokens seen")
             expect(bool((state.pos[..., 1:] > state.pos[..., :-1]).all()), "positions are not increasing")
@@ -186,10 +302,16 @@ class ScoredPolicy(MemoryPolicy):
 
     def stats(self, state):
         n = state.k.shape[2]
-        ages = (state.seen - state.pos).float()
+        key_norm = value_norm = mean_age = 0.0
+        oldest = 0
+        if n:
+            kn, vn = stored_norms(state)
+            key_norm, value_norm = torch.stack([kn.mean(), vn.mean()]).tolist()  # one read back for both
+            lo, total = torch.stack([state.pos.min(), state.pos.sum()]).tolist()
+            oldest, mean_age = state.seen - lo, state.seen - total / state.pos.numel()
+        room = state.k.__dict__.get("_scored_room")  # what the buffers hold, room included
+        held = room[1] if room is not None else (state.k, state.v, state.pos, state.score, state.kn, state.vn)
         return LayerStats(
-            slots=n, capacity=state.budget, bytes=tensor_bytes(state.k, state.v, state.pos, state.score),
-            key_norm=mean_norm(state.k), value_norm=mean_norm(state.v),
-            oldest_age=int(ages.max()) if n else 0, tokens_per_slot=1.0,
-            evicted=state.evicted, mean_age=float(ages.mean()) if n else 0.0,
+            slots=n, capacity=state.budget, bytes=tensor_bytes(*held), key_norm=key_norm, value_norm=value_norm,
+            oldest_age=oldest, tokens_per_slot=1.0, evicted=state.evicted, mean_age=mean_age,
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .scored import ScoredPolicy, newest, top_indices
+from .scored import ScoredPolicy, newest, oldest, top_indices
 
 POOL_KERNEL = 5  # SnapKV's pooling kernel
 
@@ -31,7 +31,17 @@ class SnapKV(ScoredPolicy):
         w = min(self.window, budget)
         if attn is None or w == budget:
             return newest(total, budget, state.k)
+        return torch.cat([top_indices(self.pooled(attn, total - w), budget - w), newest(total, w, state.k)], -1)
+
+    def drop_one(self, state, attn, budget):
+        w = min(self.window, budget)
+        if attn is None or w == budget:
+            return oldest(state.k)
+        return self.pooled(attn, state.k.shape[2] - w).argmin(-1, keepdim=True)  # the lowest before the window
+
+    @staticmethod
+    def pooled(attn, n):
+        """attn (B, H, S) on the first n pairs (those before the window), max-pooled over neighbours: (B, H, n)."""
         b, h, _ = attn.shape
-        prefix = attn[..., : total - w].reshape(b * h, 1, total - w)  # (B*H, 1, S - w): pairs before the window
-        pooled = F.max_pool1d(prefix, POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2).view(b, h, -1)
-        return torch.cat([top_indices(pooled, budget - w), newest(total, w, state.k)], -1)
+        prefix = attn[..., :n].reshape(b * h, 1, n)  # (B*H, 1, n)
+        return F.max_pool1d(prefix, POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2).view(b, h, n)

@@ -8,7 +8,7 @@ heads. Per segment the same rule keeps the n_c highest of the last query's atten
 
 from __future__ import annotations
 
-from .scored import ScoredPolicy, newest, top_indices
+from .scored import ScoredPolicy, newest, oldest, top_indices
 
 
 class Tova(ScoredPolicy):
@@ -28,3 +28,9 @@ class Tova(ScoredPolicy):
         b, h = state.k.shape[:2]
         s = attn.mean(1, keepdim=True)  # (B, 1, S): the mean over heads, one choice per layer
         return top_indices(s, budget).expand(b, h, budget)
+
+    def drop_one(self, state, attn, budget):
+        if attn is None:
+            return oldest(state.k)
+        b, h = state.k.shape[:2]
+        return attn.mean(1, keepdim=True).argmin(-1, keepdim=True).expand(b, h, 1)  # the lowest head mean
