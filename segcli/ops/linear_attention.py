@@ -101,14 +101,17 @@ def token_linear_memory(q, k, v, initial_state=None, output_final_state=True):
     state = initial_state or empty_state(b, h, dk, v.shape[-1], k.device, k.dtype)
     fq, fk = phi(q), phi(k)  # (B, H, T, Dk)
     a = (fq @ fk.transpose(-1, -2)).tril(-1)  # (B, H, T, T): query i on the tokens j < i
-    n = torch.arange(state.n, state.n + t, device=q.device, dtype=q.dtype)[:, None]  # (T, 1) tokens read by each
-    num = a @ v  # (B, H, T, Dv), sums over earlier tokens of the T
-    den = a.sum(-1, keepdim=True)  # (B, H, T, 1)
-    if state.n:  # the earlier state, as the sums it is the mean of
-        num = num + state.n * (fq @ state.mu)
-        den = den + state.n * (fq * state.nu[..., None, :]).sum(-1, keepdim=True)
-    out = (num / n.clamp(min=1)) / (den / n.clamp(min=1) + EPS)
-    out = out.masked_fill(n == 0, 0.0)  # an empty state reads zeros
+    # the state token i reads is the mean over n_i = n + i tokens: the earlier state's weight n / n_i, 1 / n_i each
+    # earlier token of the T (float32 weights: a half-precision count would round)
+    n_i = torch.arange(state.n, state.n + t, device=q.device, dtype=torch.float32)[:, None]  # (T, 1)
+    w_seg = (1.0 / n_i.clamp(min=1)).to(q.dtype)
+    num = w_seg * (a @ v)  # (B, H, T, Dv)
+    den = w_seg * a.sum(-1, keepdim=True)  # (B, H, T, 1)
+    if state.n:
+        w_old = (state.n / n_i).to(q.dtype)
+        num = num + w_old * (fq @ state.mu)
+        den = den + w_old * (fq * state.nu[..., None, :]).sum(-1, keepdim=True)
+    out = (num / (den + EPS)).masked_fill(n_i == 0, 0.0)  # an empty state reads zeros
     return out, (update_state(state, k, v) if output_final_state else None)
 
 
