@@ -18,7 +18,7 @@ from test_recurrent_stream import REL, run, save_model  # noqa: E402
 
 from conftest import SAMPLE  # noqa: E402
 
-HYBRIDS = ("jamba", "falcon_h1", "granitemoehybrid")
+HYBRIDS = ("jamba", "falcon_h1", "bamba", "qwen3_next", "lfm2", "granitemoehybrid", "nemotron_h")
 SIZES = {"tova": [], "h2o": ["--recent-tokens", 3], "snapkv": ["--window", 2]}
 
 
