@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..config import RunConfig
 from ..errors import UsageError
-from ..memory.base import LayerStats
+from ..memory.base import LayerStats, tensor_bytes
+from ..memory.fifo import Fifo, FifoState
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -88,6 +90,12 @@ class Backend:
         raise NotImplementedError
 
     def memory_stats(self, memory) -> list[LayerStats]:
+        """One LayerStats per layer, as `policy.stats` reports them (fifo's from one batched reduction)."""
+        states = getattr(memory, "states", None)
+        if states is not None and type(getattr(memory, "policy", None)) is Fifo:  # the native model's SegMemory
+            fast = fifo_stats([(memory.policy, s) for s in states])
+            if fast is not None:
+                return fast
         return memory.stats()
 
     def sliding_window(self, memory, segment_size: int) -> int | None:
@@ -97,6 +105,65 @@ class Backend:
 
     def step_window(self, ids: Tensor, memory, band: int):
         raise NotImplementedError(f"the {self.kind} backend has no sliding-window pass")
+
+
+REDUCE_GRAIN = 32768  # torch's GRAIN_SIZE: a CPU reduction of fewer elements (or on one thread) runs serially
+
+
+def norm_means(buffers: list[Tensor], start: int, end: int) -> list[float] | None:
+    """float(buf[:, :, start:end].mean()) of each float32 buffer (B, H, cap) (all of one shape), bit for bit, in
+    three kernels; None where the views reduce another way (the caller then asks `mean`).
+
+    A CPU reduction of such a view to one number sums each of its B x H rows (end - start contiguous floats) on
+    its own and adds the row sums in order, in float32, starting from 0; `mean` then divides by their count in
+    float32. Here one `cat` stacks every buffer's rows, one `sum(-1)` over the slice reduces each row alone the
+    same way, the row sums of each buffer are added in order in float32 (numpy's accumulate is sequential) and
+    divided in float32. Reduced another way, so None: fewer than two columns (a single column is summed across
+    rows in another order), a slice that spans whole buffers of several rows (its rows merge into one), and on
+    several threads a reduction large enough to be split among them. `tests/engine/test_stream_stats.py`
+    compares it with `mean`."""
+    b, h, cap = buffers[0].shape
+    m = end - start
+    rows = len(buffers) * b * h
+    if (m < 2 or (b * h > 1 and m == cap) or buffers[0].device.type != "cpu"
+            or any(x.dtype != torch.float32 or x.shape != (b, h, cap) for x in buffers)
+            or (torch.get_num_threads() > 1 and rows * m >= REDUCE_GRAIN)):
+        return None
+    sums = torch.cat(buffers, 1)[:, :, start:end].sum(-1).numpy()  # (B, V x H): every row's own sum
+    per_view = sums.reshape(b, len(buffers), h).transpose(1, 0, 2).reshape(len(buffers), b * h)  # rows in view order
+    totals = np.add.accumulate(per_view, axis=1)[:, -1]  # float32, added in row order
+    return (totals / np.float32(b * h * m)).tolist()
+
+
+def fifo_stats(layers: list[tuple[Any, Any]]) -> list[LayerStats] | None:
+    """`Fifo.stats` of every (policy, state) layer, with the norm means of layers whose windows share a buffer
+    shape and slice from one `norm_means`; None unless every layer is a plain fifo state holding pairs (the
+    caller then asks each policy)."""
+    windows = []
+    for policy, state in layers:
+        if type(policy) is not Fifo or type(state) is not FifoState or not state.window.filled:
+            return None
+        windows.append(state.window)
+    means: list[float | None] = [None] * (2 * len(windows))
+    groups: dict[tuple, list[int]] = {}
+    for i, w in enumerate(windows):
+        groups.setdefault((tuple(w.kn.shape), w.start, w.end), []).append(i)
+    for (_, start, end), idx in groups.items():
+        got = norm_means([x for i in idx for x in (windows[i].kn, windows[i].vn)], start, end)
+        if got is not None:
+            for n, i in enumerate(idx):
+                means[2 * i], means[2 * i + 1] = got[2 * n], got[2 * n + 1]
+    out = []
+    for i, (w, (_, state)) in enumerate(zip(windows, layers)):
+        if means[2 * i] is None:
+            kn, vn = w.norms()
+            means[2 * i], means[2 * i + 1] = float(kn.mean()), float(vn.mean())
+        out.append(LayerStats(
+            slots=w.filled, capacity=w.size, bytes=tensor_bytes(w.k, w.v, w.kn, w.vn), key_norm=means[2 * i],
+            value_norm=means[2 * i + 1], oldest_age=w.filled, tokens_per_slot=1.0, evicted=state.evicted,
+            mean_age=(w.filled + 1) / 2,
+        ))
+    return out
 
 
 def resolve_device(name: str) -> torch.device:

@@ -20,7 +20,7 @@ from ..hf import (
     SegcliCache, cache_kwarg, extra_mask, make_cache, model_features, register_attention, track_memory_mass,
     visible_in_stream,
 )
-from .base import Backend, file_sha256, model_fingerprint
+from .base import Backend, fifo_stats, file_sha256, model_fingerprint
 
 
 @dataclass
@@ -28,6 +28,10 @@ class HFBackend(Backend):
     kind = "hf"
     attn_implementation: str = "sdpa"  # what the model was loaded with (some policies switch it while they run)
     load_args: dict = field(default_factory=dict)  # how to load the checkpoint again (path, revision, ...)
+    # what the last step checked: (model, policy, attention implementation) -> (position limit, why); a step under
+    # the same three skips the checks (attention switched, features looked up), ~40 us of a ~5 ms token step
+    _checked: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _limit: tuple = field(default=(None, None), init=False, repr=False, compare=False)
 
     def attention_for(self, policy) -> str:
         """The attention implementation a policy runs under: segcli's for the linear memory's read, eager where
@@ -93,15 +97,25 @@ class HFBackend(Backend):
             self.use_attention_implementation("eager")  # a family that cannot switch: loaded again, eager from now on
         return make_cache(self.model, policy)
 
+    def memory_stats(self, memory: SegcliCache):
+        """Every cache layer's stats (fifo layers': one batched reduction, `fifo_stats`)."""
+        fast = fifo_stats([(layer.policy, layer.state) for layer in memory.memory_layers])
+        return memory.stats() if fast is None else fast
+
     def step(self, ids: Tensor, memory: SegcliCache):
         t = ids.shape[1]
         start = memory.seen
-        self._use_attention(self.attention_for(memory.policy), memory.policy.name)
-        feats = model_features(self.model)
-        limit = feats.position_limit
+        model, policy = self.model, memory.policy
+        checked = (model, policy, model.config.get_text_config()._attn_implementation)
+        if checked != self._checked:
+            self._use_attention(self.attention_for(policy), policy.name)
+            feats = model_features(model)
+            self._limit = (feats.position_limit, feats.limit_reason)
+            self._checked = (model, policy, model.config.get_text_config()._attn_implementation)
+        limit, reason = self._limit
         if limit is not None and start + t > limit:
             raise UsageError(
-                f"{self.identity['model']}: {feats.limit_reason}; a stream past them is not the model's own "
+                f"{self.identity['model']}: {reason}; a stream past them is not the model's own "
                 f"(use --max-tokens {limit})")
         pos = torch.arange(start, start + t, device=ids.device)[None]
         out = self.model(input_ids=ids, position_ids=pos, use_cache=True, **{cache_kwarg(self.model): memory})

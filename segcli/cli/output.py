@@ -33,6 +33,15 @@ def clean(x: Any) -> Any:
     return x
 
 
+def jsonl_line(record: dict[str, Any]) -> str:
+    """One JSON Lines line of `clean(record)`. Most records hold only finite floats: those are encoded as they are
+    (the same text, without walking the record first); one with an inf or a NaN is cleaned, then encoded."""
+    try:
+        return json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
+    except ValueError:
+        return json.dumps(clean(record), ensure_ascii=False) + "\n"
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -120,12 +129,13 @@ class Writer:
 
     # -- records -------------------------------------------------------------
     def write(self, record: dict[str, Any]) -> None:
-        record = clean(record)
         try:
             if self.fmt == "jsonl":
-                self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+                self.stream.write(jsonl_line(record))
                 self.stream.flush()
-            elif self.fmt == "csv":
+                return
+            record = clean(record)
+            if self.fmt == "csv":
                 self._write_csv(record)
             else:
                 self.records.append(record)

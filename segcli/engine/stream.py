@@ -197,11 +197,19 @@ class Stream:
                     tokens_per_s=tokens / share if share > 0 else float("inf"),
                     memory=memory_report(stats[j], self.cfg.memory, masses[j]),
                     token_nll=nll_list,
-                    token_ids=list(part.target_ids),
+                    token_ids=as_list(part.target_ids),
                     byte_start=part.byte_start,
-                    token_end_bytes=[int(x) for x in part.end_bytes],
+                    token_end_bytes=as_list(part.end_bytes),
                 )
                 index += 1
+
+
+def as_list(x) -> list[int]:
+    """A window's ids or byte offsets as a list of Python ints: a list the window made for itself is taken as it
+    is, a numpy array converted in one call (`tolist`, not an int() per element)."""
+    if type(x) is list:
+        return x
+    return x.tolist() if hasattr(x, "tolist") else [int(v) for v in x]
 
 
 def peak_rss_bytes() -> int:
@@ -251,17 +259,30 @@ class Totals:
         if r.memory.attn_mass_memory is not None:
             self.mass_sum += r.memory.attn_mass_memory * r.tokens
             self.mass_n += r.tokens
-        for i, x in enumerate(r.token_nll):
-            self.nll_sq += x * x
-            b = i // self.bucket
-            self.pos_nll[b] += x
-            self.pos_n[b] += 1
-            if i < self.k:
-                self.first_nll += x
-                self.first_n += 1
-            else:
-                self.rest_nll += x
-                self.rest_n += 1
+        # the same additions in the same order as one token at a time (the sums are bit for bit those), in runs:
+        # squares in token order, each position bucket's tokens in order, then the first k and the rest
+        nll = r.token_nll
+        sq = self.nll_sq
+        for x in nll:
+            sq += x * x
+        self.nll_sq = sq
+        bucket, pos_nll, pos_n = self.bucket, self.pos_nll, self.pos_n
+        for b, lo in enumerate(range(0, len(nll), bucket)):
+            run = nll[lo : lo + bucket]
+            acc = pos_nll[b]
+            for x in run:
+                acc += x
+            pos_nll[b] = acc
+            pos_n[b] += len(run)
+        first, rest = nll[: self.k], nll[self.k :]
+        acc = self.first_nll
+        for x in first:
+            acc += x
+        self.first_nll, self.first_n = acc, self.first_n + len(first)
+        acc = self.rest_nll
+        for x in rest:
+            acc += x
+        self.rest_nll, self.rest_n = acc, self.rest_n + len(rest)
 
     def merge(self, other: "Totals") -> "Totals":
         """Add another stream's totals (same segment size), e.g. one document's into the corpus's.
