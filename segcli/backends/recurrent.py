@@ -551,8 +551,9 @@ class RecurrentBackend(Backend):
                 f"{self.model_type}: a bounded memory on its attention layers does not reproduce the model (relative "
                 f"logit gap {gap:.1e} on a three-token check)")
         except (RuntimeError, ValueError, IndexError, TypeError) as e:
-            self._bounded[impl] = (f"{self.model_type}: its attention layers do not cache key-value pairs segcli's policy "
-                             f"layers can hold ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]})")
+            first = (str(e).splitlines() or [""])[0][:100]
+            self._bounded[impl] = (f"{self.model_type}: its attention layers do not cache key-value pairs segcli's "
+                                   f"policy layers can hold ({type(e).__name__}: {first})")
         return self._bounded[impl] or None
 
     def notes(self, cfg: RunConfig) -> list[str]:
