@@ -11,6 +11,10 @@ memory, pooled; nothing else leaves a slot-for-pair memory). Ages: the held toke
 window pair's age is its distance back (1 .. filled) and a pooled or pending slot's is the mean age of the
 tokens it averages; `mean_age` is the mean of the slots' ages.
 
+`--layer-budget pyramid` sizes each layer's FIFO by PyramidKV's schedule (`scored.layer_budgets`: most in the
+first layer, n_c / 20 in the last, n_c x layers in all); every layer keeps n_cm compressed slots. Token passes
+then go token by token (one pass bound for every layer only when uniform).
+
 At n_s = 1 `extend_each` computes T single-token steps in one pass (the groups each token's memory holds,
 its pending slot's mean, the window as a band): the token path's results, up to float rounding.
 """
@@ -24,6 +28,8 @@ from torch import Tensor
 
 from ..ops.attention import band_mask, pass_attention, slot_scores
 from .base import Carried, KVRead, LayerStats, MemoryPolicy, expect, expect_tensor, kv_slot_bytes, tensor_bytes
+from .scored import PYRAMID_BETA, layer_budgets
+from .sink import layer_size
 from .window import Window, pow2_at_least
 
 
@@ -79,7 +85,7 @@ class Compressive(MemoryPolicy):
     name = "compressive"
     rule = "FIFO of memory_size; dropped pairs mean-pooled compress_rate:1 into a FIFO of compressed_size"
     size_rule = "memory_size + compressed_size"
-    parameters = ("memory_size", "compress_rate", "compressed_size")
+    parameters = ("memory_size", "compress_rate", "compressed_size", "layer_budget")
 
     def capacity(self, segment_size):
         return self.memory_size + self.compressed_size
@@ -88,6 +94,11 @@ class Compressive(MemoryPolicy):
         z = torch.zeros(batch, heads, 0, head_dim, device=device, dtype=dtype)
         window = Window.empty(batch, heads, self.memory_size, head_dim, device, dtype, front=self.compressed_size)
         return CompressiveState(z, z.clone(), z.clone(), z.clone(), window)
+
+    def init_layer_state(self, layer, layers, batch, heads, head_dim, *, device, dtype):
+        state = self.init_state(batch, heads, head_dim, device=device, dtype=dtype)
+        state.window.size = layer_budgets(self.memory_size, layers, self.layer_budget)[layer]  # pyramid: PyramidKV's
+        return state
 
     def _compressed(self, state) -> tuple[Tensor, Tensor]:
         """The compressed slots as read: full groups, then the partial group's mean."""
@@ -116,13 +127,15 @@ class Compressive(MemoryPolicy):
         return self._fold(state, ev, k.shape[2])
 
     def token_pass(self):
-        return self.memory_size  # a pass fits the window's room (its buffer grows as single steps grow it)
+        # a pass fits the window's room (its buffer grows as single steps grow it); one bound for every layer
+        return self.memory_size if self.layer_budget == "uniform" else None
 
     def extend_each(self, state, q, k, v, k_raw, shift_keys):
         """T single-token steps in one pass. Step i's memory is a function of how many pairs the FIFO has dropped
         before it: with N = pending + dropped, N // c groups have formed and N % c pairs wait (their mean is one
         slot), and the newest min(groups, n_cm - [pairs wait]) groups are held (the token path's trimming)."""
-        w, t, size, c, n_cm = state.window, k.shape[2], self.memory_size, self.compress_rate, self.compressed_size
+        w, t, c, n_cm = state.window, k.shape[2], self.compress_rate, self.compressed_size
+        size = w.size
         f0, s0, p0 = w.filled, state.ck.shape[2], state.pk.shape[2]
         held = [min(size, f0 + i) for i in range(t + 1)]  # window pairs before step i (i = T: after the pass)
         dropped = [f0 + i - held[i] for i in range(t + 1)]  # pairs the FIFO dropped in the pass before step i
@@ -179,7 +192,7 @@ class Compressive(MemoryPolicy):
             value = wv[e] - wv[e - n] + gv[hi] - gv[hi - g] + (pvn[i] if p else 0.0)
             tokens = g * c + p + n
             out.append(LayerStats(
-                slots=slots, capacity=self.capacity(0), bytes=(g + p) * pair_bytes + window_bytes[i - 1],
+                slots=slots, capacity=w.size + self.compressed_size, bytes=(g + p) * pair_bytes + window_bytes[i - 1],
                 key_norm=key / (slots * b * h), value_norm=value / (slots * b * h), oldest_age=tokens,
                 tokens_per_slot=tokens / slots, evicted=dropped[i] - dropped[i - 1],
                 mean_age=compressive_mean_age(n, p, g, c),
@@ -209,9 +222,11 @@ class Compressive(MemoryPolicy):
     def peak_bytes(self, heads, head_dim, itemsize, segment_size, tokens=None):
         n_cm, t = self.compressed_size, segment_size
         if tokens is not None:
-            n_cm, t = min(n_cm, max(tokens - self.memory_size, 0) // self.compress_rate + 1), min(t, tokens)
+            fewest = max(1, self.memory_size // PYRAMID_BETA) if self.layer_budget == "pyramid" else self.memory_size
+            n_cm, t = min(n_cm, max(tokens - fewest, 0) // self.compress_rate + 1), min(t, tokens)
         lead = min(self.compressed_size, pow2_at_least(n_cm))  # the most room kept before the window for them
-        window = Window.peak_bytes(self.memory_size, lead, segment_size, tokens, heads, head_dim, itemsize)
+        most = 2 * self.memory_size if self.layer_budget == "pyramid" else self.memory_size  # the first layer's
+        window = Window.peak_bytes(most, lead, segment_size, tokens, heads, head_dim, itemsize)
         # the compressed slots, their next copy and the read's copy; the pending and dropped pairs, twice
         return window + (3 * n_cm + 2 * (self.compress_rate + t)) * kv_slot_bytes(heads, head_dim, itemsize)
 
@@ -226,7 +241,7 @@ class Compressive(MemoryPolicy):
         expect(s + (p > 0) <= self.compressed_size, f"{s + (p > 0)} compressed slots, more than {self.compressed_size}")
         expect(state.compressed_tokens == s * rate, f"compressed_tokens {state.compressed_tokens} for {s} slots of {rate}")
         w = state.window
-        w.check(batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, size=self.memory_size, front=self.compressed_size)
+        w.check(batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, size=layer_size(self, w), front=self.compressed_size)
         expect(state.seen == seen, f"seen {state.seen}, the file says {seen} tokens")
         expect(state.compressed_tokens + p + w.filled <= seen, f"more pairs remembered than the {seen} tokens seen")
 
@@ -243,7 +258,7 @@ class Compressive(MemoryPolicy):
         ckn = float(ck.float().norm(dim=-1).sum()) if ck.shape[2] else 0.0
         cvn = float(cv.float().norm(dim=-1).sum()) if ck.shape[2] else 0.0
         return LayerStats(
-            slots=slots, capacity=self.capacity(0),
+            slots=slots, capacity=w.size + self.compressed_size,
             bytes=tensor_bytes(state.ck, state.cv, state.pk, state.pv, w.k, w.v, w.kn, w.vn),
             key_norm=(ckn + float(kn.sum())) / cells if slots else 0.0,
             value_norm=(cvn + float(vn.sum())) / cells if slots else 0.0,

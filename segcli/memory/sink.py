@@ -8,6 +8,10 @@ At n_s = 1, once the sinks are full, `extend_each` computes T single-token steps
 band of n_c keys before each query, and each query reads the sinks shifted to sit before *its* window (one
 shifted copy per query, the shift its own step applies). The first n_sink tokens of a stream go one by one
 (`serial_tokens`).
+
+`--layer-budget pyramid` sizes each layer's window by PyramidKV's schedule (`scored.layer_budgets`: most in the
+first layer, n_c / 20 in the last, n_c x layers in all); the sinks are every layer's. Token passes then go token
+by token (one pass bound for every layer only when uniform).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import Tensor
 
 from ..ops.attention import band_mask, pass_attention, slot_scores
 from .base import Carried, KVRead, LayerStats, MemoryPolicy, expect, expect_tensor, kv_slot_bytes, tensor_bytes
+from .scored import layer_budgets
 from .window import Window, pow2_at_least
 
 
@@ -31,11 +36,22 @@ class SinkState(Carried):
     evicted: int = 0  # window pairs the last push dropped
 
 
+def layer_size(policy: MemoryPolicy, window: Window) -> int:
+    """The window size a state read from a file must have: n_c, or under pyramid a layer's budget (at most the
+    first layer's, below 2 n_c); ValueError otherwise."""
+    if policy.layer_budget != "pyramid":
+        return policy.memory_size
+    size = window.size
+    expect(isinstance(size, int) and 1 <= size < 2 * policy.memory_size,
+           f"window.size {size} is no layer's budget under --layer-budget pyramid --memory-size {policy.memory_size}")
+    return size
+
+
 class Sink(MemoryPolicy):
     name = "sink"
     rule = "keep the first sink_tokens pairs for ever + FIFO of memory_size pairs"
     size_rule = "sink_tokens + memory_size"
-    parameters = ("memory_size", "sink_tokens")
+    parameters = ("memory_size", "sink_tokens", "layer_budget")
 
     def capacity(self, segment_size):
         return self.sink_tokens + self.memory_size
@@ -44,6 +60,11 @@ class Sink(MemoryPolicy):
         z = torch.zeros(batch, heads, 0, head_dim, device=device, dtype=dtype)
         window = Window.empty(batch, heads, self.memory_size, head_dim, device, dtype, front=self.sink_tokens)
         return SinkState(z, z.clone(), window)
+
+    def init_layer_state(self, layer, layers, batch, heads, head_dim, *, device, dtype):
+        state = self.init_state(batch, heads, head_dim, device=device, dtype=dtype)
+        state.window.size = layer_budgets(self.memory_size, layers, self.layer_budget)[layer]  # pyramid: PyramidKV's
+        return state
 
     def _sinks(self, state, shift_keys) -> tuple[Tensor, Tensor]:
         """Sink pairs re-rotated to sit just before the oldest window pair."""
@@ -63,18 +84,20 @@ class Sink(MemoryPolicy):
             return super().extend(state, k, v, k_raw, shift_keys)
         m = self.slots(state)
         sinks = self._sinks(state, shift_keys)
-        dropped = max(0, state.window.filled + k.shape[2] - self.memory_size)
+        dropped = max(0, state.window.filled + k.shape[2] - state.window.size)
         _, (k_all, v_all) = state.window.push(k, v, prefix=sinks)
         return SinkState(state.sink_k, state.sink_v, state.window, state.seen + k.shape[2], dropped), k_all, v_all, m
 
     def token_pass(self):
-        return self.memory_size  # a pass fits the window's room (its buffer grows as single steps grow it)
+        # a pass fits the window's room (its buffer grows as single steps grow it); one bound for every layer
+        return self.memory_size if self.layer_budget == "uniform" else None
 
     def serial_tokens(self, state):
         return max(0, self.sink_tokens - state.sink_k.shape[2])
 
     def extend_each(self, state, q, k, v, k_raw, shift_keys):
-        n_sink, w, t, size = state.sink_k.shape[2], state.window, k.shape[2], self.memory_size
+        n_sink, w, t = state.sink_k.shape[2], state.window, k.shape[2]
+        size = w.size
         assert n_sink == self.sink_tokens, "the sinks fill token by token (serial_tokens)"
         f0, seen0 = w.filled, state.seen
         # [sinks; window before; pass] (B, H, n_sink + f0 + T, D), one view: the prefix each step writes
@@ -96,16 +119,17 @@ class Sink(MemoryPolicy):
         sk = float(state.sink_k.float().norm(dim=-1).sum()) if n_sink else 0.0
         sv = float(state.sink_v.float().norm(dim=-1).sum()) if n_sink else 0.0
         ck, cv = w.norm_sums(f0, t)
-        held = [min(self.memory_size, f0 + i + 1) for i in range(t)]
+        size = w.size
+        held = [min(size, f0 + i + 1) for i in range(t)]
         nbytes = w.bytes_each(held, [n_sink] * t)
         sink_bytes = tensor_bytes(state.sink_k, state.sink_v)
         out = []
         for i, n in enumerate(held):
             e, seen, slots = f0 + i + 1, seen0 + i + 1, n_sink + n  # e: window pushes counted from the oldest held
             out.append(LayerStats(
-                slots=slots, capacity=self.capacity(0), bytes=sink_bytes + nbytes[i],
+                slots=slots, capacity=self.sink_tokens + size, bytes=sink_bytes + nbytes[i],
                 key_norm=(ck[e] - ck[e - n] + sk) / (slots * b * h), value_norm=(cv[e] - cv[e - n] + sv) / (slots * b * h),
-                oldest_age=seen, tokens_per_slot=1.0, evicted=int(f0 + i + 1 > self.memory_size),
+                oldest_age=seen, tokens_per_slot=1.0, evicted=int(f0 + i + 1 > size),
                 mean_age=(n * (n + 1) / 2 + n_sink * seen - n_sink * (n_sink - 1) / 2) / slots,
             ))
         return out
@@ -116,14 +140,15 @@ class Sink(MemoryPolicy):
         if take:
             sink_k = torch.cat([sink_k, k[:, :, :take]], 2)
             sink_v = torch.cat([sink_v, v[:, :, :take]], 2)
-        dropped = max(0, state.window.filled + k.shape[2] - take - self.memory_size)
+        dropped = max(0, state.window.filled + k.shape[2] - take - state.window.size)
         state.window.push(k[:, :, take:], v[:, :, take:])
         return SinkState(sink_k, sink_v, state.window, state.seen + k.shape[2], dropped)
 
     def peak_bytes(self, heads, head_dim, itemsize, segment_size, tokens=None):
         sinks = self.sink_tokens if tokens is None else min(self.sink_tokens, tokens)
         lead = min(self.sink_tokens, pow2_at_least(sinks))  # the most room kept before the window for them
-        window = Window.peak_bytes(self.memory_size, lead, segment_size, tokens, heads, head_dim, itemsize)
+        most = 2 * self.memory_size if self.layer_budget == "pyramid" else self.memory_size  # the first layer's
+        window = Window.peak_bytes(most, lead, segment_size, tokens, heads, head_dim, itemsize)
         return window + 2 * sinks * kv_slot_bytes(heads, head_dim, itemsize)  # x2: the sinks while they fill
 
     def check_state(self, state, *, batch, heads, head_dim, dtype, seen):
@@ -132,7 +157,7 @@ class Sink(MemoryPolicy):
         expect_tensor(state.sink_k, "sink_k", (batch, heads, n_sink, head_dim), dtype)
         expect_tensor(state.sink_v, "sink_v", (batch, heads, n_sink, head_dim), dtype)
         w = state.window
-        w.check(batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, size=self.memory_size, front=self.sink_tokens)
+        w.check(batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, size=layer_size(self, w), front=self.sink_tokens)
         expect(state.seen == seen, f"seen {state.seen}, the file says {seen} tokens")
         expect(n_sink + w.filled <= seen, f"{n_sink} sinks and {w.filled} window pairs from {seen} tokens")
 
@@ -148,7 +173,7 @@ class Sink(MemoryPolicy):
         sv = state.sink_v.float().norm(dim=-1).sum() if n_sink else 0.0
         denom = max(slots, 1) * state.sink_k.shape[0] * state.sink_k.shape[1]
         return LayerStats(
-            slots=slots, capacity=self.capacity(0),
+            slots=slots, capacity=self.sink_tokens + w.size,
             bytes=tensor_bytes(state.sink_k, state.sink_v, w.k, w.v, w.kn, w.vn),
             key_norm=float(kn.sum() + sk) / denom if slots else 0.0,
             value_norm=float(vn.sum() + sv) / denom if slots else 0.0,
