@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..ops.attention import band_attention
+from ..ops.attention import band_mask, pass_attention
 from .base import Carried, KVRead, LayerStats, MemoryPolicy, expect, mean_of, tensor_bytes
 from .scored import layer_budgets
 from .window import Window
@@ -57,7 +57,7 @@ class Fifo(MemoryPolicy):
         """T single-token steps: a causal sliding window of n_c keys before each query, as one band."""
         before, t = state.window.filled, k.shape[2]
         state, k_all, v_all, m = self.extend(state, k, v, k_raw, shift_keys)
-        out, mass = band_attention(q, k_all, v_all, m, state.window.size)
+        out, mass = pass_attention(q, k_all, v_all, m, band_mask(m, t, state.window.size, k.device))  # `band_attention`
         each = self.stats_each(state, before, t)
         return replace(state, evicted=each[-1].evicted), out, mass, each  # the last step's drop, as its state has
 
