@@ -38,6 +38,9 @@ through segcli's attention function ("segcli", see `register_attention`): the mo
 function over the segment, plus the linear read with a fixed gate of 0.5 per head (HF models have no trained
 gate).
 
+A cache continues from a memory file (segcli.state, `--load-memory`): each `PolicyLayer.restore` takes its policy
+state and tokens seen, `Positions.restore` the slots' positions (their tail is found again from them).
+
 The attention mass on memory comes from the model's own attention probabilities where it returns them (eager:
 `track_memory_mass`); SDPA returns none, and the mass is then not reported (None).
 """
