@@ -310,10 +310,13 @@ class StreamedDocument:
                 words_scored += n
             ids.extend(new_ids)
             ends = np.concatenate([ends, new_ends])
-            while len(ids) >= size:
-                yield self._window(ids, ends, size, prev_id, prev_end)
-                prev_id, prev_end = ids[size - 1], int(ends[size - 1])
-                ids, ends = ids[size:], ends[size:]
+            at = 0  # windows taken from the front of ids; the rest kept once the piece is done (not per window)
+            while len(ids) - at >= size:
+                yield self._window(ids, ends, size, prev_id, prev_end, at)
+                prev_id, prev_end = ids[at + size - 1], int(ends[at + size - 1])
+                at += size
+            if at:
+                ids, ends = ids[at:], ends[at:]
             if truncated:
                 break
         if ids:
@@ -330,8 +333,10 @@ class StreamedDocument:
         ends = np.concatenate([w.end_bytes for w in windows])
         return TokenizedDocument(self.name, inputs, targets, ends, self.first_byte, self.n_bytes, self.n_words)
 
-    def _window(self, ids: list[int], ends: np.ndarray, take: int, prev_id: int, prev_end: int) -> Window:
-        window = Window(self.n_tokens, [prev_id] + ids[: take - 1], ids[:take], prev_end, ends[:take].copy())
+    def _window(self, ids: list[int], ends: np.ndarray, take: int, prev_id: int, prev_end: int, at: int = 0) -> Window:
+        """The window of ids[at : at + take] (prev_id, prev_end: the token and byte before it)."""
+        window = Window(self.n_tokens, [prev_id] + ids[at : at + take - 1], ids[at : at + take], prev_end,
+                        ends[at : at + take].copy())
         self.n_tokens += take
-        self.n_bytes = int(ends[take - 1]) - self.first_byte
+        self.n_bytes = int(ends[at + take - 1]) - self.first_byte
         return window
