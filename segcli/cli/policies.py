@@ -35,6 +35,21 @@ def recurrent_rule(name: str) -> str:
     return "state reset at every segment" if name == "none" else "state carried (the layer's own update)"
 
 
+def sliding_rule(name: str) -> str:
+    """What policy `name` does to a transformer's sliding-window and chunked layers (segcli.hf)."""
+    if name == "full":
+        return "the last window - 1 pairs, as transformers' own cache keeps"
+    if name == "none":
+        return "the segment alone"
+    if name in ("fifo", "xl"):
+        return "the newest of its pairs that the window reaches"
+    if name in ("sink", "average", "compressive"):
+        return "only the newest run of exact pairs the window reaches (moved sinks and pooled slots are not read)"
+    if name == "linear":
+        return "refused (the linear memory summarises tokens past the window)"
+    return "refused (slots chosen by content cannot be placed inside a window)"
+
+
 def hybrid_rule(name: str) -> str:
     """What policy `name` does to the attention layers of a hybrid (recurrent + attention) model."""
     if name == "full":
@@ -43,6 +58,9 @@ def hybrid_rule(name: str) -> str:
         return "the segment alone"
     if name == "linear":
         return "refused (segcli's attention function does not run on hybrids)"
+    if name in ("tova", "h2o", "snapkv"):
+        return ("as on a transformer, under eager attention (refused where the attention modules hand no "
+                "probabilities on: zamba, zamba2)")
     return "as on a transformer (segcli's policy layers, the model's own attention)"
 
 
@@ -53,16 +71,18 @@ def _policies(format: str | None, debug: bool = False) -> None:
     for name, cls in REGISTRY.items():
         rows.append({"type": "policy", "name": name, "rule": cls.rule, "parameters": list(cls.parameters),
                      "defaults": {k: defaults[k] for k in cls.parameters}, "bound": cls.size_rule,
-                     "recurrent_layers": recurrent_rule(name), "hybrid_attention_layers": hybrid_rule(name)})
+                     "sliding_layers": sliding_rule(name), "recurrent_layers": recurrent_rule(name),
+                     "hybrid_attention_layers": hybrid_rule(name)})
     fmt = default_format(format, None)
     writer = Writer("csv" if fmt == "csv" else "jsonl", None)  # stdout; closed stdout: one line, exit 2
     if fmt == "table":
         table = new_table("memory policies", [("policy", "left"), ("update rule (attention layers)", "left"),
-                                              ("parameters", "left"), ("size", "left"), ("recurrent layers", "left"),
+                                              ("parameters", "left"), ("size", "left"),
+                                              ("sliding / chunked layers", "left"), ("recurrent layers", "left"),
                                               ("hybrids' attention layers", "left")])
         for r in rows:
-            table.add_row(r["name"], r["rule"], ", ".join(r["parameters"]) or "-", r["bound"], r["recurrent_layers"],
-                          r["hybrid_attention_layers"])
+            table.add_row(r["name"], r["rule"], ", ".join(r["parameters"]) or "-", r["bound"], r["sliding_layers"],
+                          r["recurrent_layers"], r["hybrid_attention_layers"])
         PipeConsole(file=writer.stream).print(table)
         writer.stream.flush()
     elif fmt == "json":

@@ -256,7 +256,7 @@ def test_policies_csv_is_csv():
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(io.StringIO(res.stdout)))
     assert [r["name"] for r in rows] == list(REGISTRY)
-    assert set(rows[0]) == {"type", "name", "rule", "parameters", "defaults", "bound", "recurrent_layers",
+    assert set(rows[0]) == {"type", "name", "rule", "parameters", "defaults", "bound", "sliding_layers", "recurrent_layers",
                             "hybrid_attention_layers"}
     fifo = next(r for r in rows if r["name"] == "fifo")
     assert fifo["parameters"] == "memory_size layer_budget"
