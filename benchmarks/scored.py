@@ -15,6 +15,10 @@ untimed, then the timed tokens. All loops of a row run in one process, interleav
   (`Stream(backend, cfg, window_chunk=0)`; fifo's default at n_s = 1 is the sliding-window pass, shown as info).
   Goal: >= 0.8x.
 
+`--against REV` adds, in the same interleaved run, each policy as segcli/memory/{scored,<policy>}.py were at git
+revision REV (loaded from `git show` into a throwaway package; the model, the runner and fifo are today's): the
+before and after of a change to the policies, side by side.
+
 Prints each policy's tokens/s, its ratio to fifo's and the goal, the losses (to see the loops did the work),
 the machine (benchmarks/machine.py) and the commit. Never asserts a timing.
 """
@@ -23,38 +27,78 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loops import corpus_text, stream_segments, tokenized  # noqa: E402
-from machine import machine_info  # noqa: E402
+from loops import corpus_text, tokenized  # noqa: E402
+from machine import ROOT, machine_info  # noqa: E402
 from timing import Plan, run_interleaved  # noqa: E402
 
 SCORED = ("tova", "h2o", "snapkv", "keynorm")
 GOALS = {"step": ("time per segment", 1.15, "<="), "tokens": ("tokens/s", 0.8, ">=")}
 
 
-class NoFlops:
-    """stream_segments counts model FLOPs for the roofline rows; this benchmark compares times only."""
-
-    def segment(self, t: int, slots: int) -> float:
-        return 0.0
+POLICY_FILES = ("scored", "tova", "h2o", "snapkv", "keynorm")
 
 
-def section(backend, doc, base, policies: list[str], ns: int, plan: Plan, kind: str) -> list[dict]:
-    """One interleaved run: fifo (token path at n_s = 1, plus its sliding-window pass as info) and each policy."""
+def runner_segments(backend, cfg, doc, plan: Plan, memory=None, **stream_args):
+    """loops.stream_segments with a memory to start from (a policy of another revision): the memory filled with
+    `plan.prefill` tokens in segments of `plan.prefill_segment`, then `Stream(backend, cfg, memory).segments`."""
+    from segcli.engine.stream import Stream
+
+    pre = Stream(backend, dataclasses.replace(cfg, segment_size=plan.prefill_segment), memory)
+    for _ in pre.segments(doc.slice(0, plan.prefill)):
+        pass
+    for r in Stream(backend, cfg, pre.memory, **stream_args).segments(doc.slice(plan.prefill, plan.end)):
+        yield r.token_start, r.tokens, r.nll, 0.0
+
+
+def policies_at(rev: str, names: list[str], into: Path) -> dict[str, type]:
+    """The policy classes `names` as segcli/memory had them at git revision `rev`, imported from a throwaway
+    package under `into` (their `from .base` imports point at today's segcli.memory.base)."""
+    pkg = into / "scored_at_rev"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("", encoding="utf-8")
+    for f in POLICY_FILES:
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:segcli/memory/{f}.py"], capture_output=True,
+                             text=True, check=True).stdout
+        src = src.replace("from .scored import", "from scored_at_rev.scored import").replace("from .", "from segcli.memory.")
+        (pkg / f"{f}.py").write_text(src, encoding="utf-8")
+    sys.path.insert(0, str(into))
+    out = {}
+    for name in names:
+        mod = importlib.import_module(f"scored_at_rev.{name}")
+        out[name] = next(c for c in vars(mod).values() if isinstance(c, type) and getattr(c, "name", None) == name)
+    return out
+
+
+def section(backend, doc, base, policies: list[str], ns: int, plan: Plan, kind: str,
+            old: dict[str, type] | None = None, rev: str | None = None) -> list[dict]:
+    """One interleaved run: fifo (token path at n_s = 1, plus its sliding-window pass as info), each policy, and
+    each policy as it was at `rev` (classes in `old`)."""
     loops = [("fifo", {"window_chunk": 0} if ns == 1 else {})]
     if ns == 1:
         loops.append(("fifo (sliding-window pass)", {}))
-    loops += [(p, {}) for p in policies]
+    for p in policies:
+        loops.append((p, {}))
+        if old:
+            loops.append((f"{p} @ {rev}", {}))
     gens = []
     for name, extra in loops:
         cfg = dataclasses.replace(base, memory=name.split()[0], segment_size=ns)
-        gens.append(stream_segments(backend, cfg, doc, plan, NoFlops(), [], **extra))
+        memory = None
+        if " @ " in name:  # the policy of another revision, in today's model: a memory built from its class
+            policy = old[name.split()[0]](**{k: getattr(cfg, k) for k in ("memory_size", "recent_tokens", "window",
+                                                                           "layer_budget") if getattr(cfg, k) is not None})
+            memory = backend.model.new_memory(policy)
+        gens.append(runner_segments(backend, cfg, doc, plan, memory, **extra))
     timings = run_interleaved(gens, plan.warm)
     ref = timings[0].summary()
     what, goal, sense = GOALS[kind]
@@ -85,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-tokens", type=int, default=8192, help="timed tokens per loop at n_s = --segment-size")
     p.add_argument("--token-tokens", type=int, default=768, help="timed tokens per loop at n_s = 1")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--against", default=None, metavar="REV",
+                   help="also time each policy as segcli/memory had it at this git revision (before/after)")
     p.add_argument("--json", default=None, help="also write the rows and the machine to this file")
     args = p.parse_args(argv)
     if args.threads:
@@ -97,15 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     doc = tokenized(backend, corpus_text())
     policies = [x for x in args.policies.split(",") if x]
     rows = []
-    for kind in args.sections.split(","):
-        if kind == "step":
-            plan = Plan(prefill=args.prefill, warm=2 * args.segment_size, timed=args.step_tokens)
-            rows += section(backend, doc, base, policies, args.segment_size, plan, "step")
-        elif kind == "tokens":
-            plan = Plan(prefill=args.prefill, warm=32, timed=args.token_tokens)
-            rows += section(backend, doc, base, policies, 1, plan, "tokens")
-        else:
-            p.error(f"unknown section {kind!r}; choose step or tokens")
+    with tempfile.TemporaryDirectory(prefix="segcli-bench-scored-") as tmp:
+        old = policies_at(args.against, policies, Path(tmp)) if args.against else None
+        for kind in args.sections.split(","):
+            if kind == "step":
+                plan = Plan(prefill=args.prefill, warm=2 * args.segment_size, timed=args.step_tokens)
+                rows += section(backend, doc, base, policies, args.segment_size, plan, "step", old, args.against)
+            elif kind == "tokens":
+                plan = Plan(prefill=args.prefill, warm=32, timed=args.token_tokens)
+                rows += section(backend, doc, base, policies, 1, plan, "tokens", old, args.against)
+            else:
+                p.error(f"unknown section {kind!r}; choose step or tokens")
     info = machine_info(torch.device("cpu"), torch.float32)
 
     print("# attention-scored memories vs fifo, bundled model, n_c = "

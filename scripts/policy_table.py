@@ -50,6 +50,7 @@ def shown(argv: list[str], name: str) -> str:
 
 def run(cmds: dict[str, list[str]], raw: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    (raw / "commit.txt").write_text(commit() + "\n", encoding="utf-8")  # the code the commands run
     for name, argv in cmds.items():
         print(f"policy_table: {shown(argv, name)}", file=sys.stderr, flush=True)
         out = raw / f"{name}.jsonl"
@@ -76,9 +77,13 @@ def machine() -> str:
 
 
 def commit() -> str:
+    """HEAD, and +dirty(segcli) when the package's tracked files differ from it (what the commands ran)."""
     try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=5).stdout.strip() or "unknown"
+        git = ["git", "-C", str(ROOT)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "segcli"], capture_output=True,
+                               text=True, timeout=5).stdout.strip()
+        return (head or "unknown") + ("+dirty(segcli)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -98,6 +103,7 @@ def render(cmds: dict[str, list[str]], raw: Path, args) -> str:
         rows[s["policy"]]["probe"] = s
     tokens = {d: rows[args.policies[0]][d]["tokens"] for d in args.docs}
     prompts = rows[args.policies[0]]["probe"]["prompts"]
+    ran = (raw / "commit.txt").read_text(encoding="utf-8").strip() if (raw / "commit.txt").exists() else commit()
 
     lines = ["Every policy at the same budget: n_c = "
              f"{args.memory_size} pairs, segments of n_s = {args.segment_size} tokens (sink: 4 sinks + n_c; "
@@ -107,7 +113,7 @@ def render(cmds: dict[str, list[str]], raw: Path, args) -> str:
              "OMP_NUM_THREADS=1):", "", "```sh"]
     lines += [shown(argv, name) for name, argv in cmds.items()]
     lines += ["```", "",
-              f"Machine: {machine()}; segcli at commit {commit()}, torch {versions.get('torch', '?')}, "
+              f"Machine: {machine()}; segcli at commit {ran}, torch {versions.get('torch', '?')}, "
               f"transformers {versions.get('transformers', '?')}. Loss in nats per token and bits per byte over the "
               f"first {', '.join(f'{tokens[d]:,}' for d in args.docs)} tokens of "
               f"{', '.join(f'sample_docs/{d}.txt' for d in args.docs)}; passkey: {prompts} prompts per policy "
