@@ -121,21 +121,39 @@ def render(cmds: dict[str, list[str]], raw: Path, args) -> str:
               f"{args.samples} samples each), accuracy (the argmax is the key at every answer token), mean answer "
               "NLL in nats, and the share of prompts whose needle was still in memory when the question was read "
               "(of those where the policy can say).", ""]
-    head = ["policy"]
+    head = ["policy", "memory (MiB)"]
     for d in args.docs:
         head += [f"{d} loss", f"{d} bits/byte"]
-    head += ["passkey accuracy", "passkey answer NLL", "needle held"]
+    head += ["passkey accuracy", "answer NLL", f"NLL, needle < {args.memory_size} back",
+             f"NLL, needle >= {args.memory_size} back", "needle held"]
     lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for p in args.policies:
         r = rows[p]
-        cells = [f"`{p}`"]
+        cells = [f"`{p}`", f"{r[args.docs[0]]['memory_bytes'] / 2**20:.2f}"]
         for d in args.docs:
             cells += [f"{r[d]['loss']:.4f}", f"{r[d]['bits_per_byte']:.4f}"]
         pr = r["probe"]
+        near, far = by_distance(pr, args.memory_size)
         held = f"{pr['in_memory']:.2f} of {pr['in_memory_known']}" if pr.get("in_memory_known") else "-"
-        cells += [f"{pr['accuracy']:.2f}", f"{pr['answer_nll']:.2f}", held]
+        cells += [f"{pr['accuracy']:.2f}", f"{pr['answer_nll']:.2f}", near, far, held]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"memory: the most bytes the policy's memory held at once, all layers, on {args.docs[0]} (`compare`'s "
+              "memory_bytes: buffers as allocated, room for the next segment included). The two NLL columns split the "
+              f"prompts by the needle's distance from the question (`probe_summary` settings[].by_distance): within "
+              f"the n_c = {args.memory_size} pairs a fifo keeps, or beyond them. needle held: `-` where the policy "
+              "cannot say (average, linear; the scored policies: the probe does not read their positions yet)."]
     return "\n".join(lines) + "\n"
+
+
+def by_distance(setting: dict, n_c: int) -> tuple[str, str]:
+    """Mean answer NLL (prompt-weighted) of the distance buckets within n_c and of those at n_c or more."""
+    out = []
+    for inside in (True, False):
+        cells = [b for b in setting["by_distance"]
+                 if (b["distance_to"] <= n_c if inside else b["distance_from"] >= n_c)]
+        n = sum(b["prompts"] for b in cells)
+        out.append(f"{sum(b['answer_nll'] * b['prompts'] for b in cells) / n:.2f} ({n})" if n else "-")
+    return out[0], out[1]
 
 
 def write_section(md: str, path: Path = MODEL_CARD) -> None:
