@@ -17,7 +17,8 @@ from torch import Tensor
 
 from ..ops.attention import band_mask, pass_attention, slot_scores
 from .base import (
-    PASS_BOUND, Carried, KVRead, LayerStats, MemoryPolicy, expect, expect_tensor, kv_slot_bytes, mean_norm, tensor_bytes,
+    PASS_BOUND, Carried, KVRead, LayerStats, MemoryPolicy, expect, expect_tensor, kv_slot_bytes, mean_norm,
+    tensor_bytes,
 )
 
 

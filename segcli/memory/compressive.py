@@ -160,7 +160,8 @@ class Compressive(MemoryPolicy):
         if bool(waits.any()):
             blocks.append((slot_scores(q, pk_each[:, :, :t, None], waits), pv_each[:, :, :t, None]))
         out, mass = pass_attention(q, k_all, v_all, f0, band_mask(f0, t, size, dev), tuple(blocks))
-        each = self._stats_each(state, w, (ck_all, cv_all), (pk_each, pv_each), held, dropped, pend, kept, groups, prefix)
+        each = self._stats_each(state, w, (ck_all, cv_all), (pk_each, pv_each), held, dropped, pend, kept, groups,
+                                prefix)
         keep = kept[t]
         new = CompressiveState(
             ck_all[:, :, s0 + groups[t] - keep :], cv_all[:, :, s0 + groups[t] - keep :], queue_k[:, :, full:],
@@ -176,7 +177,8 @@ class Compressive(MemoryPolicy):
         pair_bytes = 2 * b * h * d * ck_all.element_size()  # a key and a value of every head
 
         def sums(x: Tensor) -> list[float]:  # (B, H, S, D) -> running sums (S + 1,) of the slots' norms
-            return torch.cat([x.new_zeros(1, dtype=torch.float64), x.float().norm(dim=-1).double().sum((0, 1)).cumsum(0)]).tolist()
+            norms = x.float().norm(dim=-1).double().sum((0, 1))  # (S,)
+            return torch.cat([norms.new_zeros(1), norms.cumsum(0)]).tolist()
 
         wk, wv = w.norm_sums(f0, t)
         gk, gv = sums(ck_all), sums(cv_all)
@@ -241,7 +243,8 @@ class Compressive(MemoryPolicy):
         expect(s + (p > 0) <= self.compressed_size, f"{s + (p > 0)} compressed slots, more than {self.compressed_size}")
         expect(state.compressed_tokens == s * rate, f"compressed_tokens {state.compressed_tokens} for {s} slots of {rate}")
         w = state.window
-        w.check(batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, size=layer_size(self, w), front=self.compressed_size)
+        w.check(batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, size=layer_size(self, w),
+                front=self.compressed_size)
         expect(state.seen == seen, f"seen {state.seen}, the file says {seen} tokens")
         expect(state.compressed_tokens + p + w.filled <= seen, f"more pairs remembered than the {seen} tokens seen")
 

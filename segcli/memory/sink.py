@@ -128,7 +128,8 @@ class Sink(MemoryPolicy):
             e, seen, slots = f0 + i + 1, seen0 + i + 1, n_sink + n  # e: window pushes counted from the oldest held
             out.append(LayerStats(
                 slots=slots, capacity=self.sink_tokens + size, bytes=sink_bytes + nbytes[i],
-                key_norm=(ck[e] - ck[e - n] + sk) / (slots * b * h), value_norm=(cv[e] - cv[e - n] + sv) / (slots * b * h),
+                key_norm=(ck[e] - ck[e - n] + sk) / (slots * b * h),
+                value_norm=(cv[e] - cv[e - n] + sv) / (slots * b * h),
                 oldest_age=seen, tokens_per_slot=1.0, evicted=int(f0 + i + 1 > size),
                 mean_age=(n * (n + 1) / 2 + n_sink * seen - n_sink * (n_sink - 1) / 2) / slots,
             ))
@@ -157,7 +158,8 @@ class Sink(MemoryPolicy):
         expect_tensor(state.sink_k, "sink_k", (batch, heads, n_sink, head_dim), dtype)
         expect_tensor(state.sink_v, "sink_v", (batch, heads, n_sink, head_dim), dtype)
         w = state.window
-        w.check(batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, size=layer_size(self, w), front=self.sink_tokens)
+        w.check(batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, size=layer_size(self, w),
+                front=self.sink_tokens)
         expect(state.seen == seen, f"seen {state.seen}, the file says {seen} tokens")
         expect(n_sink + w.filled <= seen, f"{n_sink} sinks and {w.filled} window pairs from {seen} tokens")
 

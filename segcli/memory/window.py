@@ -203,8 +203,8 @@ class Window:
         the buffer, right before `start`."""
         lo = self.end - before - t
         assert lo >= 0 and not torch.is_grad_enabled(), "norm_sums reads an in-place (inference) window"
-        return tuple(torch.cat([n.new_zeros(1, dtype=torch.float64), n[:, :, lo : self.end].double().sum((0, 1)).cumsum(0)])
-                     .tolist() for n in (self.kn, self.vn))
+        sums = (n[:, :, lo : self.end].double().sum((0, 1)) for n in (self.kn, self.vn))  # (before + t,) each
+        return tuple(torch.cat([s.new_zeros(1), s.cumsum(0)]).tolist() for s in sums)
 
     def bytes_each(self, held: list[int], prefix: list[int]) -> list[int]:
         """Buffer bytes after each of a pass's single-token pushes (held pairs after it, prefix it was pushed

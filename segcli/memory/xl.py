@@ -9,7 +9,8 @@ from torch import Tensor
 
 from ..ops.attention import band_mask, pass_attention
 from .base import (
-    PASS_BOUND, Carried, KVRead, LayerStats, MemoryPolicy, expect, expect_tensor, kv_slot_bytes, mean_norm, tensor_bytes,
+    PASS_BOUND, Carried, KVRead, LayerStats, MemoryPolicy, expect, expect_tensor, kv_slot_bytes, mean_norm,
+    tensor_bytes,
 )
 
 

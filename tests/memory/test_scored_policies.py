@@ -214,7 +214,8 @@ def test_option_errors():
     with pytest.raises(UsageError, match="--layer-budget must be one of uniform, pyramid"):
         RunConfig(memory="tova", layer_budget="cone").validate()
     for memory, option in [("tova", "window"), ("tova", "recent_tokens"), ("snapkv", "recent_tokens"),
-                           ("h2o", "window"), ("average", "layer_budget"), ("xl", "layer_budget"), ("sink", "window"), ("keynorm", "window")]:
+                           ("h2o", "window"), ("average", "layer_budget"), ("xl", "layer_budget"), ("sink", "window"),
+                           ("keynorm", "window")]:
         with pytest.raises(UsageError, match=f"--{option.replace('_', '-')} does not apply to --memory {memory}"):
             RunConfig(memory=memory).check_options_apply(explicit_keys(RunConfig, None, {option: 1}))
     for name in SCORED:

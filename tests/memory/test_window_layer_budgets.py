@@ -14,7 +14,8 @@ from segcli.memory.scored import layer_budgets
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("policy,sizes", [("sink", dict(sink_tokens=2)), ("compressive", dict(compress_rate=3, compressed_size=5))])
+@pytest.mark.parametrize("policy,sizes", [("sink", dict(sink_tokens=2)),
+                                          ("compressive", dict(compress_rate=3, compressed_size=5))])
 @torch.no_grad()
 def test_pyramid_sizes_each_layers_window(policy, sizes):
     model = tiny_model(seed=1, num_hidden_layers=4)
@@ -44,11 +45,12 @@ def test_pyramid_sizes_each_layers_window(policy, sizes):
 def test_pyramid_runs_and_its_memory_file_continues(tiny_model_dir, doc_path, tmp_path, policy):
     common = ["--model", str(tiny_model_dir), "--device", "cpu", "-q", "--memory", policy, "--memory-size", "12",
               "--layer-budget", "pyramid", "-s", "8", "--format", "jsonl"]
-    res = runner.invoke(app, ["run", str(doc_path), *common, "--max-tokens", "48", "--save-memory", str(tmp_path / "m.safetensors")])
+    saved = str(tmp_path / "m.safetensors")
+    res = runner.invoke(app, ["run", str(doc_path), *common, "--max-tokens", "48", "--save-memory", saved])
     assert res.exit_code == 0, res.output
     segs = [json.loads(x) for x in res.stdout.splitlines() if x.strip() and json.loads(x)["type"] == "segment"]
     assert len(segs) == 6 and segs[-1]["memory"]["evicted"] >= 0
-    res = runner.invoke(app, ["run", str(doc_path), *common, "--max-tokens", "16", "--load-memory", str(tmp_path / "m.safetensors")])
+    res = runner.invoke(app, ["run", str(doc_path), *common, "--max-tokens", "16", "--load-memory", saved])
     assert res.exit_code == 0, res.output
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from reference import _qkv, masked_forward, sink_forward, sliding_window, smeared, streamed
+from reference import _qkv, masked_forward, sink_forward, sliding_window, smeared
 from segcli.ops.attention import reference_attention
 from segcli.ops.linear_attention import naive_linear_memory
 from segcli.ops.rope import apply_rope, inv_frequencies, rope_cos_sin
@@ -66,7 +66,8 @@ def token_steps(model, ids, policy, **sizes):
         out = model(ids[:, i : i + 1], mem)
         mem = out.memory
         logits.append(out.logits)
-        masses.append(out.memory_mass.reshape(-1, 1) if out.memory_mass is not None else torch.zeros(len(mem.states), 1))
+        none = torch.zeros(len(mem.states), 1)
+        masses.append(none if out.memory_mass is None else out.memory_mass.reshape(-1, 1))
     return torch.cat(logits, 1), torch.cat(masses, 1), mem
 
 

@@ -34,7 +34,8 @@ def test_pass_attention_with_slot_blocks_is_one_softmax_per_query(m, t, band):
 
 def test_scores_at_replace_the_scores_of_keys_read_shifted():
     g = torch.Generator().manual_seed(2)
-    q, k_all, v_all = torch.randn(1, 2, 3, 4, generator=g), torch.randn(1, 2, 5, 4, generator=g), torch.randn(1, 2, 5, 4, generator=g)
+    q = torch.randn(1, 2, 3, 4, generator=g)
+    k_all, v_all = torch.randn(1, 2, 5, 4, generator=g), torch.randn(1, 2, 5, 4, generator=g)
     per_query = torch.randn(1, 2, 3, 2, 4, generator=g)  # query i reads keys 0, 1 as per_query[i]
     allowed = torch.ones(3, 5, dtype=torch.bool).tril(2)
     out, _ = pass_attention(q, k_all, v_all, 2, allowed, scores_at=(0, slot_scores(q, per_query)))

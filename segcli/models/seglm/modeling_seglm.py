@@ -77,7 +77,8 @@ class SegLMAttention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, policy: MemoryPolicy, state: Any, shift_keys,
                 band: int | None = None):
-        """Returns (y, state, mass, each): `each` the memory stats after each token of a token pass (band), else None."""
+        """Returns (y, state, mass, each): `each` the memory stats after each token of a token pass (band), else
+        None."""
         b, t, c = x.shape
         each = None
         qkv = self.qkv(x).view(b, t, 3, self.h, self.d).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
