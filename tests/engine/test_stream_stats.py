@@ -106,3 +106,31 @@ def test_backend_stats_equal_the_memory_stats(tmp_path, threads):
             n += 1
             if n == 12:
                 break
+
+
+def test_totals_add_the_same_floats_as_token_by_token():
+    """Totals.add sums in runs; the plain form, one token at a time, gives the same floats bit for bit."""
+    from types import SimpleNamespace
+
+    from segcli.engine.stream import Totals
+
+    rng = random.Random(0)
+    for ns in (1, 3, 16, 100, 128, 512):
+        totals = Totals(ns)
+        sq = first = rest = 0.0
+        pos, pos_n = [0.0] * len(totals.pos_nll), [0] * len(totals.pos_n)
+        first_n = rest_n = 0
+        for _ in range(30):
+            nll = [rng.uniform(0, 12) for _ in range(rng.randint(1, ns))]
+            totals.add(SimpleNamespace(tokens=len(nll), bytes=1, nll=sum(nll), seconds=0.1, token_nll=nll,
+                                       memory=SimpleNamespace(bytes=0, by_kind=None, attn_mass_memory=None)))
+            for i, x in enumerate(nll):
+                sq += x * x
+                pos[i // totals.bucket] += x
+                pos_n[i // totals.bucket] += 1
+                if i < totals.k:
+                    first, first_n = first + x, first_n + 1
+                else:
+                    rest, rest_n = rest + x, rest_n + 1
+        assert (totals.nll_sq, totals.pos_nll, totals.pos_n) == (sq, pos, pos_n)
+        assert (totals.first_nll, totals.first_n, totals.rest_nll, totals.rest_n) == (first, first_n, rest, rest_n)
