@@ -27,8 +27,17 @@ A bounded memory is checked once per model on three tokens against the model's o
 are counted from the oldest visible slot instead ("relative" frame). tova, h2o and snapkv evict by the
 probabilities of the model's own eager attention, handed to their `observe` by a hook per attention module.
 
+Per-layer budgets (`--layer-budget pyramid`: each layer its own number of slots, PyramidKV's schedule) are exact
+where every layer is full attention in the absolute frame: transformers builds one mask per layer type from one
+layer's sizes, so `SegcliCache.get_mask_sizes` sizes it by the layer that sees the most slots (v), and a forward
+pre-hook on each attention module (`_budget_hook`) hands it the mask's newest v_l + T columns, those of its own keys
+[its v_l slots; segment] (eager and SDPA use the mask as given; SDPA's causal skip, a None mask, comes only with
+one query or with no memory in any layer, where every layer needs none). `budget_check` verifies it once per model
+on seven tokens against one plain forward with a window per layer (`layer_masks`).
+
 `make_cache` refuses, with one line (UsageError), what cannot be streamed as the model computes it: recurrent
-layers, bidirectional models, content-chosen slots in windowed models, per-layer budgets, the linear memory on
+layers, bidirectional models, content-chosen slots in windowed models, per-layer budgets on sliding, chunked or
+shared layers, ALiBi or the relative frame and on the linear memory, the linear memory on
 windowed models, attention-scored policies without eager attention, attention implementations other than
 eager/SDPA, and models whose forward does not take a memory shorter than the tokens seen.
 `segcli check` (segcli.engine.check) compares streams with one plain forward on the user's own model.
@@ -64,6 +73,7 @@ from transformers.cache_utils import CacheLayerMixin
 from .errors import UsageError
 from .memory import MemoryPolicy, make_policy
 from .memory.base import LayerStats
+from .memory.scored import layer_budgets
 from .ops.linear_attention import read_memory
 
 LINEAR_GATE = 0.5
@@ -104,6 +114,7 @@ class Features:
     position_limit: int | None  # the stream is the model's own only below this many positions
     limit_reason: str = ""  # why, one clause
     eagerless: tuple[str, ...] = ()  # attention classes without an eager function segcli can wrap (linear)
+    alibi: bool = False  # ALiBi biases over the kv length (per-layer budgets cannot narrow them)
 
     def describe(self) -> str:
         """The layer kinds, e.g. "2 sliding (window 4096), 1 full"."""
@@ -200,7 +211,7 @@ def model_features(model) -> Features:
     if learned is not None and (limit is None or learned < limit):
         limit, reason = learned, f"its learned absolute positions end at {learned}"
     eagerless = tuple(sorted({type(m).__name__ for m in attention_modules(model) if _eager_of(m) is None}))
-    feats = Features(family, attn, tuple(layers), problem, limit, reason, eagerless)
+    feats = Features(family, attn, tuple(layers), problem, limit, reason, eagerless, _alibi(cfg))
     model._segcli_features = feats
     return feats
 
@@ -214,10 +225,10 @@ def refusal(features: Features, policy: MemoryPolicy) -> str | None:
     if windowed and name not in POSITIONAL_POLICIES:
         return (f"{f}: --memory {name} picks its slots by content, and segcli cannot place such slots inside the "
                 f"{windowed[0].kind} windows of its layers; use fifo, sink or full")
-    budget = getattr(policy, "layer_budget", "uniform")
-    if budget != "uniform":
-        return (f"{f}: --layer-budget {budget} gives each layer its own number of slots, and the model builds one "
-                "mask per layer type from one layer's sizes; use --layer-budget uniform")
+    if per_layer_budgets(policy):
+        why = _budget_refusal(features, policy)
+        if why:
+            return why
     if policy.needs_attention and features.attn != "eager":
         return (f"{f}: --memory {name} evicts by attention probabilities, which only eager attention returns; load "
                 "the model with attn_implementation='eager'")
@@ -234,6 +245,43 @@ def refusal(features: Features, policy: MemoryPolicy) -> str | None:
                     "attn_implementation='segcli' (segcli.hf.register_attention())")
         if features.eagerless:
             return f"{f}: {features.eagerless[0]} has no eager attention function segcli can wrap for --memory linear"
+    return None
+
+
+def per_layer_budgets(policy: MemoryPolicy) -> bool:
+    """Whether `policy` gives each layer its own number of slots (--layer-budget pyramid on a policy that sizes
+    its layers by it; the others hold the same slots in every layer whatever the option says)."""
+    return getattr(policy, "layer_budget", "uniform") != "uniform" and (
+        policy.kind == "linear" or "layer_budget" in policy.parameters)
+
+
+def _alibi(cfg) -> bool:
+    """The model adds ALiBi biases (built over its own kv length, not over each layer's slots)."""
+    attn_cfg = getattr(cfg, "attn_config", None)
+    flag = attn_cfg.get("alibi") if isinstance(attn_cfg, dict) else getattr(attn_cfg, "alibi", False)
+    return bool(getattr(cfg, "alibi", False) or flag or cfg.model_type in ("bloom", "mpt", "jais")
+                or getattr(cfg, "position_embedding_type", None) == "alibi")
+
+
+def _budget_refusal(features: Features, policy: MemoryPolicy) -> str | None:
+    """Why per-layer budgets cannot be streamed exactly on this model (None: they can). transformers builds one
+    mask per layer type from one layer's sizes; segcli sizes it by the layer that sees the most slots and hands each
+    full-attention layer the mask's newest columns (`_budget_hook`). Windows, shared layers and ALiBi do not follow."""
+    f, name, budget = features.family, policy.name, policy.layer_budget
+    if policy.kind == "linear":
+        return (f"{f}: --layer-budget {budget} sizes each layer's slots, and --memory linear keeps no slots (one "
+                "d_k x d_v state per head); use --layer-budget uniform")
+    odd = [k for k in features.layers if k.kind != "full"]
+    if odd:
+        k = odd[0]
+        what = (f"its {k.kind}-window layers (window {k.window})" if k.window else
+                "its layers that read another layer's pairs")
+        return (f"{f}: --layer-budget {budget} --memory {name}: {what} are masked by transformers from one layer's "
+                "sizes per layer type, and segcli narrows that mask per layer only where every layer is full "
+                "attention; use --layer-budget uniform")
+    if features.alibi:
+        return (f"{f}: --layer-budget {budget} --memory {name}: its ALiBi biases are built over one kv length for "
+                "every layer, not over each layer's own slots; use --layer-budget uniform")
     return None
 
 
@@ -535,7 +583,7 @@ class SegcliCache(Cache):
 
     def __init__(self, policy: MemoryPolicy, num_layers: int | None = None, shift_keys=None,
                  kinds: list[LayerKind] | None = None, placeholders: dict[int, Any] | None = None,
-                 frame: str = "absolute"):
+                 frame: str = "absolute", per_layer: bool = False):
         kinds = kinds or [LayerKind("full")] * num_layers
         shifts = shift_keys if isinstance(shift_keys, list) else [shift_keys] * len(kinds)
         positioned = policy.name not in CONTIGUOUS and any(k.kind in ("sliding", "chunked") for k in kinds)
@@ -546,6 +594,15 @@ class SegcliCache(Cache):
                   for i, (k, s) in enumerate(zip(kinds, shifts))]
         super().__init__(layers=layers)
         self.policy, self.frame = policy, frame
+        self.per_layer = per_layer  # layers hold different numbers of slots (--layer-budget pyramid): `_budget_hook`
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        if not self.per_layer:
+            return super().get_mask_sizes(query_length, layer_idx)
+        # one mask for every layer (all full attention, absolute frame), sized by the layer that sees the most slots:
+        # kv index j = position j + seen - v; each attention module keeps its own newest v_l + T columns
+        v = max(layer._visible() for layer in self.memory_layers)
+        return v + query_length, self.memory_layers[0].seen - v
 
     @staticmethod
     def layer_policy(policy: MemoryPolicy, kind: LayerKind) -> MemoryPolicy:
@@ -587,12 +644,65 @@ def make_cache(model, policy: str | MemoryPolicy = "fifo", **sizes: int) -> Segc
         if problem:
             raise UsageError(problem)
     frame = "absolute"
-    if pol.capacity(1) is not None:
+    per_layer = per_layer_budgets(pol)
+    if pol.capacity(1) is not None or per_layer:
         frame, problem = bounded_frame(model)
         if problem:
             raise UsageError(f"{problem} (--memory {pol.name})")
+    if per_layer:
+        track_budget_masks(model)
+        flags = f"--layer-budget {pol.layer_budget} --memory {pol.name}"
+        if frame != "absolute":
+            raise UsageError(f"{feats.family}: it counts positions from the oldest slot in the cache (ALiBi over the "
+                             f"cache's length), one length for every layer; {flags} is refused")
+        problem = budget_check(model)
+        if problem:
+            raise UsageError(f"{problem} ({flags})")
     return SegcliCache(pol, shift_keys=shifts, kinds=list(feats.layers), placeholders=_placeholders(model, feats),
-                       frame=frame)
+                       frame=frame, per_layer=per_layer)
+
+
+def budget_check(model) -> str | None:
+    """Why per-layer budgets do not reproduce the model (None: they do), checked once per attention implementation:
+    seven tokens at segment size 2 through fifo memories of different sizes per layer (PyramidKV's schedule for
+    n_c = 2) against one plain forward whose every layer is masked to its own window (`layer_masks`)."""
+    feats = model_features(model)
+    done = getattr(model, "_segcli_budget", {})
+    if feats.attn in done:
+        return done[feats.attn]
+    cfg = text_config(model)
+    dev = next(model.parameters()).device
+    n, ns = 7, 2
+    ids = ((torch.arange(n) * 17 + 9) % cfg.vocab_size)[None].to(dev)
+    policy = make_policy("fifo", memory_size=2, layer_budget="pyramid")
+    track_budget_masks(model)
+    try:
+        with torch.no_grad():
+            cache = SegcliCache(policy, kinds=list(feats.layers), per_layer=True)
+            arg = {cache_kwarg(model): cache}
+            streamed = torch.cat([model(input_ids=ids[:, s : s + ns], position_ids=torch.arange(s, min(n, s + ns),
+                                        device=dev)[None], use_cache=True, **arg).logits
+                                  for s in range(0, n, ns)], 1).float()
+            budgets = layer_budgets(policy.memory_size, len(cache.memory_layers), policy.layer_budget)
+            with layer_masks(model, [visible_in_stream("fifo", ns, c) for c in budgets]) as found:
+                plain = model(input_ids=ids, position_ids=torch.arange(n, device=dev)[None]).logits.float()
+    except (RuntimeError, ValueError, IndexError) as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        first_line = (str(e).splitlines() or [""])[0][:120]
+        problem = (f"{feats.family}: its forward fails on layers holding different numbers of slots "
+                   f"({type(e).__name__}: {first_line})")
+    else:
+        tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+        diff = float((streamed - plain).abs().max()) / max(1.0, float(plain.abs().max()))
+        problem = None
+        if len(found) < len(budgets):
+            problem = f"{feats.family}: its attention modules take no attention mask segcli can narrow per layer"
+        elif diff > tol:
+            problem = (f"{feats.family}: per-layer budgets do not reproduce the model's own attention (relative "
+                       f"|dlogit| {diff:.1e} on a seven-token check)")
+    model._segcli_budget = {**done, feats.attn: problem}
+    return problem
 
 
 def bounded_frame(model) -> tuple[str, str | None]:
@@ -667,6 +777,89 @@ def _placeholders(model, feats: Features) -> dict[int, Any]:
         return {}
     ref = DynamicCache(config=model.config).layers
     return {i: ref[i] for i, k in enumerate(feats.layers) if k.kind == "shared"}
+
+
+# -- per-layer budgets: each layer's own columns of the one mask ---------------------------------------------------
+
+@functools.cache
+def _mask_position(cls: type) -> int | None:
+    """Where `attention_mask` sits among the positional arguments of the module's forward (None: not there)."""
+    names = [p for p in inspect.signature(cls.forward).parameters if p != "self"]
+    return names.index("attention_mask") if "attention_mask" in names else None
+
+
+def _swap_mask(module, args: tuple, kwargs: dict, change: Callable) -> tuple | None:
+    """(args, kwargs) with the module's attention mask replaced by change(mask), or None (no 4-D mask found)."""
+    if "attention_mask" in kwargs:
+        mask = kwargs["attention_mask"]
+        if isinstance(mask, Tensor) and mask.dim() == 4:
+            return args, {**kwargs, "attention_mask": change(mask)}
+        return None
+    i = _mask_position(type(module))
+    if i is not None and i < len(args) and isinstance(args[i], Tensor) and args[i].dim() == 4:
+        return (*args[:i], change(args[i]), *args[i + 1 :]), kwargs
+    return None
+
+
+def _budget_hook(module, args, kwargs):
+    """Before a layer's attention: the mask (B, 1, T, v + T) is sized by the layer that sees the most slots (v, see
+    `SegcliCache.get_mask_sizes`); this layer's keys are [its v_l slots; segment], positions seen - v_l ..: its
+    columns are the newest v_l + T. A None mask (SDPA's causal skip: one query, or no memory anywhere) needs none."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("layer_past")))
+    if not isinstance(cache, SegcliCache) or not cache.per_layer:
+        return None
+    idx = module.layer_idx
+    if not isinstance(idx, int) or idx >= len(cache.layers) or not isinstance(cache.layers[idx], PolicyLayer):
+        return None
+    layer = cache.layers[idx]  # not yet updated with this segment: its slots are those the mask was sized for
+
+    def own(mask: Tensor) -> Tensor:
+        keep = layer._visible() + mask.shape[-2]
+        return mask[..., -keep:] if mask.shape[-1] > keep else mask
+
+    return _swap_mask(module, args, kwargs, own)
+
+
+def track_budget_masks(model) -> list:
+    """Forward pre-hooks (installed once per model) that hand each attention module its own columns of the mask
+    under per-layer budgets (`_budget_hook`); they change nothing for any other cache. Returns the handles."""
+    handles = getattr(model, "_segcli_budget_hooks", None)
+    if handles is None:
+        handles = [m.register_forward_pre_hook(_budget_hook, with_kwargs=True) for m in attention_modules(model)]
+        model._segcli_budget_hooks = handles
+    return handles
+
+
+@contextlib.contextmanager
+def layer_masks(model, allowed: list[Callable]) -> Iterator[list]:
+    """Within the block, a plain forward (no cache) of the model's own attention in which layer l's mask is also
+    and-ed with `allowed[l](b, h, q, kv)` (positions): the reference for per-layer memories. Masks are
+    materialised (no SDPA causal skip). Yields a list that gets one entry per layer mask changed."""
+    changed: list = []
+
+    def hook(module, args, kwargs):
+        idx = module.layer_idx
+        if not isinstance(idx, int) or idx >= len(allowed):
+            return None
+
+        def narrow(mask: Tensor) -> Tensor:
+            q = torch.arange(mask.shape[-2], device=mask.device)[:, None] + mask.shape[-1] - mask.shape[-2]
+            kv = torch.arange(mask.shape[-1], device=mask.device)[None, :]
+            ok = allowed[idx](0, 0, q, kv)  # (T, N) positions: no cache, kv index = position
+            changed.append(idx)
+            if mask.dtype == torch.bool:
+                return mask & ok
+            return mask.masked_fill(~ok, torch.finfo(mask.dtype).min)
+
+        return _swap_mask(module, args, kwargs, narrow)
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attention_modules(model)]
+    try:
+        with extra_mask(model, lambda b, h, q, kv: kv >= 0):
+            yield changed
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # -- attention mass on memory, from the model's own probabilities ---------------------------------------------------
@@ -762,5 +955,6 @@ def _cache_kwarg_of(cls: type) -> str:  # once per model class: signature() cost
 
 
 __all__ = ["make_cache", "cache_kwarg", "register_attention", "track_memory_mass", "model_features", "refusal",
-           "rotary_shifts", "bounded_frame", "extra_mask", "visible_in_stream", "SegcliCache", "PolicyLayer",
+           "rotary_shifts", "bounded_frame", "budget_check", "per_layer_budgets", "track_budget_masks", "layer_masks",
+           "extra_mask", "visible_in_stream", "SegcliCache", "PolicyLayer",
            "Positions", "LayerKind", "Features", "Rotary", "LINEAR_GATE"]
