@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 p.error(f"unknown section {kind!r}; choose step or tokens")
     info = machine_info(torch.device("cpu"), torch.float32)
+    info["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None  # other jobs on the cores
 
     print("# attention-scored memories vs fifo, bundled model, n_c = "
           f"{args.memory_size}; loops interleaved segment by segment in one process")
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{'':>5} {r['loss']:.4f}")
     print("# ratio: n_s = 128, time per segment / fifo's; n_s = 1, tokens/s / fifo's token path (window_chunk=0)")
     print(f"# {info['cpu']}, {info['torch_threads']} torch threads, OMP_NUM_THREADS={info['omp_num_threads']}, "
-          f"torch {info['torch']}, transformers {info['transformers']}, commit {info['git_commit']}")
+          f"torch {info['torch']}, transformers {info['transformers']}, commit {info['git_commit']}, "
+          f"load average {', '.join(f'{x:.1f}' for x in info['load_average'] or [])} at the end")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n", encoding="utf-8")
     return 0
