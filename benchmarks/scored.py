@@ -70,7 +70,8 @@ def policies_at(rev: str, names: list[str], into: Path) -> dict[str, type]:
     for f in POLICY_FILES:
         src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:segcli/memory/{f}.py"], capture_output=True,
                              text=True, check=True).stdout
-        src = src.replace("from .scored import", "from scored_at_rev.scored import").replace("from .", "from segcli.memory.")
+        src = src.replace("from .scored import", "from scored_at_rev.scored import")
+        src = src.replace("from .", "from segcli.memory.")
         (pkg / f"{f}.py").write_text(src, encoding="utf-8")
     sys.path.insert(0, str(into))
     out = {}
@@ -96,8 +97,8 @@ def section(backend, doc, base, policies: list[str], ns: int, plan: Plan, kind: 
         cfg = dataclasses.replace(base, memory=name.split()[0], segment_size=ns)
         memory = None
         if " @ " in name:  # the policy of another revision, in today's model: a memory built from its class
-            policy = old[name.split()[0]](**{k: getattr(cfg, k) for k in ("memory_size", "recent_tokens", "window",
-                                                                           "layer_budget") if getattr(cfg, k) is not None})
+            sizes = ("memory_size", "recent_tokens", "window", "layer_budget")
+            policy = old[name.split()[0]](**{k: getattr(cfg, k) for k in sizes if getattr(cfg, k) is not None})
             memory = backend.model.new_memory(policy)
         gens.append(runner_segments(backend, cfg, doc, plan, memory, **extra))
     timings = run_interleaved(gens, plan.warm)
@@ -115,7 +116,8 @@ def section(backend, doc, base, policies: list[str], ns: int, plan: Plan, kind: 
                      "tokens": s["tokens"], "tokens_per_s": s["tokens_per_s"],
                      "ms_per_segment": 1e3 * s["seconds"] / max(1, len(t.segments)),
                      "ratio_to_fifo": ratio, "ratio_blocks": blocks, "measure": what, "goal": f"{sense} {goal}",
-                     "meets_goal": None if name.startswith("fifo") else (ratio <= goal if sense == "<=" else ratio >= goal),
+                     "meets_goal": (None if name.startswith("fifo")
+                                    else ratio <= goal if sense == "<=" else ratio >= goal),
                      "loss": s["loss"], "api": "Stream(backend, cfg" + (", window_chunk=0)" if extra else ")")})
     return rows
 

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL_CARD = ROOT / "docs" / "MODEL_CARD.md"
 START = re.compile(r"<!-- policy-table:start[^\n]*-->\n")
 END = "<!-- policy-table:end -->"
-POLICIES = ("full", "none", "fifo", "xl", "sink", "average", "compressive", "linear", "tova", "h2o", "snapkv", "keynorm")
+POLICIES = ("full", "none", "fifo", "xl", "sink", "average", "compressive", "linear",
+            "tova", "h2o", "snapkv", "keynorm")
 DOCS = ("hamlet", "python_docs")
 
 
@@ -80,7 +81,8 @@ def commit() -> str:
     """HEAD, and +dirty(segcli) when the package's tracked files differ from it (what the commands ran)."""
     try:
         git = ["git", "-C", str(ROOT)]
-        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip()
         dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "segcli"], capture_output=True,
                                text=True, timeout=5).stdout.strip()
         return (head or "unknown") + ("+dirty(segcli)" if dirty else "")
@@ -137,9 +139,9 @@ def render(cmds: dict[str, list[str]], raw: Path, args) -> str:
         held = f"{pr['in_memory']:.2f} of {pr['in_memory_known']}" if pr.get("in_memory_known") else "-"
         cells += [f"{pr['accuracy']:.2f}", f"{pr['answer_nll']:.2f}", near, far, held]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"memory: the most bytes the policy's memory held at once, all layers, on {args.docs[0]} (`compare`'s "
-              "memory_bytes: buffers as allocated, room for the next segment included). The two NLL columns split the "
-              f"prompts by the needle's distance from the question (`probe_summary` settings[].by_distance): within "
+    lines += ["", "memory: the most bytes the policy's memory held at once, all layers, on "
+              f"{args.docs[0]} (`compare`'s memory_bytes: buffers as allocated, room for the next segment included). "
+              "The two NLL columns split the prompts by the needle's distance from the question (`probe_summary` settings[].by_distance): within "
               f"the n_c = {args.memory_size} pairs a fifo keeps, or beyond them. needle held: `-` where the policy "
               "cannot say (average, linear; the scored policies: the probe does not read their positions yet)."]
     return "\n".join(lines) + "\n"
@@ -177,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=2, help="passkey prompts per length and depth")
     p.add_argument("--raw", default=None, help="keep the commands' JSON Lines in this folder")
     p.add_argument("--from", dest="source", default=None, help="render the JSON Lines an earlier --raw run kept")
-    p.add_argument("--write", action="store_true", help=f"rewrite the table's section of {MODEL_CARD.relative_to(ROOT)}")
+    p.add_argument("--write", action="store_true",
+                   help=f"rewrite the table's section of {MODEL_CARD.relative_to(ROOT)}")
     p.add_argument("--print", dest="show", action="store_true", help="print the markdown (the default without --write)")
     args = p.parse_args(argv)
     args.docs = [d for d in args.docs.split(",") if d]
