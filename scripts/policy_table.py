@@ -141,7 +141,8 @@ def render(cmds: dict[str, list[str]], raw: Path, args) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "memory: the most bytes the policy's memory held at once, all layers, on "
               f"{args.docs[0]} (`compare`'s memory_bytes: buffers as allocated, room for the next segment included). "
-              "The two NLL columns split the prompts by the needle's distance from the question (`probe_summary` settings[].by_distance): within "
+              "The two NLL columns split the prompts by the needle's distance from the question "
+              "(`probe_summary` settings[].by_distance): within "
               f"the n_c = {args.memory_size} pairs a fifo keeps, or beyond them. needle held: `-` where the policy "
               "cannot say (average, linear; the scored policies: the probe does not read their positions yet)."]
     return "\n".join(lines) + "\n"
