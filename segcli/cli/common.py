@@ -64,7 +64,7 @@ class LayerBudget(str, enum.Enum):
 
 
 LayerBudgetOpt = Annotated[Optional[LayerBudget], typer.Option(
-    help="Slots per layer: uniform (n_c each) or pyramid (PyramidKV's linear schedule, same total; tova, h2o, snapkv, keynorm).")]
+    help="Slots per layer: uniform (n_c each) or pyramid (PyramidKV's linear schedule, same total; fifo, sink, compressive, tova, h2o, snapkv, keynorm).")]
 CompressedOpt = Annotated[Optional[int], typer.Option(help="Compressed slots n_cm (compressive).")]
 DeviceOpt = Annotated[Optional[Device], typer.Option(help="auto picks CUDA when a GPU is present.")]
 DTypeOpt = Annotated[Optional[DType], typer.Option(help="auto: float32 on CPU, bfloat16 on CUDA.")]

@@ -60,7 +60,7 @@ def test_banded_passes_report_what_token_steps_report(model_dir, memory_size, ch
 
 
 def test_other_policies_and_sizes_go_token_by_token(tiny_model_dir):
-    for memory, ns in (("sink", 1), ("average", 1), ("fifo", 2)):
+    for memory, ns in (("tova", 1), ("full", 1), ("fifo", 2)):
         cfg = RunConfig(model=str(tiny_model_dir), memory=memory, segment_size=ns, device="cpu")
         assert Stream(load_backend(cfg), cfg).band is None
 
