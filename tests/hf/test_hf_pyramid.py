@@ -218,3 +218,52 @@ def test_a_model_whose_masks_are_not_narrowed_is_caught(monkeypatch, impl):
         make_cache(model, make_policy("fifo", memory_size=8, layer_budget="pyramid"))
     text = str(e.value)
     assert "\n" not in text and text.startswith("llama:") and "--layer-budget pyramid --memory fifo" in text, text
+
+
+@pytest.mark.parametrize("ns", [1, 4])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_policy_matches_the_native_model_layer_by_layer(policy, ns):
+    """Another implementation: the native seglm streams pyramid budgets through its own attention; the same weights
+    as a Llama (`seglm_to_llama`) through segcli's cache layers give its logits, eviction for eviction, per layer."""
+    from conftest import tiny_model
+    from segcli.models.seglm_to_llama import seglm_to_llama
+
+    model = tiny_model(0, rope_theta=500000.0, num_hidden_layers=3)
+    llama = seglm_to_llama(model)
+    impls = ["eager"] if policy in SCORED_BY_ATTENTION else ["eager", "sdpa"]
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(5))
+    kw = sizes(policy, 8)
+    native = []
+    memory = model.new_memory(policy, 1, **kw)
+    with torch.no_grad():
+        for s in range(0, ids.shape[1], ns):
+            out = model(ids[:, s : s + ns], memory)
+            memory = out.memory
+            native.append(out.logits)
+    for impl in impls:
+        llama.set_attn_implementation(impl)
+        streamed, per_segment = stream(llama, make_cache(llama, policy, **kw), ids, ns)
+        torch.testing.assert_close(streamed, torch.cat(native, 1), atol=1e-4, rtol=0)
+        extra = {"sink": kw.get("sink_tokens", 0), "compressive": kw.get("compressed_size", 0)}.get(policy, 0)
+        assert all(st.slots <= b + extra for st, b in zip(per_segment[-1], [15, 8, 1]))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return save_family("llama", tmp_path_factory.mktemp("llama-pyramid") / "model", BUNDLED_TOKENIZER)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_save_then_load_equals_one_run(llama_dir, two_docs, tmp_path, monkeypatch, policy):
+    """A memory file carries each layer's own budget: `run A --save-memory` then `run B --load-memory` gives B the
+    numbers of `run A B` (tests/reliability's helper, its sizes with --layer-budget pyramid)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
+    import test_inputs_and_errors as reliability
+
+    monkeypatch.setitem(reliability.SIZES, "layer_budget", "pyramid")
+    assert reliability.policy_args(policy)[-2:] == ["--layer-budget", "pyramid"]  # budgets 47, 24, 1 of 90 tokens
+    meta = reliability.save_then_load(["--model", llama_dir, "--device", "cpu", "-q"], two_docs, tmp_path, policy)
+    assert meta["policy"] == policy and len(meta["hf"]["layers"]) == 3
