@@ -109,7 +109,7 @@ def plan(cfg: RunConfig, n: int, segment_sizes=SEGMENT_SIZES) -> tuple[list[tupl
     """The settings to run for cfg's policy on n tokens: (policy, segment size, sizes, reference), and notes."""
     full = [("full", s, {}, "plain") for s in segment_sizes]
     big = {"memory_size": n + 1, "sink_tokens": cfg.sink_tokens, "compress_rate": cfg.compress_rate,
-           "compressed_size": cfg.compressed_size}
+           "compressed_size": cfg.compressed_size, "layer_budget": "uniform"}  # n + 1 slots in every layer
     p, nc = cfg.memory, cfg.memory_size
     ns = cfg.segment_size if cfg.segment_size < n else min(8, n)  # a segment the text has several of
     out, notes = list(full), []

@@ -28,8 +28,8 @@ WINDOWED = ("full", "none", "fifo", "xl", "sink", "compressive", "average")
 
 @pytest.fixture(autouse=True)
 def uniform_budget(monkeypatch):
-    """The reliability helpers' sizes with the one layer budget transformers' masks allow (segcli.hf refuses the
-    pyramid: one mask per layer type)."""
+    """The reliability helpers' sizes with the uniform layer budget (the windowed families refuse the pyramid;
+    pyramid memory files on full-attention models: tests/hf/test_hf_pyramid.py)."""
     monkeypatch.setitem(reliability.SIZES, "layer_budget", "uniform")
 
 

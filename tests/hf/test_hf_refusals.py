@@ -92,13 +92,14 @@ def test_linear_memory_refused(name, words, doc, tmp_path_factory):
     assert line.startswith(f"segcli: error: {name}:") and all(w in line for w in words), line
 
 
-def test_per_layer_budgets_are_refused():
-    """PyramidKV's budgets give each layer its own number of slots; the model builds one mask per layer type."""
+def test_per_layer_budgets_are_refused_in_windowed_models():
+    """PyramidKV's budgets: narrowed per layer on all-full-attention models (tests/hf/test_hf_pyramid.py); a
+    sliding window's mask cannot be narrowed that way."""
     from segcli.memory import make_policy
 
     with pytest.raises(UsageError) as e:
-        make_cache(model_of("llama"), make_policy("fifo", memory_size=8, layer_budget="pyramid"))
-    one_line(e.value, "llama", "--layer-budget pyramid", "uniform")
+        make_cache(model_of("mistral"), make_policy("fifo", memory_size=8, layer_budget="pyramid"))
+    one_line(e.value, "mistral", "--layer-budget pyramid", "sliding-window layers", "uniform")
 
 
 def test_linear_memory_without_segcli_attention_is_refused_by_make_cache():

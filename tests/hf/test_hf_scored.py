@@ -5,7 +5,7 @@ from the model's own attention modules and hands them to the policy (`observe`),
 with its own attention. The check is against another implementation (minGPT's test): the bundled seglm
 architecture converted to Llama (`segcli.models.seglm_to_llama`) and streamed through segcli's cache layers
 gives seglm's own streamed logits under each policy, eviction for eviction. Windowed models and per-layer
-budgets are refused (tests/hf/test_hf_refusals.py); SDPA is refused by make_cache and switched from by the CLI.
+budgets: tests/hf/test_hf_pyramid.py; SDPA is refused by make_cache and switched from by the CLI.
 """
 
 from __future__ import annotations
