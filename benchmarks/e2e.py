@@ -21,7 +21,8 @@ slice, one after the other (ABAB...), so the machine's drift falls on both alike
 Both are timed as wall clock around the whole process (imports, model load, tokenizing, every segment, output),
 with OMP_NUM_THREADS = --threads. tokens/s = scored tokens over the summed wall time of a method's blocks; the
 ratio is segcli's over the loop's (the goal: at least 1.0). Each block's ratio and each process's inner time
-(segcli's summary `seconds`, the loop's timed segments) are printed too. Then peak RSS: segcli run - < DOC on
+are printed too (segcli's summary `seconds`: its steps, forward and memory statistics, not the loss; the loop's
+timed segments: forward, cache cut and loss), so the two inner rates are close but not the same measure. Then peak RSS: segcli run - < DOC on
 whole documents of --rss-tokens (default 50,000 and --tokens), each one process, `peak_rss_bytes` of its
 summary; the goal is the longest's at most 1.05 x the shortest's.
 
