@@ -151,10 +151,13 @@ class Window:
         self.capacity_before_push = self.capacity  # what single-token steps started from (`stats_each`)
         self._reserve(t, max(p, room))
         old_start, e = self.start, self.end
-        self.k[:, :, e : e + t] = k
-        self.v[:, :, e : e + t] = v
-        self.kn[:, :, e : e + t] = k.float().norm(dim=-1)
-        self.vn[:, :, e : e + t] = v.float().norm(dim=-1)
+        self.k.narrow(2, e, t).copy_(k)  # narrow + copy_: the slice assignment without its indexing overhead
+        self.v.narrow(2, e, t).copy_(v)
+        for x, n in ((k, self.kn), (v, self.vn)):
+            if x.dtype == torch.float32:  # the norm written straight into its slots (the same floats)
+                torch.linalg.vector_norm(x, dim=-1, out=n.narrow(2, e, t))
+            else:
+                n.narrow(2, e, t).copy_(x.float().norm(dim=-1))
         self.end = e + t
         if self.size is not None:
             self.start = max(self.start, self.end - self.size)
@@ -163,8 +166,8 @@ class Window:
             lo = old_start - p
             self.k[:, :, lo:old_start] = prefix[0]
             self.v[:, :, lo:old_start] = prefix[1]
-        ev = (self.k[:, :, old_start : self.start], self.v[:, :, old_start : self.start])
-        joined = (self.k[:, :, lo : self.end], self.v[:, :, lo : self.end])
+        ev = (self.k.narrow(2, old_start, self.start - old_start), self.v.narrow(2, old_start, self.start - old_start))
+        joined = (self.k.narrow(2, lo, self.end - lo), self.v.narrow(2, lo, self.end - lo))
         return ev, joined
 
     # -- out of place (training) ---------------------------------------------------

@@ -82,7 +82,7 @@ def attend(q: Tensor, k_all: Tensor, v_all: Tensor, m: int, k: Tensor, v: Tensor
     """
     if q.shape[-2] == 1 and not torch.is_grad_enabled():
         return single_query_attention(q, k_all, v_all, m, scale)
-    k_mem, v_mem = k_all[:, :, :m], v_all[:, :, :m]
+    k_mem, v_mem = k_all.narrow(2, 0, m), v_all.narrow(2, 0, m)
     if (
         _FLASH_CPU is not None and m > 0 and q.device.type == "cpu" and q.dtype == torch.float32
         and q.shape[-2] >= FUSED_MIN_QUERIES and not torch.is_grad_enabled()

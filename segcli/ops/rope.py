@@ -34,6 +34,19 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
+def signed_sin(sin: Tensor) -> Tensor:
+    """sin (..., D) -> [-sin_1, sin_2] (the halves): the table `rope_rolled` multiplies the rolled x with."""
+    s1, s2 = sin.chunk(2, dim=-1)
+    return torch.cat([-s1, s2], dim=-1)
+
+
+def rope_rolled(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """`apply_rope(x, cos, sin)` with sin_signed = `signed_sin(sin)` (computed once per table): rotate_half(x) * sin
+    = roll(x, D/2) * [-sin_1, sin_2], so x * cos + roll(x) * sin_signed is the same floats (negation is exact)
+    in four kernels instead of seven (no chunk, neg, cat)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
+
+
 def shift_rope(x: Tensor, delta: int | float, inv_freq: Tensor) -> Tensor:
     """Rotate already-rotated keys x (..., D) by `delta` more positions (rotations compose)."""
     if delta == 0:

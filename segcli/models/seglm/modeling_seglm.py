@@ -28,7 +28,7 @@ from ...memory import MemoryPolicy, make_policy
 from ...memory.base import Carried, LayerStats
 from ...ops.attention import attend, scored_attention
 from ...ops.linear_attention import read_memory
-from ...ops.rope import apply_rope, inv_frequencies, rope_cos_sin, shift_rope, shift_rope_each
+from ...ops.rope import inv_frequencies, rope_cos_sin, rope_rolled, shift_rope, shift_rope_each, signed_sin
 from ...ops.smear import smear_keys
 from .configuration_seglm import SegLMConfig
 
@@ -62,8 +62,8 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, d, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        g, u = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(g) * u)
+        g, u = F.linear(x, self.gate_up.weight).chunk(2, dim=-1)  # F.linear: the Linear's forward, no module call
+        return F.linear(F.silu(g) * u, self.down.weight)
 
 
 class SegLMAttention(nn.Module):
@@ -81,17 +81,18 @@ class SegLMAttention(nn.Module):
         None."""
         b, t, c = x.shape
         each = None
-        qkv = self.qkv(x).view(b, t, 3, self.h, self.d).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+        qkv = F.linear(x, self.qkv.weight).view(b, t, 3, self.h, self.d).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         q, k, v = qkv.unbind(0)
-        qr, kr = apply_rope(qkv[:2], cos, sin).unbind(0)  # q and k rotated together: one set of kernels
+        qr, kr = rope_rolled(qkv[:2], cos, sin).unbind(0)  # q and k rotated together; sin is the signed table
+        stop = _detached if torch.is_grad_enabled() else _unchanged  # no detach calls at inference
         if self.key_smear is not None:  # the linear memory keeps reading the raw (unsmeared) k
             # the key before this segment's first: the previous segment's last, where the state carries one
-            last_key = kr[:, :, -1:].detach()  # (B, H, 1, D)
+            last_key = stop(kr.narrow(2, t - 1, 1))  # (B, H, 1, D)
             kr = smear_keys(kr, state.last_key if isinstance(state, Carried) else None, self.key_smear)
         if policy.kind == "linear" and band is not None:  # T one-token segments: each reads the state before it
             g = torch.sigmoid(self.memory_gate).view(1, self.h, 1, 1)
             empty = state.n == 0
-            a_mem, state, each = policy.read_each(state, q, k.detach(), v.detach())
+            a_mem, state, each = policy.read_each(state, q, stop(k), stop(v))
             out = g * a_mem + (1 - g) * v  # a one-token segment's softmax over itself is its value
             if empty:  # the first token of an empty memory has nothing to mix in
                 out[:, :, :1] = v[:, :, :1]
@@ -105,12 +106,12 @@ class SegLMAttention(nn.Module):
             else:
                 mass = None
             # Memory never carries gradient across segments (Transformer-XL's stop-gradient).
-            state = policy.update(state, kr.detach(), v.detach(), k.detach())
+            state = policy.update(state, stop(kr), stop(v), stop(k))
         elif band is not None:  # T single-token steps in one pass (segment size 1): mass per query (T,)
-            state, out, mass, each = policy.extend_each(state, qr, kr.detach(), v.detach(), k.detach(), shift_keys)
+            state, out, mass, each = policy.extend_each(state, qr, stop(kr), stop(v), stop(k), shift_keys)
             mass = mass.mean((0, 1))
         else:
-            state, k_all, v_all, m = policy.extend(state, kr.detach(), v.detach(), k.detach(), shift_keys)
+            state, k_all, v_all, m = policy.extend(state, stop(kr), stop(v), stop(k), shift_keys)
             # k_all = [memory before this segment; segment] (a view for window policies); the segment
             # part is taken from kr/v themselves so gradients flow within the segment.
             if policy.needs_attention is not None:  # tova, h2o, snapkv: evict by the attention just computed
@@ -122,12 +123,27 @@ class SegLMAttention(nn.Module):
                 mass = None if mass is None else mass.mean()
         if self.key_smear is not None and isinstance(state, Carried):  # `none` carries nothing, not even this
             state = replace(state, last_key=last_key)
-        y = self.o(out.transpose(1, 2).reshape(b, t, c))
+        y = F.linear(out.transpose(1, 2).reshape(b, t, c), self.o.weight)
         return y, state, mass, each
 
 
 def _unchanged(x: Tensor) -> Tensor:
     return x
+
+
+def _detached(x: Tensor) -> Tensor:
+    return x.detach()
+
+
+def embed(weight: Tensor, ids: Tensor) -> Tensor:
+    """`F.embedding(ids, weight)`: rows of weight (V, C) for ids (B, T) -> (B, T, C). A column-major weight (a
+    tied lm_head re-stored by `column_major_linears`) is gathered along its contiguous transpose: each row of
+    the row-major lookup would read C values 4V bytes apart (~0.8 ms at T = 128, 8,192 x 256), the
+    transposed gather reads T values from each of C rows (~0.03 ms). The same values either way."""
+    if weight.dim() == 2 and not weight.is_contiguous() and weight.t().is_contiguous():
+        b, t = ids.shape
+        return weight.t().index_select(1, ids.reshape(-1)).t().contiguous().view(b, t, -1)
+    return F.embedding(ids, weight)
 
 
 class SegLMBlock(nn.Module):
@@ -140,10 +156,15 @@ class SegLMBlock(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, policy, state, shift_keys, band=None):
-        a, state, mass, each = self.attn(self.attn_norm(x), cos, sin, policy, state, shift_keys, band)
+        a, state, mass, each = self.attn(_rms_norm(self.attn_norm, x), cos, sin, policy, state, shift_keys, band)
         drop = self.drop if self.training and self.drop.p > 0 else _unchanged  # no module calls at inference
         x = x + drop(a)
-        return x + drop(self.mlp(self.mlp_norm(x))), state, mass, each
+        return x + drop(self.mlp(_rms_norm(self.mlp_norm, x))), state, mass, each
+
+
+def _rms_norm(norm: nn.RMSNorm, x: Tensor) -> Tensor:
+    """`norm(x)` without the module call (the same function RMSNorm.forward calls)."""
+    return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
 
 
 class SegLMPreTrainedModel(PreTrainedModel):
@@ -173,13 +194,14 @@ class SegLMModel(SegLMPreTrainedModel):
     ROPE_BLOCK = 4096  # positions whose cos/sin are computed at once (float64, then cast)
 
     def rope_tables(self, start: int, t: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin (T, D) for positions start .. start+T-1, sliced from a cached block."""
+        """cos, signed sin (T, D) for positions start .. start+T-1 (`rope_rolled`'s tables), sliced from a
+        cached block."""
         key = (device, dtype)
         block = self._rope_block.get(key)
         if block is None or not (block[0] <= start and start + t <= block[0] + block[1].shape[0]):
             n = max(self.ROPE_BLOCK, t)
             cos, sin = rope_cos_sin(torch.arange(start, start + n, device=device), self.inv_freq(device), dtype)
-            block = (start, cos, sin)
+            block = (start, cos, signed_sin(sin))
             self._rope_block[key] = block
         lo = start - block[0]
         return block[1][lo : lo + t], block[2][lo : lo + t]
@@ -198,7 +220,7 @@ class SegLMModel(SegLMPreTrainedModel):
 
     def forward(self, input_ids: Tensor, memory: SegMemory, band: int | None = None):
         b, t = input_ids.shape
-        x = self.embed_tokens(input_ids)  # (B, T, C)
+        x = embed(self.embed_tokens.weight, input_ids)  # (B, T, C)
         cos, sin = self.rope_tables(memory.seen, t, input_ids.device, x.dtype)  # (T, D)
         states, masses, each = [], [], []
         for layer, state in zip(self.layers, memory.states):
