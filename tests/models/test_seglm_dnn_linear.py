@@ -9,7 +9,7 @@ from segcli.models.seglm import modeling_seglm as ms
 from segcli.ops.layout import column_major_linears
 
 
-@pytest.mark.parametrize("rows", [1, 7, 8, 16, 128])
+@pytest.mark.parametrize("rows", [1, 3, 4, 16, 128])
 def test_linear_is_the_modules_product(rows):
     torch.manual_seed(0)
     mod = nn.Linear(64, 96, bias=False)
