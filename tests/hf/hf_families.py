@@ -108,6 +108,25 @@ def build_config(name: str):
     return cfg
 
 
+def model_of(name: str, impl: str | None = None, **overrides):
+    """The family's tiny model (seeded, eval), config fields overridden, under attention `impl` (None: the
+    family's default); skips the test when this transformers lacks the family."""
+    import pytest
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = build_config(name)
+    if cfg is None:
+        pytest.skip(f"{name}: not in this transformers")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    if impl is not None:
+        model.set_attn_implementation(impl)
+    return model
+
+
 def save_family(name: str, path, tokenizer_file):
     """Build the family's tiny model (seeded) and save it with the bundled tokenizer; None when unknown here."""
     import torch

@@ -13,11 +13,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from conftest import BUNDLED_TOKENIZER, SAMPLE
-from hf_families import build_config, save_family
+from hf_families import model_of, save_family
 from segcli.cli import app
 from segcli.errors import UsageError
 from segcli.hf import cache_kwarg, make_cache
@@ -27,18 +26,6 @@ from segcli.memory.scored import layer_budgets
 runner = CliRunner()
 POLICIES = ("fifo", "sink", "compressive", "tova", "h2o", "snapkv", "keynorm")
 SCORED_BY_ATTENTION = ("tova", "h2o", "snapkv")
-
-
-def model_of(name: str, impl: str = "eager", **overrides):
-    cfg = build_config(name)
-    if cfg is None:
-        pytest.skip(f"{name}: not in this transformers")
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    model.set_attn_implementation(impl)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from conftest import BUNDLED_TOKENIZER, SAMPLE
-from hf_families import V, build_config, save_family
+from hf_families import V, model_of, save_family
 from segcli.cli import app
 from segcli.errors import UsageError
 from segcli.hf import make_cache
@@ -25,16 +25,6 @@ def doc(tmp_path_factory):
     p = tmp_path_factory.mktemp("refusal-doc") / "doc.txt"
     p.write_text((SAMPLE / "python_docs.txt").read_text(encoding="utf-8")[:2000], encoding="utf-8")
     return p
-
-
-def model_of(name: str, **overrides):
-    cfg = build_config(name)
-    if cfg is None:
-        pytest.skip(f"{name}: not in this transformers")
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).eval()
 
 
 def saved(name: str, tmp_path_factory) -> str:

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
 import test_inputs_and_errors as reliability  # noqa: E402
 from test_inputs_and_errors import invoke, records, save_then_load  # noqa: E402
-from test_recurrent_stream import save_model  # noqa: E402
+from test_recurrent_stream import model_maker  # noqa: E402
 
 HYBRIDS = ("jamba", "zamba2", "falcon_h1")  # attention-only, hybrid (attention + mamba) and parallel layers
 BOUNDED = ("fifo", "sink", "xl", "compressive", "average", "keynorm", "tova", "h2o")
@@ -28,14 +28,7 @@ def uniform_budget(monkeypatch):
 
 @pytest.fixture(scope="module")
 def hybrid_dir(tmp_path_factory):
-    made: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in made:
-            made[name] = save_model(name, tmp_path_factory.mktemp(name) / "model")
-        return made[name]
-
-    return get
+    return model_maker(tmp_path_factory)
 
 
 @pytest.mark.parametrize("name,policy", [(n, p) for n in HYBRIDS for p in BOUNDED

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_recurrent_stream import REL, run, save_model  # noqa: E402
+from test_recurrent_stream import REL, model_maker, run  # noqa: E402
 
 from conftest import SAMPLE  # noqa: E402
 
@@ -31,14 +31,7 @@ def doc(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hybrid_dir(tmp_path_factory):
-    made: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in made:
-            made[name] = save_model(name, tmp_path_factory.mktemp(name) / "model")
-        return made[name]
-
-    return get
+    return model_maker(tmp_path_factory)
 
 
 def nll(records: list[dict]) -> torch.Tensor:

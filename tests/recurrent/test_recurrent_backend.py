@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recurrent_families import FAMILIES, V, build_config  # noqa: E402
-from test_recurrent_stream import save_model  # noqa: E402
+from test_recurrent_stream import model_maker, save_model  # noqa: E402
 
 from conftest import SAMPLE  # noqa: E402
 from segcli.cli import app  # noqa: E402
@@ -33,14 +33,7 @@ def doc(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    made: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in made:
-            made[name] = save_model(name, tmp_path_factory.mktemp(name) / "model")
-        return made[name]
-
-    return get
+    return model_maker(tmp_path_factory)
 
 
 def invoke(*args):

@@ -25,6 +25,18 @@ REL = 1e-4
 runner = CliRunner()
 
 
+def model_maker(tmp_path_factory):
+    """name -> a tiny model of that family saved under tmp (built on first use, then reused)."""
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = save_model(name, tmp_path_factory.mktemp(name) / "model")
+        return made[name]
+
+    return get
+
+
 def save_model(name: str, path: Path, config=None) -> Path:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
