@@ -35,7 +35,7 @@ from machine import machine_info, roofline
 from report import Bench, comparisons, log, print_report
 from rss import run_rss
 
-POLICIES = ("fifo", "xl", "sink", "average", "compressive", "linear", "none")
+POLICIES = ("fifo", "xl", "sink", "average", "compressive", "linear", "none")  # the RSS default; --policies takes any
 SECTIONS = ("roofline", "native", "hf", "rss")
 
 
@@ -75,9 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for s in a.sections:
         if s not in SECTIONS:
             p.error(f"--sections: unknown section {s!r}")
+    from segcli.memory import REGISTRY
+
     for pol in a.policies or []:
-        if pol not in POLICIES + ("full",):
-            p.error(f"--policies: unknown policy {pol!r}")
+        if pol not in REGISTRY:
+            p.error(f"--policies: unknown policy {pol!r} (one of {', '.join(REGISTRY)})")
     a.window = a.memory_size
     a.prefill = 2 * a.memory_size  # tokens streamed (in segments of 512) before any timing: the memory is full
     a.warm_tokens = 32  # then untimed tokens at the measured segment size
