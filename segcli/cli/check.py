@@ -68,7 +68,7 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 @handle_errors
 def _check(doc, max_tokens, segment_sizes, attn_implementation, format, config, quiet, debug, **options):
-    stdout = stdout_stream()
+    stdout = stdout_stream(has_output_option=False)
     fmt = format or ("table" if default_format(None, None) == "table" else "json")
     if fmt not in ("table", "json"):
         raise UsageError(f"--format must be table or json, got {fmt!r}")

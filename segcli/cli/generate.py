@@ -35,7 +35,7 @@ def generate(
 
 @handle_errors
 def _generate(doc, max_new_tokens, temperature, top_p, format, config, quiet, debug, **options):
-    stdout = stdout_stream()  # a closed stdout: one line, exit 2, before any work
+    stdout = stdout_stream(has_output_option=False)  # a closed stdout: one line, exit 2, before any work
     if format not in ("text", "json"):
         raise UsageError(f"--format must be text or json, got {format!r}")
     if max_new_tokens < 0:

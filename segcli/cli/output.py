@@ -97,11 +97,13 @@ class PipeConsole(Console):
         raise BrokenPipeError
 
 
-def stdout_stream() -> TextIO:
-    """sys.stdout, or a UsageError (exit 2, before any work) when it was closed (`>&-`)."""
+def stdout_stream(has_output_option: bool = True) -> TextIO:
+    """sys.stdout, or a UsageError (exit 2, before any work) when it was closed (`>&-`); the message offers
+    --output only to commands that have it."""
     stdout = sys.stdout
     if stdout is None or getattr(stdout, "segcli_closed", False):
-        raise UsageError("stdout is closed; give --output FILE, or run without `>&-`")
+        hint = "give --output FILE, or run without `>&-`" if has_output_option else "run without `>&-`"
+        raise UsageError(f"stdout is closed; {hint}")
     return stdout
 
 
@@ -112,7 +114,7 @@ class Writer:
     opened here, before any work, and put in place only by `close(True)`; `close(False)` leaves
     no temporary file. A write that fails (a full disk) is one RunError line (exit 1)."""
 
-    def __init__(self, fmt: str, output: str | None):
+    def __init__(self, fmt: str, output: str | None, has_output_option: bool = True):
         self.fmt = fmt
         self.output = output
         self._out: AtomicOutput | None = None
@@ -121,7 +123,7 @@ class Writer:
             self.stream: TextIO = self._out.file  # type: ignore[assignment]
             self.where = f"--output {output}"
         else:
-            self.stream = stdout_stream()
+            self.stream = stdout_stream(has_output_option)
             self.where = "stdout"
         self.records: list[dict[str, Any]] = []
         self._csv: csv.DictWriter | None = None

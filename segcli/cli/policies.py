@@ -74,7 +74,7 @@ def _policies(format: str | None, debug: bool = False) -> None:
                      "sliding_layers": sliding_rule(name), "recurrent_layers": recurrent_rule(name),
                      "hybrid_attention_layers": hybrid_rule(name)})
     fmt = default_format(format, None)
-    writer = Writer("csv" if fmt == "csv" else "jsonl", None)  # stdout; closed stdout: one line, exit 2
+    writer = Writer("csv" if fmt == "csv" else "jsonl", None, has_output_option=False)  # stdout; closed stdout: one line, exit 2
     if fmt == "table":
         table = new_table("memory policies", [("policy", "left"), ("update rule (attention layers)", "left"),
                                               ("parameters", "left"), ("size", "left"),

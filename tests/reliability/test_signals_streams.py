@@ -147,8 +147,10 @@ def test_closed_stdout(tiny_model_dir, doc, tmp_path):
     p = segcli("run", doc, *args, "-o", out, preexec=_close(1))  # stdout not needed: works
     assert p.returncode == 0, p.stderr
     assert out.read_text().count("\n") == 2
-    p = segcli("policies", preexec=_close(1))
-    assert p.returncode == 2 and "stdout is closed" in p.stderr, p.stderr
+    generate = ["generate", doc, "--model", tiny_model_dir, "--device", "cpu", "--max-new-tokens", "2"]
+    for command in (["policies"], generate):  # commands without --output
+        p = segcli(*command, preexec=_close(1))
+        assert p.returncode == 2 and stderr_lines(p) == ["segcli: error: stdout is closed; run without `>&-`"], p.stderr
 
 
 def test_closed_stdin(tiny_model_dir, doc):
