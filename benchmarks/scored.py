@@ -16,8 +16,9 @@ untimed, then the timed tokens. All loops of a row run in one process, interleav
   Goal: >= 0.8x.
 
 `--against REV` adds, in the same interleaved run, each policy as segcli/memory/{scored,<policy>}.py were at git
-revision REV (loaded from `git show` into a throwaway package; the model, the runner and fifo are today's): the
-before and after of a change to the policies, side by side.
+revision REV, with the model's scored attention (`segcli.ops.attention.scored_attention`) as it was there too
+(loaded from `git show` into a throwaway package and swapped into the model around each of that loop's segments;
+the rest of the model, the runner and fifo are today's): the before and after of a change, side by side.
 
 Prints each policy's tokens/s, its ratio to fifo's and the goal, the losses (to see the loops did the work),
 the machine (benchmarks/machine.py) and the commit. Never asserts a timing.
@@ -73,12 +74,31 @@ def policies_at(rev: str, names: list[str], into: Path) -> dict[str, type]:
         src = src.replace("from .scored import", "from scored_at_rev.scored import")
         src = src.replace("from .", "from segcli.memory.")
         (pkg / f"{f}.py").write_text(src, encoding="utf-8")
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:segcli/ops/attention.py"], capture_output=True,
+                         text=True, check=True).stdout
+    (pkg / "attention.py").write_text(src, encoding="utf-8")
     sys.path.insert(0, str(into))
     out = {}
     for name in names:
         mod = importlib.import_module(f"scored_at_rev.{name}")
         out[name] = next(c for c in vars(mod).values() if isinstance(c, type) and getattr(c, "name", None) == name)
+    out["scored_attention"] = importlib.import_module("scored_at_rev.attention").scored_attention
     return out
+
+
+def with_attention(gen, fn):
+    """`gen`, each segment computed with the native model's scored attention swapped for `fn` (another revision's)."""
+    from segcli.models.seglm import modeling_seglm as mod
+
+    while True:
+        today, mod.scored_attention = mod.scored_attention, fn
+        try:
+            item = next(gen, None)
+        finally:
+            mod.scored_attention = today
+        if item is None:
+            return
+        yield item
 
 
 def section(backend, doc, base, policies: list[str], ns: int, plan: Plan, kind: str,
@@ -100,6 +120,8 @@ def section(backend, doc, base, policies: list[str], ns: int, plan: Plan, kind: 
             sizes = ("memory_size", "recent_tokens", "window", "layer_budget")
             policy = old[name.split()[0]](**{k: getattr(cfg, k) for k in sizes if getattr(cfg, k) is not None})
             memory = backend.model.new_memory(policy)
+            gens.append(with_attention(runner_segments(backend, cfg, doc, plan, memory, **extra), old["scored_attention"]))
+            continue
         gens.append(runner_segments(backend, cfg, doc, plan, memory, **extra))
     timings = run_interleaved(gens, plan.warm)
     ref = timings[0].summary()
