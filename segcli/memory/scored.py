@@ -137,7 +137,7 @@ def top_indices(score: Tensor, n: int, offset: int = 0) -> Tensor:
     if n == s - 1:  # one to drop (every token step at n_s = 1): the lowest, no sort
         i = torch.arange(n, device=score.device)
         return i + (i >= score.argmin(-1, keepdim=True)) + offset
-    return score.topk(n, dim=-1).indices.sort(-1).values + offset
+    return score.topk(n, dim=-1, sorted=False).indices.sort(-1).values + offset  # unsorted: 2x faster, the same set
 
 
 def oldest(like: Tensor) -> Tensor:

@@ -183,18 +183,29 @@ def scored_attention(q: Tensor, k_all: Tensor, v_all: Tensor, m: int, k: Tensor,
     `n_last` queries on every key of [memory; segment], summed over those queries.
 
     q, k, v (B, H, T, D); k_all/v_all (B, H, m + T, D). Returns out (B, H, T, D), mass (B, H, T) or None, and
-    attn (B, H, m + T) float32, detached (scores never carry gradient). With n_last = T (h2o) one masked
-    softmax gives both; otherwise the output takes `attend`'s fast path and only the last queries' rows are
-    scored again.
+    attn (B, H, m + T) float32, detached (scores never carry gradient). At inference one explicit softmax over
+    [memory; segment], computed in place in its score matrix (the causal mask written into the segment's block
+    only), gives the output and every query's probabilities: on CPU at n_s = 128 about the fused kernels' time
+    (`attend`), where a fresh (T, S) matrix per step costs more than the softmax itself (new pages). With
+    autograd on, h2o (n_last = T) takes one masked softmax on keys that carry the segment's gradients; tova and
+    snapkv take `attend` and score their last queries' rows again.
     """
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     t, s = q.shape[-2], k_all.shape[-2]
     if t == 1 and not torch.is_grad_enabled():  # one query sees every key (a token step): nothing to mask
         p = torch.softmax((q * scale) @ k_all.transpose(-1, -2), dim=-1)  # (B, H, 1, m + 1)
         return p @ v_all, (p[..., :m].sum(-1) if m else None), p[:, :, 0].float()
+    if not torch.is_grad_enabled():
+        p = (q * scale) @ k_all.transpose(-1, -2)  # (B, H, T, S) scores, then probabilities in place
+        p.narrow(-1, m, t).masked_fill_(~causal_mask(t, q.device), float("-inf"))  # memory: every query sees it
+        p = _softmax_(p)
+        out = p @ v_all  # (B, H, T, D)
+        mass = p[..., :m].sum(-1) if m else None
+        last = p if n_last >= t else p.narrow(-2, t - n_last, n_last)
+        return out, mass, last.float().sum(-2)
     if n_last >= t:
-        keys = torch.cat([k_all[:, :, :m], k], 2) if torch.is_grad_enabled() else k_all  # gradients via k, v
-        values = torch.cat([v_all[:, :, :m], v], 2) if torch.is_grad_enabled() else v_all
+        keys = torch.cat([k_all[:, :, :m], k], 2)  # gradients via k, v
+        values = torch.cat([v_all[:, :, :m], v], 2)
         p = torch.softmax(((q * scale) @ keys.transpose(-1, -2)).masked_fill(~_segment_mask(m, t, t, q.device),
                                                                              float("-inf")), dim=-1)  # (B, H, T, S)
         out = p @ values
@@ -202,6 +213,11 @@ def scored_attention(q: Tensor, k_all: Tensor, v_all: Tensor, m: int, k: Tensor,
         return out, mass, p.detach().float().sum(-2)
     out, mass = attend(q, k_all, v_all, m, k, v, scale)
     return out, mass, last_query_attention(q[:, :, t - n_last :].detach(), k_all, m, t, scale)
+
+
+def _softmax_(x: Tensor) -> Tensor:
+    """softmax over the last dim written into x itself (no autograd): `torch.softmax`'s kernel, its values."""
+    return torch._softmax(x, -1, False, out=x) if hasattr(torch, "_softmax") else x.copy_(torch.softmax(x, -1))
 
 
 def _segment_mask(m: int, t: int, n: int, device) -> Tensor:
