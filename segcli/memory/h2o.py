@@ -8,12 +8,10 @@ travel with their pairs (and into memory files). At n_s = 1 this is H2O's greedy
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from .base import expect
-from .scored import ScoredPolicy, newest, oldest, top_indices
+from .scored import ScoredPolicy, newest, oldest, top_indices, with_fields
 
 
 class H2O(ScoredPolicy):
@@ -27,7 +25,7 @@ class H2O(ScoredPolicy):
         return t
 
     def scored(self, state, attn):
-        return replace(state, score=state.score + attn)
+        return with_fields(state, score=state.score + attn)
 
     def keep(self, state, attn, budget):
         total = state.k.shape[2]

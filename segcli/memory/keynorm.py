@@ -15,6 +15,9 @@ class KeyNorm(ScoredPolicy):
     def entering(self, k, kn):
         return kn  # (B, H, T): the key norms the report keeps anyway, computed once as the pair enters
 
+    def entering_into(self, out, kn):
+        out.copy_(kn)
+
     def keep(self, state, attn, budget):
         return top_indices(-state.score, budget)
 

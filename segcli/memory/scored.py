@@ -86,7 +86,13 @@ def flat_rows(idx: Tensor, s: int) -> Tensor:
     """idx (B, H, n) into S pairs per head as row numbers of a (B*H*S, ...) view: one index_select per tensor
     copies whole rows (much faster on CPU than gather with an index expanded over D)."""
     b, h, _ = idx.shape
-    return (idx + torch.arange(b * h, device=idx.device).view(b, h, 1) * s).flatten()
+    key = ("first", b, h, s, str(idx.device), torch.is_inference_mode_enabled())
+    first = _GRIDS.get(key)
+    if first is None:  # each head's first row: the same few shapes recur every segment
+        if len(_GRIDS) > 64:
+            _GRIDS.clear()
+        first = _GRIDS[key] = torch.arange(b * h, device=idx.device).view(b, h, 1) * s
+    return (idx + first).flatten()
 
 
 def rows_but_one(drop: Tensor, s: int, room: int) -> Tensor:
@@ -136,8 +142,10 @@ def top_indices(score: Tensor, n: int, offset: int = 0) -> Tensor:
     s = score.shape[-1]
     if n == s - 1:  # one to drop (every token step at n_s = 1): the lowest, no sort
         i = torch.arange(n, device=score.device)
-        return i + (i >= score.argmin(-1, keepdim=True)) + offset
-    return score.topk(n, dim=-1, sorted=False).indices.sort(-1).values + offset  # unsorted: 2x faster, the same set
+        i = i + (i >= score.argmin(-1, keepdim=True))
+    else:
+        i = score.topk(n, dim=-1, sorted=False).indices.sort(-1).values  # unsorted: 2x faster, the same set
+    return i + offset if offset else i
 
 
 def oldest(like: Tensor) -> Tensor:
@@ -185,15 +193,23 @@ class ScoredPolicy(MemoryPolicy):
             state = self.observe(state, None)
         b, h, t, _ = k.shape
         m = state.k.shape[2]
-        kn, vn = norms(k), norms(v)  # (B, H, T): the report's norms, once per pair
-        pos = torch.arange(state.seen, state.seen + t, device=k.device).expand(b, h, t)
-        new = (k, v, pos, self.entering(k, kn), kn, vn)
         room = self._room(state, t)
         if room is not None:  # the buffers the last eviction left: write the segment after the memory
-            for buf, x in zip(room, new):
-                buf.narrow(2, m, t).copy_(x)
+            kb, vb, pb, sb, knb, vnb = (buf.narrow(2, m, t) for buf in room)  # (B, H, T[, D]) each
+            kb.copy_(k)
+            vb.copy_(v)
+            torch.linalg.vector_norm(k.float(), dim=-1, out=knb)  # `norms`, written where they are kept
+            torch.linalg.vector_norm(v.float(), dim=-1, out=vnb)
+            if t == 1:  # a token step: one position
+                pb.fill_(state.seen)
+            else:
+                pb.copy_(torch.arange(state.seen, state.seen + t, device=k.device))
+            self.entering_into(sb, knb)
             held = room
         else:
+            kn, vn = norms(k), norms(v)  # (B, H, T): the report's norms, once per pair
+            pos = torch.arange(state.seen, state.seen + t, device=k.device).expand(b, h, t)
+            new = (k, v, pos, self.entering(k, kn), kn, vn)
             old = (state.k, state.v, state.pos, state.score, *stored_norms(state))
             held = tuple(torch.cat([a, x], 2) for a, x in zip(old, new))  # (B, H, m + T[, D])
         state = with_fields(state, **dict(zip(HELD, held)), seen=state.seen + t, pending=t)
@@ -256,6 +272,10 @@ class ScoredPolicy(MemoryPolicy):
         """The score (B, H, T) float32 of pairs entering with keys k (B, H, T, D) of norms kn (B, H, T): 0
         (keynorm: the key's norm)."""
         return kn.new_zeros(kn.shape)
+
+    def entering_into(self, out: Tensor, kn: Tensor) -> None:
+        """`entering` written into out (B, H, T), a view of the buffers, from the norms kn already stored."""
+        out.zero_()
 
     def scored(self, state: ScoredState, attn: Tensor) -> ScoredState:
         """The state with this segment's attention folded into its scores (h2o); default unchanged."""

@@ -197,7 +197,7 @@ def scored_attention(q: Tensor, k_all: Tensor, v_all: Tensor, m: int, k: Tensor,
         return p @ v_all, (p[..., :m].sum(-1) if m else None), p[:, :, 0].float()
     if not torch.is_grad_enabled():
         p = (q * scale) @ k_all.transpose(-1, -2)  # (B, H, T, S) scores, then probabilities in place
-        p.narrow(-1, m, t).masked_fill_(~causal_mask(t, q.device), float("-inf"))  # memory: every query sees it
+        p.narrow(-1, m, t).add_(causal_bias(t, p.dtype, q.device))  # memory: every query sees all of it
         p = _softmax_(p)
         out = p @ v_all  # (B, H, T, D)
         mass = p[..., :m].sum(-1) if m else None
@@ -213,6 +213,23 @@ def scored_attention(q: Tensor, k_all: Tensor, v_all: Tensor, m: int, k: Tensor,
         return out, mass, p.detach().float().sum(-2)
     out, mass = attend(q, k_all, v_all, m, k, v, scale)
     return out, mass, last_query_attention(q[:, :, t - n_last :].detach(), k_all, m, t, scale)
+
+
+_BIASES: dict[tuple, Tensor] = {}
+
+
+def causal_bias(t: int, dtype: torch.dtype, device) -> Tensor:
+    """(T, T) additive causal mask, 0 where a query may attend and -inf above the diagonal (added to finite scores:
+    exactly `masked_fill`'s result, ~8x faster in place on a strided block than masked_fill_ with a bool mask).
+    Built once per shape (inference only: it is never written)."""
+    key = (t, dtype, str(device), torch.is_inference_mode_enabled())
+    got = _BIASES.get(key)
+    if got is None:
+        if len(_BIASES) > 32:
+            _BIASES.clear()
+        got = _BIASES[key] = torch.zeros(t, t, dtype=dtype, device=device).masked_fill_(~causal_mask(t, device),
+                                                                                      float("-inf"))
+    return got
 
 
 def _softmax_(x: Tensor) -> Tensor:
