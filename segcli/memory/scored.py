@@ -27,6 +27,7 @@ the others, without a sort or a top-k.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,30 @@ def rows_but_one(drop: Tensor, s: int, room: int) -> Tensor:
     b, h, _ = drop.shape
     base, i = _row_grid(b, h, s, room, drop.device)
     return (base + (i >= drop)).view(-1)
+
+
+def close_up(held: tuple[Tensor, ...], drop: Tensor) -> bool:
+    """Drop pair `drop` (B, H, 1) of each head in place: the pairs after it move down one row (memmove, which
+    allows the overlap), so the first S - 1 rows of every tensor in `held` (B, H, S[, D]) hold the other pairs in
+    order and the last row is free. What `rows_but_one` + `gather` compute, without a copy of the whole memory:
+    at n_s = 1 each token moved only the rows after its drop (about half the memory, measured on the bundled
+    model) and no new buffers. Only for contiguous CPU tensors of S rows at inference (the caller's own
+    buffers: the state the segment was appended to shares them and must not be reused, as base.py allows);
+    False, nothing changed, where that does not hold."""
+    s = held[0].shape[2]
+    if torch.is_grad_enabled() or any(x.device.type != "cpu" or not x.is_contiguous() or x.shape[2] != s
+                                      for x in held):
+        return False
+    drops = drop.reshape(-1).tolist()  # one drop per (batch, head): B * H rows of each tensor
+    for x in held:
+        row = x.element_size() * (x.numel() // (x.shape[0] * x.shape[1] * s))  # bytes of one pair
+        base = x.data_ptr()
+        for head, d in enumerate(drops):
+            n = s - 1 - d
+            if n > 0:
+                at = base + (head * s + d) * row
+                ctypes.memmove(at, at + row, n * row)
+    return True
 
 
 _GRIDS: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -213,8 +238,8 @@ class ScoredPolicy(MemoryPolicy):
             old = (state.k, state.v, state.pos, state.score, *stored_norms(state))
             held = tuple(torch.cat([a, x], 2) for a, x in zip(old, new))  # (B, H, m + T[, D])
         state = with_fields(state, **dict(zip(HELD, held)), seen=state.seen + t, pending=t)
-        if self.needs_attention is None:  # nothing to wait for: evict now (k_all stays what the segment reads)
-            state = self.observe(state, None)
+        if self.needs_attention is None:  # nothing to wait for: evict now (k_all stays what the segment reads: a copy)
+            state = self.evict(state, None, in_place=False)
         return state, held[0], held[1], m
 
     @staticmethod
@@ -239,6 +264,11 @@ class ScoredPolicy(MemoryPolicy):
         return self.observe(self.extend(state, k, v, k_raw, None)[0], None)
 
     def observe(self, state, attn):
+        return self.evict(state, attn)
+
+    def evict(self, state: ScoredState, attn: Tensor | None, in_place: bool = True) -> ScoredState:
+        """`observe`: the scores folded in, the state down to its budget. in_place: a token step may close up the
+        buffers of [memory; segment] themselves (`close_up`), for callers done reading them."""
         if attn is not None:
             state = self.scored(state, attn.float())
         total, budget = state.k.shape[2], state.budget
@@ -246,6 +276,12 @@ class ScoredPolicy(MemoryPolicy):
             return with_fields(state, pending=0, evicted=0)
         room = 0 if torch.is_grad_enabled() else state.pending  # the next segment is most likely this size
         drop = self.drop_one(state, attn, budget) if total == budget + 1 else None
+        held = (state.k, state.v, state.pos, state.score, *stored_norms(state))
+        if drop is not None and room == 1 and in_place and close_up(held, drop):  # a token step: its buffers, closed up in place
+            out = with_fields(state, **{name: x.narrow(2, 0, budget) for name, x in zip(HELD, held)}, pending=0,
+                              evicted=1)
+            out.k._scored_room = (1, held)  # the last row is free again: the next token's
+            return out
         if drop is not None:
             rows = rows_but_one(drop, total, room)
         else:
@@ -255,7 +291,6 @@ class ScoredPolicy(MemoryPolicy):
             rows = flat_rows(idx, total)
         b, h = state.k.shape[:2]
         shape = (b, h, budget + room)
-        held = (state.k, state.v, state.pos, state.score, *stored_norms(state))
         kept = tuple(gather(x, rows, shape) for x in held)  # (B, H, budget + room[, D])
         out = with_fields(state, **{name: x.narrow(2, 0, budget) for name, x in zip(HELD, kept)}, pending=0,
                           evicted=total - budget)
