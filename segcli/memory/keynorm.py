@@ -22,4 +22,4 @@ class KeyNorm(ScoredPolicy):
         return top_indices(-state.score, budget)
 
     def drop_one(self, state, attn, budget):
-        return state.score.neg().argmin(-1, keepdim=True)  # the largest norm, as keep's top of -norm leaves out
+        return state.score.argmax(-1, keepdim=True)  # the largest norm (its first), as keep's top of -norm leaves out

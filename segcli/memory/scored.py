@@ -214,6 +214,15 @@ class ScoredPolicy(MemoryPolicy):
         return KVRead(state.k, state.v) if state.k.shape[2] else None
 
     def extend(self, state, k, v, k_raw, shift_keys):
+        state, k_all, v_all, m = self.extend_unevicted(state, k, v, k_raw, shift_keys)
+        if self.needs_attention is None:  # nothing to wait for: evict now (k_all stays what the segment reads: a copy)
+            state = self.evict(state, None, in_place=False)
+        return state, k_all, v_all, m
+
+    def extend_unevicted(self, state, k, v, k_raw, shift_keys):
+        """`extend` that leaves the segment pending even where nothing waits for attention (keynorm): for a caller
+        that calls `observe(state, attn or None)` once the attention has read k_all, so that a token step can
+        evict in place (the native model). `extend` itself evicts keynorm's segment at once (on a copy)."""
         if state.pending:  # the last segment was never scored: evict it by what the state knows
             state = self.observe(state, None)
         b, h, t, _ = k.shape
@@ -238,8 +247,6 @@ class ScoredPolicy(MemoryPolicy):
             old = (state.k, state.v, state.pos, state.score, *stored_norms(state))
             held = tuple(torch.cat([a, x], 2) for a, x in zip(old, new))  # (B, H, m + T[, D])
         state = with_fields(state, **dict(zip(HELD, held)), seen=state.seen + t, pending=t)
-        if self.needs_attention is None:  # nothing to wait for: evict now (k_all stays what the segment reads: a copy)
-            state = self.evict(state, None, in_place=False)
         return state, held[0], held[1], m
 
     @staticmethod
@@ -361,8 +368,8 @@ class ScoredPolicy(MemoryPolicy):
         oldest = 0
         if n:
             kn, vn = stored_norms(state)
-            key_norm, value_norm = torch.stack([kn.mean(), vn.mean()]).tolist()  # one read back for both
-            lo, total = torch.stack([state.pos.min(), state.pos.sum()]).tolist()
+            key_norm, value_norm = float(kn.mean()), float(vn.mean())  # a read back each: cheaper than a stack
+            lo, total = int(state.pos.min()), int(state.pos.sum())
             oldest, mean_age = state.seen - lo, state.seen - total / state.pos.numel()
         room = state.k.__dict__.get("_scored_room")  # what the buffers hold, room included
         held = room[1] if room is not None else (state.k, state.v, state.pos, state.score, state.kn, state.vn)

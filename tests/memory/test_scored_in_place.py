@@ -47,22 +47,26 @@ def test_close_up_leaves_what_it_cannot_do_alone():
         assert not close_up((x,), drop)
 
 
+@pytest.mark.parametrize("how", ["extend", "extend_unevicted"])
 @pytest.mark.parametrize("policy", SCORED)
-def test_extend_hands_the_attention_the_memory_before_it(policy):
+def test_extend_hands_the_attention_the_memory_before_it(policy, how):
     """Under inference mode every extend's k_all / v_all is the memory as it was, then the segment, up to the
-    attention that reads it, whatever eviction the extend or the last observe did in place."""
+    attention that reads it, whatever eviction the extend or the last observe did in place (`extend_unevicted`:
+    keynorm too is evicted by the observe after it, as the native model calls it)."""
     p = make_policy(policy, memory_size=6, recent_tokens=2, window=2)
+    extend = getattr(p, how)
+    observed = p.needs_attention is not None or how == "extend_unevicted"
     g = torch.Generator().manual_seed(1)
     with torch.inference_mode():
         st = p.init_state(1, 2, 4, device="cpu", dtype=torch.float32)
         for t in [4, 3, 1, 1, 1, 1, 2, 1, 1, 1, 5, 1, 1]:
             mem_k, mem_v = st.k.clone(), st.v.clone()
             k, v = torch.randn(1, 2, t, 4, generator=g), torch.randn(1, 2, t, 4, generator=g)
-            st, k_all, v_all, m = p.extend(st, k, v, k, no_shift)
+            st, k_all, v_all, m = extend(st, k, v, k, no_shift)
             assert m == mem_k.shape[2]
             assert torch.equal(k_all, torch.cat([mem_k, k], 2)) and torch.equal(v_all, torch.cat([mem_v, v], 2))
-            if p.needs_attention is not None:
-                st = p.observe(st, torch.rand(1, 2, m + t, generator=g))
+            if observed:
+                st = p.observe(st, torch.rand(1, 2, m + t, generator=g) if p.needs_attention else None)
             assert st.k.shape[2] <= 6 and bool((st.pos[..., 1:] > st.pos[..., :-1]).all())
 
 
