@@ -21,8 +21,13 @@ pairs into buffers with room for one more segment of the size just seen (an attr
 so it travels with them through `dataclasses.replace` and never into a memory file), and the next `extend`
 writes the segment there instead of concatenating: one copy of the memory per segment instead of two. A room is
 used once; a second `extend` from the same state concatenates, so a state continued twice stays what it was.
-When one pair is dropped (every token step at n_s = 1) the policy names it (`drop_one`) and the kept rows are
-the others, without a sort or a top-k.
+When one pair is dropped (every token step at n_s = 1) the policy names it (`drop_one`) and, at inference, the
+buffers of [memory; segment] are closed up in place (`close_up`: the pairs after it move down one row, order
+kept), the freed last row being the next token's room: no copy of the whole memory per token. That rewrites the
+buffers the state before the segment shares, which base.py allows at inference (old states are not reused), and
+happens only in `observe`, after the attention has read k_all: keynorm, which needs no attention, evicts inside
+`extend` on a copy, except where the caller calls `extend_unevicted` and then `observe(state, None)` (the native
+model). Pairs always stay in position order.
 """
 
 from __future__ import annotations
