@@ -19,6 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_TOKENIZER = ROOT / "segcli" / "bundled" / "tokenizer.json"
 SAMPLE = ROOT / "sample_docs"
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "transformers_api: depends on transformers' API (forward's arguments, caches, "
+                            "masks, attention modules); .ci/run runs these again under an older transformers 5")
+
+
 TINY = dict(vocab_size=8192, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
 

@@ -20,6 +20,8 @@ from recurrent_families import EXTRA_FAMILIES, FAMILIES, build_config  # noqa: E
 from conftest import BUNDLED_TOKENIZER, SAMPLE  # noqa: E402
 from segcli.cli import app  # noqa: E402
 
+pytestmark = pytest.mark.transformers_api  # .ci/run runs this module again under an older transformers 5
+
 PURE = ("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm")  # no attention layers
 REL = 1e-4
 runner = CliRunner()
@@ -54,7 +56,7 @@ def save_model(name: str, path: Path, config=None) -> Path:
 @pytest.fixture(scope="module")
 def doc(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("recdoc") / "doc.txt"
-    p.write_text((SAMPLE / "python_docs.txt").read_text(encoding="utf-8")[:600], encoding="utf-8")  # ~164 tokens
+    p.write_text((SAMPLE / "python_docs.txt").read_text(encoding="utf-8")[:300], encoding="utf-8")  # 88 tokens
     return p
 
 
