@@ -93,6 +93,15 @@ EXTRA_FAMILIES: dict[str, tuple[str, dict]] = {
 }
 
 
+# One family per code path of segcli.hf that transformers' API reaches (.ci/run runs the family matrix under an older
+# transformers 5 on these only): plain and llama3 rotary, partial (phi) and interleaved (gptj) rotary, every layer
+# sliding (mistral), alternating layer types with softcapping (gemma2) and two rotary sets (gemma3_text), attention
+# sinks and experts (gpt_oss), key-values shared across layers (gemma3n_text), chunked and rotary-free layers
+# (llama4_text), ALiBi (bloom), fused query-key-values (falcon), learned positions (gpt2, opt's offset ones).
+API_FAMILIES = ("llama", "llama3-rope", "phi", "gptj", "mistral", "gemma2", "gemma3_text", "gpt_oss", "gemma3n_text",
+                "llama4_text", "bloom", "falcon", "gpt2", "opt")
+
+
 def build_config(name: str):
     """The family's config (vocab 8,192, initializer_range 0.08), or None when this transformers lacks the family."""
     from transformers import AutoConfig
