@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -110,18 +110,26 @@ class Backend:
 REDUCE_GRAIN = 32768  # torch's GRAIN_SIZE: a CPU reduction of fewer elements (or on one thread) runs serially
 
 
+def f32(xs: list[float]) -> list[float]:
+    """Each value rounded to the nearest float32 (an `array("f")` stores C floats)."""
+    return array("f", xs).tolist()
+
+
 def norm_means(buffers: list[Tensor], start: int, end: int) -> list[float] | None:
     """float(buf[:, :, start:end].mean()) of each float32 buffer (B, H, cap) (all of one shape), bit for bit, in
-    three kernels; None where the views reduce another way (the caller then asks `mean`).
+    two kernels; None where the views reduce another way (the caller then asks `mean`).
 
     A CPU reduction of such a view to one number sums each of its B x H rows (end - start contiguous floats) on
     its own and adds the row sums in order, in float32, starting from 0; `mean` then divides by their count in
-    float32. Here one `cat` stacks every buffer's rows, one `sum(-1)` over the slice reduces each row alone the
-    same way, the row sums of each buffer are added in order in float32 (numpy's accumulate is sequential) and
-    divided in float32. Reduced another way, so None: fewer than two columns (a single column is summed across
-    rows in another order), a slice that spans whole buffers of several rows (its rows merge into one), and on
-    several threads a reduction large enough to be split among them. `tests/engine/test_stream_stats.py`
-    compares it with `mean`."""
+    float32. Here one `cat` stacks every buffer's rows and one `sum(-1)` over the slice reduces each row alone the
+    same way; the row sums of each buffer are then added in order and divided in Python, each result rounded to
+    float32 (`f32`): a double holds more than twice float32's precision, so a sum or quotient of two float32s
+    computed in double and rounded to float32 is the float32 operation's own result (rounding twice is rounding
+    once). No numpy: every tensor or array operation between two forwards costs tens of microseconds on a cold
+    cache, a few Python lines far less. Reduced another way, so None: fewer than two columns (a single column is
+    summed across rows in another order), a slice that spans whole buffers of several rows (its rows merge into
+    one), and on several threads a reduction large enough to be split among them.
+    `tests/engine/test_stream_stats.py` compares it with `mean`."""
     b, h, cap = buffers[0].shape
     m = end - start
     rows = len(buffers) * b * h
@@ -129,10 +137,14 @@ def norm_means(buffers: list[Tensor], start: int, end: int) -> list[float] | Non
             or any(x.dtype != torch.float32 or x.shape != (b, h, cap) for x in buffers)
             or (torch.get_num_threads() > 1 and rows * m >= REDUCE_GRAIN)):
         return None
-    sums = torch.cat(buffers, 1)[:, :, start:end].sum(-1).numpy()  # (B, V x H): every row's own sum
-    per_view = sums.reshape(b, len(buffers), h).transpose(1, 0, 2).reshape(len(buffers), b * h)  # rows in view order
-    totals = np.add.accumulate(per_view, axis=1)[:, -1]  # float32, added in row order
-    return (totals / np.float32(b * h * m)).tolist()
+    sums = torch.cat(buffers, 1).narrow(2, start, m).sum(-1).tolist()  # B lists of V x H: every row's own sum
+    acc = None  # per buffer, its rows' sums added in row order (batch, then head)
+    for batch_row in sums:
+        for j in range(h):
+            col = batch_row[j::h]  # every buffer's row (batch, j)
+            acc = col if acc is None else f32([a + c for a, c in zip(acc, col)])
+    count = f32([b * h * m])[0]
+    return f32([a / count for a in acc])
 
 
 def fifo_stats(layers: list[tuple[Any, Any]]) -> list[LayerStats] | None:

@@ -28,8 +28,9 @@ class HFBackend(Backend):
     kind = "hf"
     attn_implementation: str = "sdpa"  # what the model was loaded with (some policies switch it while they run)
     load_args: dict = field(default_factory=dict)  # how to load the checkpoint again (path, revision, ...)
-    # what the last step checked: (model, policy, attention implementation) -> (position limit, why); a step under
-    # the same three skips the checks (attention switched, features looked up), ~40 us of a ~5 ms token step
+    # what the last step checked: (model, policy, text config, attention implementation) -> (position limit, why); a
+    # step under the same model, policy and implementation skips the checks (attention switched, features looked up),
+    # ~40 us of a ~5 ms token step
     _checked: tuple | None = field(default=None, init=False, repr=False, compare=False)
     _limit: tuple = field(default=(None, None), init=False, repr=False, compare=False)
 
@@ -106,12 +107,14 @@ class HFBackend(Backend):
         t = ids.shape[1]
         start = memory.seen
         model, policy = self.model, memory.policy
-        checked = (model, policy, model.config.get_text_config()._attn_implementation)
-        if checked != self._checked:
+        checked = self._checked  # (model, policy, its text config, the attention implementation checked)
+        if (checked is None or checked[0] is not model or checked[1] is not policy
+                or checked[2]._attn_implementation != checked[3]):
             self._use_attention(self.attention_for(policy), policy.name)
             feats = model_features(model)
             self._limit = (feats.position_limit, feats.limit_reason)
-            self._checked = (model, policy, model.config.get_text_config()._attn_implementation)
+            text = model.config.get_text_config()
+            self._checked = (model, policy, text, text._attn_implementation)
         limit, reason = self._limit
         if limit is not None and start + t > limit:
             raise UsageError(

@@ -7,6 +7,7 @@ prints.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 from dataclasses import dataclass, field, fields
@@ -85,7 +86,11 @@ def safe_exp(x: float) -> float:
 def memory_report(stats: list[LayerStats], policy: str, mass: float | None) -> MemoryReport:
     """One segment's memory report from its layers' stats (slots, norms and ages from the attention layers;
     bytes from every memory tensor, recurrent states included)."""
-    attention = [s for s in stats if getattr(s, "kind", "attention") == "attention"] or stats
+    if all(type(s) is LayerStats for s in stats):  # attention layers only (the usual case): no per-kind breakdown
+        attention, kinds = stats, None
+    else:
+        attention = [s for s in stats if getattr(s, "kind", "attention") == "attention"] or stats
+        kinds = by_kind(stats)
     n = max(len(attention), 1)
     s0 = attention[0]
     return MemoryReport(
@@ -100,7 +105,7 @@ def memory_report(stats: list[LayerStats], policy: str, mass: float | None) -> M
         tokens_per_slot=s0.tokens_per_slot,
         evicted=getattr(s0, "evicted", 0),
         mean_age=sum(getattr(s, "mean_age", 0.0) for s in attention) / n,
-        by_kind=by_kind(stats),
+        by_kind=kinds,
     )
 
 
@@ -130,13 +135,12 @@ class Stream:
         self.band = backend.sliding_window(self.memory, cfg.segment_size) if window_chunk > 0 else None
         self.chunk = pass_size(self.band, window_chunk) if self.band else 1
 
-    @torch.inference_mode()
     def _step(self, ids: torch.Tensor, memory):
-        """One segment; info = ([mass], [its layers' stats]), the band pass's shape for one token."""
+        """One segment; info = ([mass], [its layers' stats]), the band pass's shape for one token. Run in inference
+        mode (`segments`)."""
         logits, memory, mass = self.backend.step(ids, memory)
         return logits, memory, ([mass], [self.backend.memory_stats(memory)])
 
-    @torch.inference_mode()
     def _band_step(self, ids: torch.Tensor, memory):
         logits, memory, masses, stats = self.backend.step_window(ids, memory, self.band)
         return logits, memory, (masses, stats)
@@ -148,8 +152,13 @@ class Stream:
         `should_stop` is polled between segments (signal handlers set it), so a stop
         never leaves a segment half-done (between passes of `window_chunk` tokens at
         segment size 1: the memory then matches the last result yielded).
+
+        Each segment's step and loss run in one inference-mode block, left before its results are yielded. The
+        per-segment work outside the forward is kept to few tensor operations: each costs tens of microseconds
+        on the cache a forward leaves (one tensor of inputs and targets per window, no no-op `float`/`cpu`).
         """
         backend, ns = self.backend, self.cfg.segment_size
+        device = backend.device
         cum_nll, cum_tokens = 0.0, 0
         index = 0
 
@@ -157,26 +166,37 @@ class Stream:
             for w in doc.windows(self.chunk if self.band else ns):
                 if should_stop is not None and should_stop():
                     return
-                yield torch.tensor(w.input_ids, dtype=torch.long).to(backend.device)[None], w  # (1, T)
+                ids, targets = window_tensors(w, device)
+                yield ids, (w, targets)
 
-        for s in stream(self._band_step if self.band else self._step, self.memory, segments(), backend.device):
-            self.memory, w, (masses, stats) = s.memory, s.item, s.info
-            with torch.inference_mode():
-                targets = torch.tensor(w.target_ids, dtype=torch.long).to(backend.device)  # (T,)
-                token_nll = F.cross_entropy(s.logits[0].float(), targets, reduction="none").cpu()
+        steps = stream(self._band_step if self.band else self._step, self.memory, segments(), device)
+        while True:
+            with contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.inference_mode():
+                s = next(steps, None)
+                if s is None:
+                    break
+                (w, targets), (masses, stats) = s.item, s.info
+                logits = s.logits[0]  # (T, V)
+                token_nll = F.cross_entropy(logits if logits.dtype == torch.float32 else logits.float(), targets,
+                                            reduction="none")  # (T,)
+                if token_nll.device.type != "cpu":
+                    token_nll = token_nll.cpu()
+                all_nll = token_nll.tolist()
+                whole = None if self.band else float(token_nll.sum())  # the window is one segment: its summed loss
+            self.memory = s.memory
             seconds = s.seconds
             parts = w.tokens() if self.band else [w]  # one segment per token when banded, else the window itself
             share = seconds / len(parts)
-            all_nll = token_nll.tolist()
             for j, part in enumerate(parts):
                 start, end = part.start, part.start + len(part.target_ids)
                 nll_list = all_nll[start - w.start : end - w.start]
-                nll = nll_list[0] if self.band else float(token_nll.sum())
+                nll = nll_list[0] if self.band else whole
                 if not math.isfinite(nll):
                     raise RunError(f"{doc.name}: segment {index} (tokens {start}-{end}) produced a non-finite loss "
                                    f"({nll}); try --dtype float32")
                 tokens = end - start
-                n_bytes = part.n_bytes
+                end_bytes = as_list(part.end_bytes)
+                n_bytes = end_bytes[-1] - part.byte_start  # `part.n_bytes`, from the list (no numpy scalar)
                 cum_nll += nll
                 cum_tokens += tokens
                 yield SegmentResult(
@@ -199,9 +219,19 @@ class Stream:
                     token_nll=nll_list,
                     token_ids=as_list(part.target_ids),
                     byte_start=part.byte_start,
-                    token_end_bytes=as_list(part.end_bytes),
+                    token_end_bytes=end_bytes,
                 )
                 index += 1
+
+
+def window_tensors(w, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A window's model input (1, T) and targets (T,): rows of one (2, T) tensor when both are lists (one tensor
+    built per window, not two), else one tensor each (a numpy array is converted whole)."""
+    if type(w.input_ids) is list and type(w.target_ids) is list:
+        pair = torch.tensor([w.input_ids, w.target_ids], dtype=torch.long, device=device)  # (2, T)
+        return pair[:1], pair[1]
+    ids = torch.as_tensor(w.input_ids, dtype=torch.long, device=device)[None]
+    return ids, torch.as_tensor(w.target_ids, dtype=torch.long, device=device)
 
 
 def as_list(x) -> list[int]:
