@@ -625,7 +625,7 @@ class SegcliCache(Cache):
 
     def memory_mass(self) -> float | None:
         """Mean attention mass on memory over the layers that reported one for the last segment."""
-        masses = [layer.mass for layer in self.memory_layers if layer.mass is not None]
+        masses = [layer.mass for layer in self.layers if isinstance(layer, PolicyLayer) and layer.mass is not None]
         return float(torch.stack(masses).mean()) if masses else None
 
 
@@ -820,14 +820,20 @@ def _budget_hook(module, args, kwargs):
     return _swap_mask(module, args, kwargs, own)
 
 
+def _hooks_once(model, attr: str, install: Callable) -> list:
+    """`install(module)` on every attention module, once per model (the handles kept as `model.<attr>`)."""
+    handles = getattr(model, attr, None)
+    if handles is None:
+        handles = [install(m) for m in attention_modules(model)]
+        setattr(model, attr, handles)
+    return handles
+
+
 def track_budget_masks(model) -> list:
     """Forward pre-hooks (installed once per model) that hand each attention module its own columns of the mask
     under per-layer budgets (`_budget_hook`); they change nothing for any other cache. Returns the handles."""
-    handles = getattr(model, "_segcli_budget_hooks", None)
-    if handles is None:
-        handles = [m.register_forward_pre_hook(_budget_hook, with_kwargs=True) for m in attention_modules(model)]
-        model._segcli_budget_hooks = handles
-    return handles
+    return _hooks_once(model, "_segcli_budget_hooks",
+                       lambda m: m.register_forward_pre_hook(_budget_hook, with_kwargs=True))
 
 
 @contextlib.contextmanager
@@ -893,11 +899,7 @@ def track_memory_mass(model) -> list:
     """Forward hooks (installed once per model) that read each attention module's own probabilities (eager
     attention returns them) into its cache layer: the mass on memory, and for the policies that evict by
     attention (tova, h2o, snapkv) their `observe`. SDPA returns none: nothing is recorded. Returns the handles."""
-    handles = getattr(model, "_segcli_hooks", None)
-    if handles is None:
-        handles = [m.register_forward_hook(_mass_hook, with_kwargs=True) for m in attention_modules(model)]
-        model._segcli_hooks = handles
-    return handles
+    return _hooks_once(model, "_segcli_hooks", lambda m: m.register_forward_hook(_mass_hook, with_kwargs=True))
 
 
 # -- segcli's attention function: the linear memory's read ------------------------------------------------------------
