@@ -13,6 +13,8 @@ from conftest import BUNDLED_TOKENIZER, SAMPLE
 from hf_families import save_family
 from segcli.cli import app
 
+pytestmark = pytest.mark.transformers_api  # .ci/run runs this module again under an older transformers 5
+
 runner = CliRunner()
 FAST = ["--max-tokens", "80", "--segment-sizes", "1,9", "--device", "cpu", "-q"]
 

@@ -16,6 +16,8 @@ from test_recurrent_stream import save_model  # noqa: E402
 
 from segcli.config import RunConfig  # noqa: E402
 
+pytestmark = pytest.mark.transformers_api  # .ci/run runs this module again under an older transformers 5
+
 IDS = torch.randint(1, 8000, (1, 70), generator=torch.Generator().manual_seed(1))
 
 
