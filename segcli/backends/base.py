@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,14 +116,29 @@ def f32(xs: list[float]) -> list[float]:
     return array("f", xs).tolist()
 
 
+_SCRATCH = threading.local()  # per thread: the buffer `norm_means` stacks into
+
+
+def _cat_buffer(shape: tuple[int, int, int]) -> Tensor:
+    """A float32 CPU tensor of `shape` kept for the next call of this thread: a new (B, V x H, cap) stack per
+    segment, often above malloc's mmap threshold, costs a mapping and its page faults every time. A normal tensor
+    (not an inference one), so that it can be written inside and outside inference mode."""
+    buf = getattr(_SCRATCH, "cat", None)
+    if buf is None or tuple(buf.shape) != shape:
+        with torch.inference_mode(False):
+            buf = torch.empty(shape, dtype=torch.float32)
+        _SCRATCH.cat = buf
+    return buf
+
+
 def norm_means(buffers: list[Tensor], start: int, end: int) -> list[float] | None:
     """float(buf[:, :, start:end].mean()) of each float32 buffer (B, H, cap) (all of one shape), bit for bit, in
     two kernels; None where the views reduce another way (the caller then asks `mean`).
 
     A CPU reduction of such a view to one number sums each of its B x H rows (end - start contiguous floats) on
     its own and adds the row sums in order, in float32, starting from 0; `mean` then divides by their count in
-    float32. Here one `cat` stacks every buffer's rows and one `sum(-1)` over the slice reduces each row alone the
-    same way; the row sums of each buffer are then added in order and divided in Python, each result rounded to
+    float32. Here one `cat` stacks every buffer's rows (into a buffer kept per thread, `_cat_buffer`) and one
+    `sum(-1)` over the slice reduces each row alone the same way; the row sums of each buffer are then added in order and divided in Python, each result rounded to
     float32 (`f32`): a double holds more than twice float32's precision, so a sum or quotient of two float32s
     computed in double and rounded to float32 is the float32 operation's own result (rounding twice is rounding
     once). No numpy: every tensor or array operation between two forwards costs tens of microseconds on a cold
@@ -137,7 +153,8 @@ def norm_means(buffers: list[Tensor], start: int, end: int) -> list[float] | Non
             or any(x.dtype != torch.float32 or x.shape != (b, h, cap) for x in buffers)
             or (torch.get_num_threads() > 1 and rows * m >= REDUCE_GRAIN)):
         return None
-    sums = torch.cat(buffers, 1).narrow(2, start, m).sum(-1).tolist()  # B lists of V x H: every row's own sum
+    stack = torch.cat(buffers, 1, out=_cat_buffer((b, len(buffers) * h, cap)))  # (B, V x H, cap)
+    sums = stack.narrow(2, start, m).sum(-1).tolist()  # B lists of V x H: every row's own sum
     acc = None  # per buffer, its rows' sums added in row order (batch, then head)
     for batch_row in sums:
         for j in range(h):
