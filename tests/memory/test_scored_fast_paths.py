@@ -107,3 +107,23 @@ def test_stats_read_the_stored_norms_and_a_state_without_them():
         p.check_state(old, batch=1, heads=2, head_dim=8, dtype=torch.float32, seen=st.seen)
         nxt = p.extend(old, *(torch.ones(1, 2, 1, 8),) * 2, None, no_shift)[0]
         assert torch.allclose(nxt.kn, nxt.k.norm(dim=-1))
+
+
+@pytest.mark.parametrize("m,t,n_last", [(0, 8, 8), (5, 8, 1), (12, 16, 3), (40, 16, 16)])
+def test_scored_attention_at_inference_is_the_masked_softmax(m, t, n_last):
+    """The inference form (scores and mask from one baddbmm, softmax in place) against a plain masked softmax:
+    output, memory mass and the last queries' summed probabilities."""
+    from segcli.ops.attention import scored_attention
+
+    g = torch.Generator().manual_seed(m + t)
+    q, k_all, v_all = (torch.randn(2, 3, n, 8, generator=g) for n in (t, m + t, m + t))
+    allowed = torch.arange(m + t)[None] <= torch.arange(m, m + t)[:, None]  # (T, S): all memory, causal segment
+    p = torch.softmax((q @ k_all.transpose(-1, -2) / 8 ** 0.5).masked_fill(~allowed, float("-inf")), -1)
+    with torch.inference_mode():
+        out, mass, attn = scored_attention(q, k_all, v_all, m, k_all[:, :, m:], v_all[:, :, m:], n_last)
+    torch.testing.assert_close(out, p @ v_all)
+    torch.testing.assert_close(attn, p[:, :, t - n_last:].sum(-2))
+    if m:
+        torch.testing.assert_close(mass, p[..., :m].sum(-1))
+    else:
+        assert mass is None
