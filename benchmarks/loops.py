@@ -246,21 +246,13 @@ def run_hf(b: Bench, fm: FlopModel, native_backend, doc, inp, tgt, text: str, wi
             inner: list[float] = []
             native_gens, add_native_rows = (native_loops(b, fm, native_backend, doc, inp, tgt, ns, plan)
                                             if with_native else ([], None))
-            hf_gens = [stream_segments(hf_backend, cfg, doc, plan, fm, inner),
-                       raw_segments(hf_step(hf_backend.model), (hf_backend.new_memory(cfg), 0), inp, tgt, plan, ns, fm,
-                                    slots),
-                       raw_segments(hf_step(plain, args.memory_size), dynamic_cache(plain), inp, tgt, plan, ns, fm, slots)]
-            # The order of a round: each loop right after another model's forward. A loop that follows a forward of
-            # its own model finds part of its weights still in cache: with the native loops last, the bare native loop
-            # ran right after the native runner's forward and gained ~0.6 ms per segment from it (n_s 16, thread CPU
-            # time; the 27 MB HF twin showed no such gain, the 14 MB native model did). Interleaved: HF runner,
-            # native runner, raw HF, bare native, plain transformers (its own copy of the weights), then the rest.
-            order = ([hf_gens[0], native_gens[0], hf_gens[1], native_gens[1], hf_gens[2], *native_gens[2:]]
-                     if native_gens else hf_gens)
-            timed = dict(zip(map(id, order), run_interleaved(order, plan.warm)))
-            t, raw, p = (timed[id(g)] for g in hf_gens)
+            t, raw, p, *native = run_interleaved([
+                stream_segments(hf_backend, cfg, doc, plan, fm, inner),
+                raw_segments(hf_step(hf_backend.model), (hf_backend.new_memory(cfg), 0), inp, tgt, plan, ns, fm, slots),
+                raw_segments(hf_step(plain, args.memory_size), dynamic_cache(plain), inp, tgt, plan, ns, fm, slots),
+                *native_gens], plan.warm)
             if add_native_rows:
-                add_native_rows(*(timed[id(g)] for g in native_gens))
+                add_native_rows(*native)
             t.inner_seconds = inner[0] if inner else None
             b.add_row("segcli HF backend: Stream(load_backend(--model))", "segcli-hf", ns, t, policy="fifo",
                       memory_size=cfg.memory_size, api="segcli.backends.load_backend + segcli.engine.stream.Stream")
