@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -82,7 +83,19 @@ def rate(row: dict | None) -> float | None:
     return None if row is None else row.get("tokens_per_s_median")
 
 
-PERCENT_TARGETS = ("mfu_seg128", "bw_seg1", "bw_seg1_tokens", "hf_overhead", "runner_overhead", "runner_untimed", "hf_vs_plain")
+def block_ratios(row: dict, baseline: dict) -> list[float]:
+    """baseline / row tok/s - 1 in each block. Interleaved loops stream the same segments round by round, so block
+    j of each covers the same rounds, the same stretch of time: a per-block ratio does not see the machine's drift
+    (2-3x over a run on a shared machine), a ratio of the two loops' medians can compare different blocks."""
+    return [b / a - 1 for a, b in zip(row.get("tokens_per_s_blocks") or [], baseline.get("tokens_per_s_blocks") or [])]
+
+
+def block_overhead(row: dict, baseline: dict) -> float | None:
+    ratios = block_ratios(row, baseline)
+    return statistics.median(ratios) if ratios else None
+
+
+PERCENT_TARGETS = ("mfu_seg128", "bw_seg1", "bw_seg1_tokens", "hf_overhead", "hf_overhead_blocks", "runner_overhead", "runner_untimed", "hf_vs_plain")
 
 
 def fmt_measure(key: str, x: float | None) -> str:
@@ -140,6 +153,10 @@ def comparisons(b: Bench, fm: FlopModel) -> list[dict[str, Any]]:
         if h and raw:  # issue 17: the runner and backend alone, over forwards of the same model with the same cache
             out.append(target_row("hf_overhead", rate(raw) / rate(h) - 1, f"{rate(h):,.1f} vs {rate(raw):,.1f} tok/s raw",
                                   f"HF backend over raw forward calls with segcli's cache, n_s={ns}"))
+            if (per_block := block_overhead(h, raw)) is not None:
+                out.append(info_row("hf_overhead_blocks", f"the same, median over time-aligned blocks, n_s={ns}",
+                                    per_block, "raw / HF tok/s - 1 per block: " + ", ".join(
+                                        f"{x:+.1%}" for x in block_ratios(h, raw))))
         if h and p:  # and over what a user writes without segcli (DynamicCache cropped to the window)
             out.append(info_row("hf_vs_plain", f"HF backend over plain transformers (DynamicCache cropped), n_s={ns}",
                                 rate(p) / rate(h) - 1, f"{rate(h):,.1f} vs {rate(p):,.1f} tok/s"))
