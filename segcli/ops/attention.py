@@ -184,8 +184,8 @@ def scored_attention(q: Tensor, k_all: Tensor, v_all: Tensor, m: int, k: Tensor,
 
     q, k, v (B, H, T, D); k_all/v_all (B, H, m + T, D). Returns out (B, H, T, D), mass (B, H, T) or None, and
     attn (B, H, m + T) float32, detached (scores never carry gradient). At inference one explicit softmax over
-    [memory; segment], computed in place in its score matrix (the mask added by the scores' matmul,
-    `segment_bias`), gives the output and every query's probabilities: on CPU at n_s = 128 about the fused kernels' time
+    [memory; segment], computed in place in its score matrix (the causal mask written into the segment's block
+    only), gives the output and every query's probabilities: on CPU at n_s = 128 about the fused kernels' time
     (`attend`), where a fresh (T, S) matrix per step costs more than the softmax itself (new pages). With
     autograd on, h2o (n_last = T) takes one masked softmax on keys that carry the segment's gradients; tova and
     snapkv take `attend` and score their last queries' rows again.
@@ -196,10 +196,9 @@ def scored_attention(q: Tensor, k_all: Tensor, v_all: Tensor, m: int, k: Tensor,
         p = torch.softmax((q * scale) @ k_all.transpose(-1, -2), dim=-1)  # (B, H, 1, m + 1)
         return p @ v_all, (p[..., :m].sum(-1) if m else None), p[:, :, 0].float()
     if not torch.is_grad_enabled():
-        b, h, _, d = q.shape  # scores with the mask added by the matmul itself (memory: every query sees all of it)
-        p = torch.baddbmm(segment_bias(m, t, q.dtype, q.device).expand(b * h, t, s), q.reshape(b * h, t, d),
-                          k_all.reshape(b * h, s, d).transpose(1, 2), alpha=scale).view(b, h, t, s)
-        p = _softmax_(p)  # (B, H, T, S) probabilities, in place
+        p = (q * scale) @ k_all.transpose(-1, -2)  # (B, H, T, S) scores, then probabilities in place
+        p.narrow(-1, m, t).add_(causal_bias(t, p.dtype, q.device))  # memory: every query sees all of it
+        p = _softmax_(p)
         out = p @ v_all  # (B, H, T, D)
         mass = p[..., :m].sum(-1) if m else None
         last = p if n_last >= t else p.narrow(-2, t - n_last, n_last)
@@ -230,22 +229,6 @@ def causal_bias(t: int, dtype: torch.dtype, device) -> Tensor:
             _BIASES.clear()
         got = _BIASES[key] = torch.zeros(t, t, dtype=dtype, device=device).masked_fill_(~causal_mask(t, device),
                                                                                       float("-inf"))
-    return got
-
-
-def segment_bias(m: int, t: int, dtype: torch.dtype, device) -> Tensor:
-    """(T, m + T) additive mask of T queries over [memory; segment]: 0 on the memory and `causal_bias` on the
-    segment. The scored attention's matmul adds it as its input (baddbmm, beta = 1): one pass over the scores
-    instead of the scaled queries' copy and an add on the strided segment block (~0.15 ms of a layer's step at
-    n_s = 128, n_c = 512). Built once per shape (inference only: it is never written)."""
-    key = ("segment", m, t, dtype, str(device), torch.is_inference_mode_enabled())
-    got = _BIASES.get(key)
-    if got is None:
-        if len(_BIASES) > 32:
-            _BIASES.clear()
-        got = torch.zeros(t, m + t, dtype=dtype, device=device)
-        got.narrow(1, m, t).copy_(causal_bias(t, dtype, device))
-        _BIASES[key] = got
     return got
 
 

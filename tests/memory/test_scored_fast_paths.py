@@ -111,7 +111,7 @@ def test_stats_read_the_stored_norms_and_a_state_without_them():
 
 @pytest.mark.parametrize("m,t,n_last", [(0, 8, 8), (5, 8, 1), (12, 16, 3), (40, 16, 16)])
 def test_scored_attention_at_inference_is_the_masked_softmax(m, t, n_last):
-    """The inference form (scores and mask from one baddbmm, softmax in place) against a plain masked softmax:
+    """The inference form (explicit softmax in place in its score matrix) against a plain masked softmax:
     output, memory mass and the last queries' summed probabilities."""
     from segcli.ops.attention import scored_attention
 
