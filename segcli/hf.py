@@ -891,7 +891,9 @@ def _mass_hook(module, args, kwargs, output) -> None:
         heads = layer.state.k.shape[1]
         a = w[:, :, -q:].float().sum(2)  # (B, H, m + T): summed over the last q queries
         a = a.reshape(a.shape[0], heads, -1, a.shape[-1]).sum(2)  # (B, H_kv, m + T): over each group's heads
-        layer.state = layer.policy.observe(layer.state, a)
+        # on a copy, never in place: the model may still read what `update` returned after this hook (gemma3n's
+        # shared_kv_states feed its later layers the [memory; segment] this layer read)
+        layer.state = layer.policy.evict(layer.state, a, in_place=False)
         layer.n_slots = layer.policy.slots(layer.state)
 
 
