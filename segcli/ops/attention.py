@@ -195,7 +195,7 @@ def scored_attention(q: Tensor, k_all: Tensor, v_all: Tensor, m: int, k: Tensor,
     if t == 1 and not torch.is_grad_enabled():  # one query sees every key (a token step): nothing to mask
         p = torch.softmax((q * scale) @ k_all.transpose(-1, -2), dim=-1)  # (B, H, 1, m + 1)
         return p @ v_all, (p[..., :m].sum(-1) if m else None), p[:, :, 0].float()
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() and q.dtype == torch.float32:  # half precision: the forms below, scored in float32
         p = (q * scale) @ k_all.transpose(-1, -2)  # (B, H, T, S) scores, then probabilities in place
         p.narrow(-1, m, t).add_(causal_bias(t, p.dtype, q.device))  # memory: every query sees all of it
         p = _softmax_(p)
@@ -215,21 +215,20 @@ def scored_attention(q: Tensor, k_all: Tensor, v_all: Tensor, m: int, k: Tensor,
     return out, mass, last_query_attention(q[:, :, t - n_last :].detach(), k_all, m, t, scale)
 
 
-_BIASES: dict[tuple, Tensor] = {}
+_BIASES: dict[tuple, Tensor] = {}  # (dtype, device, inference mode) -> the largest causal bias built yet
 
 
 def causal_bias(t: int, dtype: torch.dtype, device) -> Tensor:
     """(T, T) additive causal mask, 0 where a query may attend and -inf above the diagonal (added to finite scores:
     exactly `masked_fill`'s result, ~8x faster in place on a strided block than masked_fill_ with a bool mask).
-    Built once per shape (inference only: it is never written)."""
-    key = (t, dtype, str(device), torch.is_inference_mode_enabled())
+    A view of one cached (T', T') mask, T' the largest T yet (its top-left block is the causal mask of any smaller
+    T): one tensor per dtype and device however many segment lengths a run sees. Inference only: never written."""
+    key = (dtype, str(device), torch.is_inference_mode_enabled())
     got = _BIASES.get(key)
-    if got is None:
-        if len(_BIASES) > 32:
-            _BIASES.clear()
+    if got is None or got.shape[0] < t:
         got = _BIASES[key] = torch.zeros(t, t, dtype=dtype, device=device).masked_fill_(~causal_mask(t, device),
                                                                                       float("-inf"))
-    return got
+    return got[:t, :t]
 
 
 def _softmax_(x: Tensor) -> Tensor:

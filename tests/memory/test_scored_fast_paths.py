@@ -127,3 +127,35 @@ def test_scored_attention_at_inference_is_the_masked_softmax(m, t, n_last):
         torch.testing.assert_close(mass, p[..., :m].sum(-1))
     else:
         assert mass is None
+
+
+@pytest.mark.parametrize("t", [3, 8, 16, 5])
+def test_causal_bias_is_one_cached_mask_whatever_the_lengths(t):
+    """Segment lengths a run sees (each document's last segment its own) share one cached mask: a view of the
+    largest yet, equal to the plain causal mask of each length."""
+    from segcli.ops.attention import _BIASES, causal_bias, causal_mask
+
+    with torch.inference_mode():
+        for n in (t, 2 * t, t, 1):
+            got = causal_bias(n, torch.float32, "cpu")
+            want = torch.zeros(n, n).masked_fill(~causal_mask(n, "cpu"), float("-inf"))
+            assert torch.equal(got, want)
+    assert sum(1 for key in _BIASES if key[0] == torch.float32 and key[1] == "cpu") <= 2  # in and out of inference
+
+
+@pytest.mark.parametrize("n_last", [1, 2, 12])
+def test_half_precision_scores_what_autograd_scores(n_last):
+    """In bfloat16 (CUDA's default dtype) a softmax in the model's dtype makes ties that reorder the kept pairs:
+    the inference form scores there as the autograd form does (tova, snapkv: the last queries in float32), so an
+    inference stream keeps what a training stream keeps."""
+    from segcli.ops.attention import scored_attention
+
+    g = torch.Generator().manual_seed(n_last)
+    m, t = 20, 12
+    q, k_all, v_all = (torch.randn(1, 2, n, 16, generator=g).bfloat16() for n in (t, m + t, m + t))
+    args = (q, k_all, v_all, m, k_all[:, :, m:], v_all[:, :, m:], n_last)
+    want = scored_attention(*args)
+    with torch.inference_mode():
+        got = scored_attention(*args)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
