@@ -116,7 +116,9 @@ def close_up(held: tuple[Tensor, ...], drop: Tensor) -> bool:
     at n_s = 1 each token moved only the rows after its drop (about half the memory, measured on the bundled
     model) and no new buffers. Only for contiguous CPU tensors of S rows at inference (the caller's own
     buffers: the state the segment was appended to shares them and must not be reused, as base.py allows);
-    False, nothing changed, where that does not hold."""
+    False, nothing changed, where that does not hold. It writes through `data_ptr` (autograd's version counter
+    never sees it), so a caller that may still read [memory; segment] after the eviction evicts with
+    `in_place=False` (segcli.hf: a Hugging Face model's shared layers read an earlier layer's keys and values)."""
     s = held[0].shape[2]
     if torch.is_grad_enabled() or any(x.device.type != "cpu" or not x.is_contiguous() or x.shape[2] != s
                                       for x in held):
@@ -133,7 +135,7 @@ def close_up(held: tuple[Tensor, ...], drop: Tensor) -> bool:
     return True
 
 
-_GRIDS: dict[tuple, tuple[Tensor, Tensor]] = {}
+_GRIDS: dict[tuple, Tensor | tuple[Tensor, Tensor]] = {}  # flat_rows' first rows, _row_grid's grids
 
 
 def _row_grid(b: int, h: int, s: int, room: int, device) -> tuple[Tensor, Tensor]:
