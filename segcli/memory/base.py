@@ -190,6 +190,12 @@ class MemoryPolicy(ABC):
             return state, k, v, 0
         return state, torch.cat([mem.k, k], 2), torch.cat([mem.v, v], 2), mem.k.shape[2]
 
+    def extend_unevicted(self, state: Any, k: Tensor, v: Tensor, k_raw: Tensor | None, shift_keys: ShiftFn):
+        """`extend` for a caller that calls `observe(state, attn or None)` once the segment's attention has read
+        k_all: a policy may leave its eviction to that `observe` (keynorm: then a token step closes its buffers
+        up in place instead of copying them). Default: `extend`, whose state needs no `observe`."""
+        return self.extend(state, k, v, k_raw, shift_keys)
+
     def token_pass(self) -> int | None:
         """The most tokens one `extend_each` pass at segment size 1 may take; None: no parallel form (token by
         token). Default: the sliding window's width (fifo)."""

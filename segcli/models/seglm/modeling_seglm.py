@@ -142,10 +142,8 @@ class SegLMAttention(nn.Module):
             mass = mass.mean((0, 1))
         else:
             # scored policies (tova, h2o, snapkv, keynorm) evict after the attention, keynorm too: a token step then
-            # closes up the memory in place instead of copying it (`ScoredPolicy.extend_unevicted`)
-            unevicted = getattr(policy, "extend_unevicted", None)
-            extend = policy.extend if unevicted is None else unevicted
-            state, k_all, v_all, m = extend(state, stop(kr), stop(v), stop(k), shift_keys)
+            # closes up the memory in place instead of copying it (`MemoryPolicy.extend_unevicted`)
+            state, k_all, v_all, m = policy.extend_unevicted(state, stop(kr), stop(v), stop(k), shift_keys)
             # k_all = [memory before this segment; segment] (a view for window policies); the segment
             # part is taken from kr/v themselves so gradients flow within the segment.
             if policy.needs_attention is not None:  # tova, h2o, snapkv: evict by the attention just computed
@@ -154,8 +152,7 @@ class SegLMAttention(nn.Module):
                 mass = None if mass is None else mass.mean()
             else:
                 out, mass = attend(qr, k_all, v_all, m, kr, v)
-                if unevicted is not None:  # keynorm: evicted once [memory; segment] has been read
-                    state = policy.observe(state, None)
+                state = policy.observe(state, None)  # keynorm: evicted once [memory; segment] has been read
                 mass = None if mass is None else mass.mean()
         if self.key_smear is not None and isinstance(state, Carried):  # `none` carries nothing, not even this
             state = replace(state, last_key=last_key)
