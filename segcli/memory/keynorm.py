@@ -12,11 +12,8 @@ class KeyNorm(ScoredPolicy):
     size_rule = "memory_size"
     parameters = ("memory_size", "layer_budget")
 
-    def entering(self, k, kn):
-        return kn  # (B, H, T): the key norms the report keeps anyway, computed once as the pair enters
-
     def entering_into(self, out, kn):
-        out.copy_(kn)
+        out.copy_(kn)  # (B, H, T): the key norms the report keeps anyway, computed once as the pair enters
 
     def keep(self, state, attn, budget):
         return top_indices(-state.score, budget)

@@ -250,7 +250,9 @@ class ScoredPolicy(MemoryPolicy):
         else:
             kn, vn = norms(k), norms(v)  # (B, H, T): the report's norms, once per pair
             pos = torch.arange(state.seen, state.seen + t, device=k.device).expand(b, h, t)
-            new = (k, v, pos, self.entering(k, kn), kn, vn)
+            score = kn.new_empty(kn.shape)
+            self.entering_into(score, kn)
+            new = (k, v, pos, score, kn, vn)
             old = (state.k, state.v, state.pos, state.score, *stored_norms(state))
             held = tuple(torch.cat([a, x], 2) for a, x in zip(old, new))  # (B, H, m + T[, D])
         state = with_fields(state, **dict(zip(HELD, held)), seen=state.seen + t, pending=t)
@@ -317,13 +319,9 @@ class ScoredPolicy(MemoryPolicy):
         leave out, or None to call `keep`."""
         return None
 
-    def entering(self, k: Tensor, kn: Tensor) -> Tensor:
-        """The score (B, H, T) float32 of pairs entering with keys k (B, H, T, D) of norms kn (B, H, T): 0
-        (keynorm: the key's norm)."""
-        return kn.new_zeros(kn.shape)
-
     def entering_into(self, out: Tensor, kn: Tensor) -> None:
-        """`entering` written into out (B, H, T), a view of the buffers, from the norms kn already stored."""
+        """The score of pairs entering with key norms kn (B, H, T) float32, written into out (B, H, T): 0 (keynorm:
+        the key's norm)."""
         out.zero_()
 
     def scored(self, state: ScoredState, attn: Tensor) -> ScoredState:
