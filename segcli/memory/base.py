@@ -159,6 +159,12 @@ class MemoryPolicy(ABC):
         """After the segment's attention: fold in what it attended to (see the module doc). Default: nothing."""
         return state
 
+    def observe_layers(self, states: list[Any], attns: list[Tensor | None]) -> list[Any]:
+        """`observe` for every layer of one segment (states and attentions in layer order), once the model's
+        forward is done: a model whose layers do not read each other's memory within a segment (the native model)
+        observes them together, so that a policy may evict them as one. Default: one by one."""
+        return [self.observe(s, a) for s, a in zip(states, attns)]
+
     def describe(self) -> dict[str, int | str]:
         """The sizes this policy uses; the default uniform layer budget is left out (files and messages from
         before --layer-budget name the same policy)."""

@@ -27,7 +27,10 @@ kept), the freed last row being the next token's room: no copy of the whole memo
 buffers the state before the segment shares, which base.py allows at inference (old states are not reused), and
 happens only in `observe`, after the attention has read k_all: keynorm, which needs no attention, evicts inside
 `extend` on a copy, except where the caller calls `extend_unevicted` and then `observe(state, None)` (the native
-model). Pairs always stay in position order.
+model). Pairs always stay in position order. The native model observes its layers together once its forward is
+done (`observe_layers`): with uniform budgets every layer's eviction is one, over the layers' buffers stacked
+on the batch dim (the stacked buffers the last such eviction left, each layer's extend writing into its own
+rows of them): one selection and six gathers per segment instead of per layer, the same pairs kept.
 """
 
 from __future__ import annotations
@@ -234,7 +237,7 @@ class ScoredPolicy(MemoryPolicy):
             state = self.observe(state, None)
         b, h, t, _ = k.shape
         m = state.k.shape[2]
-        room = self._room(state, t)
+        room, stack = self._room(state, t)
         if room is not None:  # the buffers the last eviction left: write the segment after the memory
             kb, vb, pb, sb, knb, vnb = (buf.narrow(2, m, t) for buf in room)  # (B, H, T[, D]) each
             kb.copy_(k)
@@ -247,6 +250,8 @@ class ScoredPolicy(MemoryPolicy):
                 pb.copy_(torch.arange(state.seen, state.seen + t, device=k.device))
             self.entering_into(sb, knb)
             held = room
+            if stack is not None:  # these buffers are this layer's rows of the layers' stacked ones (`observe_layers`)
+                room[0]._scored_stack = stack
         else:
             kn, vn = norms(k), norms(v)  # (B, H, T): the report's norms, once per pair
             pos = torch.arange(state.seen, state.seen + t, device=k.device).expand(b, h, t)
@@ -259,22 +264,23 @@ class ScoredPolicy(MemoryPolicy):
         return state, held[0], held[1], m
 
     @staticmethod
-    def _room(state: ScoredState, t: int) -> tuple[Tensor, ...] | None:
+    def _room(state: ScoredState, t: int) -> tuple[tuple[Tensor, ...] | None, tuple | None]:
         """The buffers (B, H, m + t[, D]) whose first m pairs are `state`'s, when its eviction left room for t
-        more and this is the first `extend` from it (the room is taken: a second one concatenates)."""
+        more and this is the first `extend` from it (the room is taken: a second one concatenates), and where they
+        lie in the layers' stacked buffers (`observe_layers`; else None). (None, None) without room."""
         room = state.k.__dict__.pop("_scored_room", None)
         if room is None or room[0] != t or torch.is_grad_enabled():
-            return None
+            return None, None
         bufs = room[1]
         if bufs[0].shape[2] != state.k.shape[2] + t:
-            return None
+            return None, None
         if bufs[0].is_inference() and not torch.is_inference_mode_enabled():
-            return None  # inference buffers cannot be written outside inference mode
+            return None, None  # inference buffers cannot be written outside inference mode
         # the buffers were made with these views; a state whose tensors were swapped since has no room
         if any(x is None or buf.data_ptr() != x.data_ptr() for buf, x in
                zip(bufs, (state.k, state.v, state.pos, state.score, state.kn, state.vn))):
-            return None
-        return bufs
+            return None, None
+        return bufs, room[2]
 
     def update(self, state, k, v, k_raw=None):
         return self.observe(self.extend(state, k, v, k_raw, None)[0], None)
@@ -287,17 +293,25 @@ class ScoredPolicy(MemoryPolicy):
         buffers of [memory; segment] themselves (`close_up`), for callers done reading them."""
         if attn is not None:
             state = self.scored(state, attn.float())
-        total, budget = state.k.shape[2], state.budget
-        if total <= budget:
+        if state.k.shape[2] <= state.budget:
             return with_fields(state, pending=0, evicted=0)
+        kept, room, evicted = self._kept(state, attn, in_place)
+        out = with_fields(state, **{name: x.narrow(2, 0, state.budget) for name, x in zip(HELD, kept)}, pending=0,
+                          evicted=evicted)
+        if room:  # the rows after the budget: the next segment's room
+            out.k._scored_room = (room, kept, None)
+        return out
+
+    def _kept(self, state: ScoredState, attn: Tensor | None, in_place: bool):
+        """The eviction of a state over its budget (scores folded in): (kept, room, evicted), kept the six per-pair
+        tensors (B, H, budget + room[, D]) whose first `budget` pairs are the ones kept, in order, and whose last
+        `room` rows are free for the next segment."""
+        total, budget = state.k.shape[2], state.budget
         room = 0 if torch.is_grad_enabled() else state.pending  # the next segment is most likely this size
         drop = self.drop_one(state, attn, budget) if total == budget + 1 else None
         held = (state.k, state.v, state.pos, state.score, *stored_norms(state))
         if drop is not None and room == 1 and in_place and close_up(held, drop):  # a token step: its buffers, closed up in place
-            out = with_fields(state, **{name: x.narrow(2, 0, budget) for name, x in zip(HELD, held)}, pending=0,
-                              evicted=1)
-            out.k._scored_room = (1, held)  # the last row is free again: the next token's
-            return out
+            return held, 1, 1  # the last row is free again: the next token's
         if drop is not None:
             rows = rows_but_one(drop, total, room)
         else:
@@ -307,12 +321,55 @@ class ScoredPolicy(MemoryPolicy):
             rows = flat_rows(idx, total)
         b, h = state.k.shape[:2]
         shape = (b, h, budget + room)
-        kept = tuple(gather(x, rows, shape) for x in held)  # (B, H, budget + room[, D])
-        out = with_fields(state, **{name: x.narrow(2, 0, budget) for name, x in zip(HELD, kept)}, pending=0,
-                          evicted=total - budget)
-        if room:
-            out.k._scored_room = (room, kept)
+        return tuple(gather(x, rows, shape) for x in held), room, total - budget  # (B, H, budget + room[, D])
+
+    def observe_layers(self, states, attns):
+        """`observe` of every layer at once (the native model, after its forward). At inference, where every layer
+        holds [memory; segment] over the same budget (uniform budgets), one eviction of the layers side by side: a
+        state of batch L x B whose tensors are the layers' buffers stacked on the batch dim (the buffers the last
+        such eviction left, so no copy), one selection and six gathers per segment instead of per layer. Every
+        batch row is scored and kept by itself, so each layer keeps the pairs it would alone; after the model's
+        products each small operation costs several times its isolated time (cold caches), and these are most of
+        an eviction's cost at n_s = 128. Otherwise (training, pyramid budgets, a layer under its budget) layer by
+        layer."""
+        first = states[0]
+        if (len(states) < 2 or torch.is_grad_enabled() or first.k.shape[2] <= first.budget
+                or any(s.k.shape != first.k.shape or s.budget != first.budget or s.pending != first.pending
+                       or s.seen != first.seen or (a is None) != (attns[0] is None) for s, a in zip(states, attns))):
+            return super().observe_layers(states, attns)
+        held = self._side_by_side(states)  # (L*B, H, S[, D]) each
+        attn = None if attns[0] is None else torch.cat(attns, 0)  # (L*B, H, S)
+        whole = with_fields(first, **dict(zip(HELD, held)))
+        if attn is not None:
+            whole = self.scored(whole, attn.float())  # h2o: the scores (a new tensor), the others unchanged
+        kept, room, evicted = self._kept(whole, attn, True)
+        b, n = first.k.shape[0], len(states)
+        views = [x.narrow(2, 0, first.budget).split(b) for x in kept]  # per tensor: each layer's (B, H, budget[, D])
+        rooms = [x.split(b) for x in kept] if room else None
+        out = []
+        for i, s in enumerate(states):
+            o = with_fields(s, **{name: v[i] for name, v in zip(HELD, views)}, pending=0, evicted=evicted)
+            if room:  # the layer's rows of the stacked buffers, and where they lie in them (`_side_by_side`)
+                o.k._scored_room = (room, tuple(r[i] for r in rooms), (kept, i))
+            out.append(o)
         return out
+
+    @staticmethod
+    def _side_by_side(states: list[ScoredState]) -> tuple[Tensor, ...]:
+        """The layers' per-pair tensors stacked on the batch dim, (L*B, H, S[, D]) each: the stacked buffers the
+        last `observe_layers` left, where every layer's extend wrote its segment into its own rows of them (no
+        copy); else concatenated (once: the next segment's buffers are stacked)."""
+        stack = [s.k.__dict__.get("_scored_stack") for s in states]
+        b = states[0].k.shape[0]
+        if stack[0] is not None:
+            whole = stack[0][0]
+            if (whole[0].shape[0] == len(states) * b and whole[0].shape[2] == states[0].k.shape[2]
+                    and all(got is not None and got[0] is whole and got[1] == i for i, got in enumerate(stack))
+                    and all(x is not None and x.data_ptr() == w[i * b].data_ptr() for i, s in enumerate(states)
+                            for w, x in zip(whole, (s.k, s.v, s.pos, s.score, s.kn, s.vn)))):
+                return whole
+        return tuple(torch.cat(parts, 0) for parts in zip(*((s.k, s.v, s.pos, s.score, *stored_norms(s))
+                                                             for s in states)))
 
     def drop_one(self, state: ScoredState, attn: Tensor | None, budget: int) -> Tensor | None:
         """When [memory; segment] holds one pair more than the budget: the index (B, H, 1) of the pair `keep` would

@@ -107,10 +107,11 @@ class SegLMAttention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, policy: MemoryPolicy, state: Any, shift_keys,
                 band: int | None = None):
-        """Returns (y, state, mass, each): `each` the memory stats after each token of a token pass (band), else
-        None."""
+        """Returns (y, state, mass, each, awaiting): `each` the memory stats after each token of a token pass
+        (band), else None; `awaiting` (attn,) when the state still waits for `policy.observe(state, attn)` (the
+        model observes every layer at once after its forward: `MemoryPolicy.observe_layers`), else None."""
         b, t, c = x.shape
-        each = None
+        each = awaiting = None
         qkv = linear(x, self.qkv).view(b, t, 3, self.h, self.d).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         q, k, v = qkv.unbind(0)
         qr, kr = rope_rolled(qkv[:2], cos, sin).unbind(0)  # q and k rotated together; sin is the signed table
@@ -141,23 +142,23 @@ class SegLMAttention(nn.Module):
             state, out, mass, each = policy.extend_each(state, qr, stop(kr), stop(v), stop(k), shift_keys)
             mass = mass.mean((0, 1))
         else:
-            # scored policies (tova, h2o, snapkv, keynorm) evict after the attention, keynorm too: a token step then
-            # closes up the memory in place instead of copying it (`MemoryPolicy.extend_unevicted`)
+            # scored policies (tova, h2o, snapkv, keynorm) evict after the attention, keynorm too, once every layer
+            # has run (`observe_layers`): a token step then closes up the memory in place instead of copying it
+            # (`MemoryPolicy.extend_unevicted`), and the layers' evictions can run as one
             state, k_all, v_all, m = policy.extend_unevicted(state, stop(kr), stop(v), stop(k), shift_keys)
             # k_all = [memory before this segment; segment] (a view for window policies); the segment
             # part is taken from kr/v themselves so gradients flow within the segment.
             if policy.needs_attention is not None:  # tova, h2o, snapkv: evict by the attention just computed
                 out, mass, attn = scored_attention(qr, k_all, v_all, m, kr, v, policy.score_queries(t))
-                state = policy.observe(state, attn)  # attn (B, H, m + T); no GQA here: one query head per KV head
-                mass = None if mass is None else mass.mean()
+                awaiting = (attn,)  # attn (B, H, m + T); no GQA here: one query head per KV head
             else:
                 out, mass = attend(qr, k_all, v_all, m, kr, v)
-                state = policy.observe(state, None)  # keynorm: evicted once [memory; segment] has been read
-                mass = None if mass is None else mass.mean()
+                awaiting = (None,)  # keynorm: evicted once [memory; segment] has been read
+            mass = None if mass is None else mass.mean()
         if self.key_smear is not None and isinstance(state, Carried):  # `none` carries nothing, not even this
             state = replace(state, last_key=last_key)
         y = linear(out.transpose(1, 2).reshape(b, t, c), self.o)
-        return y, state, mass, each
+        return y, state, mass, each, awaiting
 
 
 def _unchanged(x: Tensor) -> Tensor:
@@ -189,10 +190,11 @@ class SegLMBlock(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, policy, state, shift_keys, band=None):
-        a, state, mass, each = self.attn(_rms_norm(self.attn_norm, x), cos, sin, policy, state, shift_keys, band)
+        a, state, mass, each, awaiting = self.attn(_rms_norm(self.attn_norm, x), cos, sin, policy, state, shift_keys,
+                                                   band)
         drop = self.drop if self.training and self.drop.p > 0 else _unchanged  # no module calls at inference
         x = x + drop(a)
-        return x + drop(self.mlp(_rms_norm(self.mlp_norm, x))), state, mass, each
+        return x + drop(self.mlp(_rms_norm(self.mlp_norm, x))), state, mass, each, awaiting
 
 
 def _rms_norm(norm: nn.RMSNorm, x: Tensor) -> Tensor:
@@ -255,12 +257,16 @@ class SegLMModel(SegLMPreTrainedModel):
         b, t = input_ids.shape
         x = embed(self.embed_tokens.weight, input_ids)  # (B, T, C)
         cos, sin = self.rope_tables(memory.seen, t, input_ids.device, x.dtype)  # (T, D)
-        states, masses, each = [], [], []
+        states, masses, each, attns = [], [], [], []
         for layer, state in zip(self.layers, memory.states):
-            x, state, mass, stats = layer(x, cos, sin, memory.policy, state, self.shift_keys, band)
+            x, state, mass, stats, awaiting = layer(x, cos, sin, memory.policy, state, self.shift_keys, band)
             states.append(state)
             masses.append(mass)
             each.append(stats)
+            if awaiting is not None:  # every layer or none: they all take the same branch
+                attns.append(awaiting[0])
+        if attns:  # a layer's memory is read again only by the next segment: every layer evicts now, at once
+            states = memory.policy.observe_layers(states, attns)
         mem = SegMemory(memory.policy, states, memory.seen + t)
         mass = None if any(m is None for m in masses) else torch.stack(masses)
         return self.norm(x), mem, mass, (each if band is not None else None)
