@@ -239,19 +239,13 @@ class ScoredPolicy(MemoryPolicy):
         m = state.k.shape[2]
         room, stack = self._room(state, t)
         if room is not None:  # the buffers the last eviction left: write the segment after the memory
-            kb, vb, pb, sb, knb, vnb = (buf.narrow(2, m, t) for buf in room)  # (B, H, T[, D]) each
-            kb.copy_(k)
-            vb.copy_(v)
-            torch.linalg.vector_norm(k.float(), dim=-1, out=knb)  # `norms`, written where they are kept
-            torch.linalg.vector_norm(v.float(), dim=-1, out=vnb)
-            if t == 1:  # a token step: one position
-                pb.fill_(state.seen)
-            else:
-                pb.copy_(torch.arange(state.seen, state.seen + t, device=k.device))
-            self.entering_into(sb, knb)
+            room[0].narrow(2, m, t).copy_(k)  # (B, H, T, D)
+            room[1].narrow(2, m, t).copy_(v)
             held = room
-            if stack is not None:  # these buffers are this layer's rows of the layers' stacked ones (`observe_layers`)
-                room[0]._scored_stack = stack
+            if stack is None:
+                self._fill(held, m, t, state.seen)
+            else:  # this layer's rows of the layers' stacked buffers: `observe_layers` fills every layer's at once
+                room[0]._scored_stack = (*stack, room, m)
         else:
             kn, vn = norms(k), norms(v)  # (B, H, T): the report's norms, once per pair
             pos = torch.arange(state.seen, state.seen + t, device=k.device).expand(b, h, t)
@@ -262,6 +256,27 @@ class ScoredPolicy(MemoryPolicy):
             held = tuple(torch.cat([a, x], 2) for a, x in zip(old, new))  # (B, H, m + T[, D])
         state = with_fields(state, **dict(zip(HELD, held)), seen=state.seen + t, pending=t)
         return state, held[0], held[1], m
+
+    def _fill(self, held: tuple[Tensor, ...], m: int, t: int, seen: int) -> None:
+        """Write the position, score and key and value norms of pairs m .. m + t of `held` (the six per-pair
+        tensors (B', H, S[, D]) of [memory; segment], the segment's keys and values already in): positions
+        seen .. seen + t, the norms where they are kept, the entering score."""
+        k, v, pos, score, kn, vn = (x.narrow(2, m, t) for x in held)  # (B', H, T[, D]) each
+        torch.linalg.vector_norm(k.float(), dim=-1, out=kn)  # `norms`, written where they are kept
+        torch.linalg.vector_norm(v.float(), dim=-1, out=vn)
+        if t == 1:  # a token step: one position
+            pos.fill_(seen)
+        else:
+            pos.copy_(torch.arange(seen, seen + t, device=k.device))
+        self.entering_into(score, kn)
+
+    def _filled(self, state: ScoredState) -> ScoredState:
+        """`state` with its segment's positions, scores and norms written, where `extend` left them to the layers'
+        joint eviction (`observe_layers`) and the state is evicted alone after all."""
+        got = state.k.__dict__.pop("_scored_stack", None)
+        if got is not None:
+            self._fill(got[2], got[3], state.pending, state.seen - state.pending)
+        return state
 
     @staticmethod
     def _room(state: ScoredState, t: int) -> tuple[tuple[Tensor, ...] | None, tuple | None]:
@@ -291,6 +306,7 @@ class ScoredPolicy(MemoryPolicy):
     def evict(self, state: ScoredState, attn: Tensor | None, in_place: bool = True) -> ScoredState:
         """`observe`: the scores folded in, the state down to its budget. in_place: a token step may close up the
         buffers of [memory; segment] themselves (`close_up`), for callers done reading them."""
+        state = self._filled(state)
         if attn is not None:
             state = self.scored(state, attn.float())
         if state.k.shape[2] <= state.budget:
@@ -338,14 +354,23 @@ class ScoredPolicy(MemoryPolicy):
                        or s.seen != first.seen or (a is None) != (attns[0] is None) for s, a in zip(states, attns))):
             return super().observe_layers(states, attns)
         held = self._side_by_side(states)  # (L*B, H, S[, D]) each
+        if held is None:  # not (yet) the stacked buffers: each layer's, joined
+            held = tuple(torch.cat(parts, 0) for parts in zip(*((s.k, s.v, s.pos, s.score, *stored_norms(s))
+                                                                 for s in map(self._filled, states))))
+        else:  # every layer's segment written into its rows: their positions, scores and norms, at once
+            for s in states:
+                del s.k._scored_stack
+            self._fill(held, first.k.shape[2] - first.pending, first.pending, first.seen - first.pending)
         attn = None if attns[0] is None else torch.cat(attns, 0)  # (L*B, H, S)
         whole = with_fields(first, **dict(zip(HELD, held)))
         if attn is not None:
             whole = self.scored(whole, attn.float())  # h2o: the scores (a new tensor), the others unchanged
         kept, room, evicted = self._kept(whole, attn, True)
         b, n = first.k.shape[0], len(states)
-        views = [x.narrow(2, 0, first.budget).split(b) for x in kept]  # per tensor: each layer's (B, H, budget[, D])
-        rooms = [x.split(b) for x in kept] if room else None
+        split = (n, b, *kept[0].shape[1:3])  # (L, B, H, budget + room)
+        views = [x.narrow(2, 0, first.budget).view(*split[:3], first.budget, *x.shape[3:]).unbind(0)
+                 for x in kept]  # per tensor: each layer's (B, H, budget[, D])
+        rooms = [x.view(*split, *x.shape[3:]).unbind(0) for x in kept] if room else None
         out = []
         for i, s in enumerate(states):
             o = with_fields(s, **{name: v[i] for name, v in zip(HELD, views)}, pending=0, evicted=evicted)
@@ -355,21 +380,23 @@ class ScoredPolicy(MemoryPolicy):
         return out
 
     @staticmethod
-    def _side_by_side(states: list[ScoredState]) -> tuple[Tensor, ...]:
-        """The layers' per-pair tensors stacked on the batch dim, (L*B, H, S[, D]) each: the stacked buffers the
-        last `observe_layers` left, where every layer's extend wrote its segment into its own rows of them (no
-        copy); else concatenated (once: the next segment's buffers are stacked)."""
-        stack = [s.k.__dict__.get("_scored_stack") for s in states]
-        b = states[0].k.shape[0]
-        if stack[0] is not None:
-            whole = stack[0][0]
-            if (whole[0].shape[0] == len(states) * b and whole[0].shape[2] == states[0].k.shape[2]
-                    and all(got is not None and got[0] is whole and got[1] == i for i, got in enumerate(stack))
-                    and all(x is not None and x.data_ptr() == w[i * b].data_ptr() for i, s in enumerate(states)
-                            for w, x in zip(whole, (s.k, s.v, s.pos, s.score, s.kn, s.vn)))):
-                return whole
-        return tuple(torch.cat(parts, 0) for parts in zip(*((s.k, s.v, s.pos, s.score, *stored_norms(s))
-                                                             for s in states)))
+    def _side_by_side(states: list[ScoredState]) -> tuple[Tensor, ...] | None:
+        """The stacked buffers (L*B, H, S[, D]) the last `observe_layers` left, where every layer's extend wrote
+        its segment into its own rows of them (its state holds those rows, as that eviction handed them out);
+        else None."""
+        got = states[0].k.__dict__.get("_scored_stack")
+        if got is None:
+            return None
+        whole = got[0]
+        for i, s in enumerate(states):
+            mine = s.k.__dict__.get("_scored_stack")
+            if mine is None or mine[0] is not whole or mine[1] != i:
+                return None
+            held = mine[2]  # the room views the eviction gave this layer, which its extend wrote into
+            if not (s.k is held[0] and s.v is held[1] and s.pos is held[2] and s.score is held[3] and s.kn is held[4]
+                    and s.vn is held[5]):
+                return None
+        return whole
 
     def drop_one(self, state: ScoredState, attn: Tensor | None, budget: int) -> Tensor | None:
         """When [memory; segment] holds one pair more than the budget: the index (B, H, 1) of the pair `keep` would
@@ -425,6 +452,7 @@ class ScoredPolicy(MemoryPolicy):
             expect(bool(torch.isfinite(state.score).all()) and bool((state.score >= 0).all()), "a score is not finite and >= 0")
 
     def stats(self, state):
+        state = self._filled(state)  # a state still waiting for `observe_layers` (read before it: never by segcli)
         n = state.k.shape[2]
         key_norm = value_norm = mean_age = 0.0
         oldest = 0
