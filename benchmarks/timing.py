@@ -6,6 +6,7 @@ A streaming loop is a generator that does one segment's work between two yields 
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -119,7 +120,10 @@ def run_interleaved(gens: list[Iterator[Segment]], skip_tokens: int) -> list[Tim
 
     This machine's speed drifts by up to ~30% over tens of seconds, so loops timed one after the other can
     differ by more than the overheads compared between them; interleaved, every loop sees the same drift.
-    Each `next()` is timed: a generator does one segment's work between two yields.
+    Each `next()` is timed: a generator does one segment's work between two yields. Each round runs the loops in a
+    new order (shuffled, seeded: the same orders every run), so no loop always runs right after the same other
+    one: a loop pays for the caches the one before it left, which a fixed order charges to the same loop every
+    round (the loop after the plain transformers loop looked slower in bench.py's five-loop rounds).
     """
     timings = [Timing() for _ in gens]
 
@@ -134,7 +138,9 @@ def run_interleaved(gens: list[Iterator[Segment]], skip_tokens: int) -> list[Tim
         for i in range(len(gens)):  # warm-up, up to and including each loop's first timed segment
             while (item := step(i)) is not None and item[0] < skip_tokens:
                 pass
-        live = list(range(len(gens)))
+        live, rng = list(range(len(gens))), random.Random(0)
         while live:
-            live = [i for i in live if step(i) is not None]
+            order = live[:]
+            rng.shuffle(order)
+            live = sorted(i for i in order if step(i) is not None)
     return timings
