@@ -346,26 +346,27 @@ class ScoredPolicy(MemoryPolicy):
         such eviction left, so no copy), one selection and six gathers per segment instead of per layer. Every
         batch row is scored and kept by itself, so each layer keeps the pairs it would alone; after the model's
         products each small operation costs several times its isolated time (cold caches), and these are most of
-        an eviction's cost at n_s = 128. Otherwise (training, pyramid budgets, a layer under its budget) layer by
-        layer."""
+        an eviction's cost at n_s = 128. Where the layers do not hold stacked buffers yet (the first eviction, a
+        segment of another size) each layer is evicted alone into its rows of new stacked ones, one layer's
+        [memory; segment] copied at a time. Otherwise (training, pyramid budgets, a layer under its budget) layer
+        by layer."""
         first = states[0]
         if (len(states) < 2 or torch.is_grad_enabled() or first.k.shape[2] <= first.budget
                 or any(s.k.shape != first.k.shape or s.budget != first.budget or s.pending != first.pending
                        or s.seen != first.seen or (a is None) != (attns[0] is None) for s, a in zip(states, attns))):
             return super().observe_layers(states, attns)
         held = self._side_by_side(states)  # (L*B, H, S[, D]) each
-        if held is None:  # not (yet) the stacked buffers: each layer's, joined
-            held = tuple(torch.cat(parts, 0) for parts in zip(*((s.k, s.v, s.pos, s.score, *stored_norms(s))
-                                                                 for s in map(self._filled, states))))
+        if held is None:  # not (yet) the stacked buffers: each layer evicted alone, into its rows of new ones
+            kept, room, evicted = self._kept_stacked(states, attns)
         else:  # every layer's segment written into its rows: their positions, scores and norms, at once
             for s in states:
                 del s.k._scored_stack
             self._fill(held, first.k.shape[2] - first.pending, first.pending, first.seen - first.pending)
-        attn = None if attns[0] is None else torch.cat(attns, 0)  # (L*B, H, S)
-        whole = with_fields(first, **dict(zip(HELD, held)))
-        if attn is not None:
-            whole = self.scored(whole, attn.float())  # h2o: the scores (a new tensor), the others unchanged
-        kept, room, evicted = self._kept(whole, attn, True)
+            attn = None if attns[0] is None else torch.cat(attns, 0)  # (L*B, H, S)
+            whole = with_fields(first, **dict(zip(HELD, held)))
+            if attn is not None:
+                whole = self.scored(whole, attn.float())  # h2o: the scores (a new tensor), the others unchanged
+            kept, room, evicted = self._kept(whole, attn, True)
         b, n = first.k.shape[0], len(states)
         split = (n, b, *kept[0].shape[1:3])  # (L, B, H, budget + room)
         views = [x.narrow(2, 0, first.budget).view(*split[:3], first.budget, *x.shape[3:]).unbind(0)
@@ -379,6 +380,21 @@ class ScoredPolicy(MemoryPolicy):
             out.append(o)
         return out
 
+    def _kept_stacked(self, states, attns):
+        """`_kept` of each layer alone, its kept pairs copied into its rows of new stacked buffers (L*B, H,
+        budget + room[, D]): no copy of every layer's [memory; segment] side by side (one layer's kept at a time)."""
+        out, b = None, states[0].k.shape[0]
+        for i, (s, a) in enumerate(zip(states, attns)):
+            s = self._filled(s)
+            if a is not None:
+                s = self.scored(s, a.float())
+            kept, room, evicted = self._kept(s, a, True)
+            if out is None:
+                out = tuple(x.new_empty((len(states) * b, *x.shape[1:])) for x in kept)
+            for dst, x in zip(out, kept):
+                dst.narrow(0, i * b, b).copy_(x.narrow(2, 0, dst.shape[2]))
+        return out, room, evicted
+
     @staticmethod
     def _side_by_side(states: list[ScoredState]) -> tuple[Tensor, ...] | None:
         """The stacked buffers (L*B, H, S[, D]) the last `observe_layers` left, where every layer's extend wrote
@@ -388,6 +404,8 @@ class ScoredPolicy(MemoryPolicy):
         if got is None:
             return None
         whole = got[0]
+        if whole[0].shape[0] != len(states) * states[0].k.shape[0]:  # not every layer of the stack: not one eviction
+            return None
         for i, s in enumerate(states):
             mine = s.k.__dict__.get("_scored_stack")
             if mine is None or mine[0] is not whole or mine[1] != i:

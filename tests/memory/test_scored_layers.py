@@ -90,3 +90,42 @@ def test_pyramid_budgets_evict_layer_by_layer():
                 attns.append(torch.rand(1, 2, m + t))
             states = p.observe_layers(states, attns)
         assert [st.k.shape[2] for st in states] == [min(b, 15) for b in budgets]
+
+
+@pytest.mark.parametrize("policy", SCORED)
+def test_odd_segment_sizes_and_batch_2_stream_the_same_either_way(policy):
+    """Sizes that change between segments (a short last one, token steps after a segment) and two streams."""
+    model = tiny_model(seed=7, num_hidden_layers=3)
+    sizes = [5, 5, 3, 1, 1, 1, 7, 7, 2, 4, 4]
+    ids = torch.randint(0, 8192, (2, sum(sizes)), generator=torch.Generator().manual_seed(4))
+    runs = []
+    for p in (make_policy(policy, **SIZES), one_by_one(make_policy(policy, **SIZES))):
+        with torch.inference_mode():
+            mem, s, logits = model.new_memory(p, batch=2), 0, []
+            for n in sizes:
+                out = model(ids[:, s : s + n], mem)
+                mem, s = out.memory, s + n
+                logits.append(out.logits.clone())
+            runs.append((torch.cat(logits, 1), [{n: getattr(st, n).clone() for n in HELD} for st in mem.states]))
+    (fast, fast_states), (plain, plain_states) = runs
+    assert torch.equal(fast, plain)
+    assert all(torch.equal(a[n], c[n]) for a, c in zip(fast_states, plain_states) for n in HELD)
+
+
+def test_layers_observed_apart_leave_the_others_as_they_were():
+    """observe_layers on some of the stacked layers evicts those alone and never touches the others' rows."""
+    p = make_policy("keynorm", memory_size=6)
+    with torch.inference_mode():
+        states = [p.init_layer_state(i, 3, 1, 2, 4, device="cpu", dtype=torch.float32) for i in range(3)]
+        for t in [4, 3, 1, 1]:
+            for i in range(3):
+                k = torch.randn(1, 2, t, 4)
+                states[i] = p.extend_unevicted(states[i], k, k, k, no_shift)[0]
+            if t == 1 and states[0].seen == 9:  # the second token step: the first two layers, then the last
+                before = states[2].k.clone()
+                head = p.observe_layers(states[:2], [None, None])
+                assert torch.equal(states[2].k, before) and [st.k.shape[2] for st in head] == [6, 6]
+                states = head + p.observe_layers(states[2:], [None])
+            else:
+                states = p.observe_layers(states, [None] * 3)
+        assert [st.k.shape[2] for st in states] == [6, 6, 6]
