@@ -306,9 +306,7 @@ class ScoredPolicy(MemoryPolicy):
     def evict(self, state: ScoredState, attn: Tensor | None, in_place: bool = True) -> ScoredState:
         """`observe`: the scores folded in, the state down to its budget. in_place: a token step may close up the
         buffers of [memory; segment] themselves (`close_up`), for callers done reading them."""
-        state = self._filled(state)
-        if attn is not None:
-            state = self.scored(state, attn.float())
+        state = self._with_scores(state, attn)
         if state.k.shape[2] <= state.budget:
             return with_fields(state, pending=0, evicted=0)
         kept, room, evicted = self._kept(state, attn, in_place)
@@ -317,6 +315,11 @@ class ScoredPolicy(MemoryPolicy):
         if room:  # the rows after the budget: the next segment's room
             out.k._scored_room = (room, kept, None)
         return out
+
+    def _with_scores(self, state: ScoredState, attn: Tensor | None) -> ScoredState:
+        """The state an eviction reads: its segment's rows filled (`_filled`), this segment's attention folded in."""
+        state = self._filled(state)
+        return state if attn is None else self.scored(state, attn.float())
 
     def _kept(self, state: ScoredState, attn: Tensor | None, in_place: bool):
         """The eviction of a state over its budget (scores folded in): (kept, room, evicted), kept the six per-pair
@@ -363,9 +366,7 @@ class ScoredPolicy(MemoryPolicy):
                 del s.k._scored_stack
             self._fill(held, first.k.shape[2] - first.pending, first.pending, first.seen - first.pending)
             attn = None if attns[0] is None else torch.cat(attns, 0)  # (L*B, H, S)
-            whole = with_fields(first, **dict(zip(HELD, held)))
-            if attn is not None:
-                whole = self.scored(whole, attn.float())  # h2o: the scores (a new tensor), the others unchanged
+            whole = self._with_scores(with_fields(first, **dict(zip(HELD, held))), attn)  # h2o: new scores
             kept, room, evicted = self._kept(whole, attn, True)
         b, n = first.k.shape[0], len(states)
         split = (n, b, *kept[0].shape[1:3])  # (L, B, H, budget + room)
@@ -385,14 +386,11 @@ class ScoredPolicy(MemoryPolicy):
         budget + room[, D]): no copy of every layer's [memory; segment] side by side (one layer's kept at a time)."""
         out, b = None, states[0].k.shape[0]
         for i, (s, a) in enumerate(zip(states, attns)):
-            s = self._filled(s)
-            if a is not None:
-                s = self.scored(s, a.float())
-            kept, room, evicted = self._kept(s, a, True)
+            kept, room, evicted = self._kept(self._with_scores(s, a), a, True)  # the same shapes for every layer
             if out is None:
                 out = tuple(x.new_empty((len(states) * b, *x.shape[1:])) for x in kept)
             for dst, x in zip(out, kept):
-                dst.narrow(0, i * b, b).copy_(x.narrow(2, 0, dst.shape[2]))
+                dst.narrow(0, i * b, b).copy_(x)
         return out, room, evicted
 
     @staticmethod
