@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -91,17 +92,31 @@ def stored_norms(state: ScoredState) -> tuple[Tensor, Tensor]:
     return state.kn, state.vn
 
 
+_GRIDS: dict[tuple, Any] = {}  # index grids by shape (`_grid`)
+
+
+def _grid(key: tuple, build: Callable[[], Any]) -> Any:
+    """The index grid `build()` makes for `key` (shapes, device), built once: the same few shapes recur every
+    segment. Inference mode is part of the key (an inference tensor cannot be used outside it); at most ~64 kept."""
+    key = (*key, torch.is_inference_mode_enabled())
+    got = _GRIDS.get(key)
+    if got is None:
+        if len(_GRIDS) > 64:
+            _GRIDS.clear()
+        got = _GRIDS[key] = build()
+    return got
+
+
+def _first_rows(b: int, h: int, s: int, device) -> Tensor:
+    """Each head's first row in a (B*H*S, ...) view of S pairs per head: (B, H, 1)."""
+    return _grid(("first", b, h, s, str(device)), lambda: torch.arange(b * h, device=device).view(b, h, 1) * s)
+
+
 def flat_rows(idx: Tensor, s: int) -> Tensor:
     """idx (B, H, n) into S pairs per head as row numbers of a (B*H*S, ...) view: one index_select per tensor
     copies whole rows (much faster on CPU than gather with an index expanded over D)."""
     b, h, _ = idx.shape
-    key = ("first", b, h, s, str(idx.device), torch.is_inference_mode_enabled())
-    first = _GRIDS.get(key)
-    if first is None:  # each head's first row: the same few shapes recur every segment
-        if len(_GRIDS) > 64:
-            _GRIDS.clear()
-        first = _GRIDS[key] = torch.arange(b * h, device=idx.device).view(b, h, 1) * s
-    return (idx + first).flatten()
+    return (idx + _first_rows(b, h, s, idx.device)).flatten()
 
 
 def rows_but_one(drop: Tensor, s: int, room: int) -> Tensor:
@@ -138,22 +153,15 @@ def close_up(held: tuple[Tensor, ...], drop: Tensor) -> bool:
     return True
 
 
-_GRIDS: dict[tuple, Tensor | tuple[Tensor, Tensor]] = {}  # flat_rows' first rows, _row_grid's grids
-
-
 def _row_grid(b: int, h: int, s: int, room: int, device) -> tuple[Tensor, Tensor]:
     """For `rows_but_one`: the rows (B, H, S - 1 + room) before the drop's shift and the slot index i of each
     (-1 in the room: never >= a drop). The same few shapes recur every step: built once each."""
-    key = (b, h, s, room, str(device), torch.is_inference_mode_enabled())
-    got = _GRIDS.get(key)
-    if got is None:
-        if len(_GRIDS) > 64:
-            _GRIDS.clear()
+    def build() -> tuple[Tensor, Tensor]:
         i = torch.arange(s - 1 + room, device=device)
         i = torch.where(i < s - 1, i, -1)  # the room: -1, so row 0 of the head
-        first = torch.arange(b * h, device=device).view(b, h, 1) * s
-        got = _GRIDS[key] = (first + i.clamp(min=0), i)
-    return got
+        return _first_rows(b, h, s, device) + i.clamp(min=0), i
+
+    return _grid(("but one", b, h, s, room, str(device)), build)
 
 
 def with_fields(state: ScoredState, **changes) -> ScoredState:
