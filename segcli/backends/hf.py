@@ -20,6 +20,7 @@ from ..hf import (
     SegcliCache, cache_kwarg, extra_mask, make_cache, model_features, register_attention, track_memory_mass,
     visible_in_stream,
 )
+from . import guard
 from .base import Backend, fifo_stats, file_sha256, model_fingerprint
 
 
@@ -98,6 +99,22 @@ class HFBackend(Backend):
             self.use_attention_implementation("eager")  # a family that cannot switch: loaded again, eager from now on
         return make_cache(self.model, policy)
 
+    def check_continuation(self) -> None:
+        """The load-time guard (segcli.backends.guard): `full` through segcli's cache layers, in pieces, against one
+        forward of the model; a difference is one UsageError line."""
+        cfg = self.model.config.get_text_config()
+        try:
+            gap = guard.continuation_gap(
+                lambda ids, pos: self.model(input_ids=ids, position_ids=pos).logits,
+                lambda: make_cache(self.model, "full"),
+                lambda ids, pos, cache: self.step(ids, cache)[:2], cfg.vocab_size, self.device)
+        except UsageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a model whose cache segcli cannot drive
+            raise UsageError(f"{self.identity['model_type']}: segcli cannot stream it through its cache layers "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it is not supported") from None
+        guard.refuse_unless_exact(self.identity["model_type"], gap, self.dtype)
+
     def memory_stats(self, memory: SegcliCache):
         """Every cache layer's stats (fifo layers': one batched reduction, `fifo_stats`)."""
         fast = fifo_stats([(layer.policy, layer.state) for layer in memory.memory_layers])
@@ -151,7 +168,9 @@ def load_hf(cfg: RunConfig, path: Path, model_cfg, device: torch.device, dtype: 
     }
     if attn == "eager":
         track_memory_mass(model)
-    return HFBackend(model, backend_tok, bos, device, dtype, identity, attn_implementation=attn, load_args=load_args)
+    backend = HFBackend(model, backend_tok, bos, device, dtype, identity, attn_implementation=attn, load_args=load_args)
+    backend.check_continuation()  # every family, every release: cache layers and masks are transformers code
+    return backend
 
 
 def _load_model(path: Path, dtype: torch.dtype, revision, trust_remote_code: bool, attn_implementation=None):

@@ -16,8 +16,8 @@ A family is one `Family` object (how its stream state is made, how the forward c
 looked up by model type in `FAMILIES`; every family that uses transformers' Cache API for its states (conv and
 recurrent states in `LinearAttentionLayer`s) is the base `Family`, with no code of its own. Where a transformers code
 path is wrong for a segment that continues a state, `recurrent_routes` installs an exact route on the loaded
-model's own modules. A family segcli has not been checked on (`VERIFIED`) is probed once at load: a short random
-sequence in one forward against the same in pieces; a difference is refused with one line, never reported.
+model's own modules. Every model is checked once at load (`segcli.backends.guard`): a short random sequence in one
+forward against the same in pieces; a difference is refused with one line, never reported.
 """
 
 from __future__ import annotations
@@ -37,19 +37,13 @@ from ..errors import UsageError
 from ..memory import MemoryPolicy
 from ..memory.base import LayerStats
 from ..memory.recurrent_state import StateStats, attention_stats, recurrent_stats
+from . import guard
 from .base import Backend, file_sha256, model_fingerprint
 from .recurrent_routes import Route, install_routes
 
 RECURRENT_LAYER_TYPES = frozenset({"linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba"})
 OWN_STATE = frozenset({"rwkv", "xlstm", "recurrent_gemma"})  # model types whose state is not a transformers Cache
-# Model types whose streaming is tested equal to one forward at n_s 1, 7, 32 and "first chunk, then single tokens"
-# (tests/recurrent); any other recurrent model type is probed at load (`probe_continuation`).
-VERIFIED = frozenset({
-    "mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm", "jamba", "zamba", "zamba2", "bamba", "falcon_h1", "qwen3_next",
-    "lfm2", "recurrent_gemma", "minimax", "granitemoehybrid", "kimi_linear", "nemotron_h",
-})
 POLICY_ON_ATTENTION = ("full", "none")  # policies a hybrid's attention layers follow with the model's own cache
-PROBE_TOKENS = 12
 
 
 def layer_types(model_cfg) -> list[str]:
@@ -251,7 +245,7 @@ class MiniMaxFamily(Family):
         from transformers.cache_utils import DynamicLayer
 
         types = layer_types(model.config)
-        cache = _minimax_cache_class(_model_module(model).MiniMaxCache)()
+        cache = _answered_by_attention(_model_module(model).MiniMaxCache)()
         cache.layers = [DynamicLayer() for _ in types]
         cache.layer_class_to_replicate = None
         cache.linear_cache = [None] * len(types)  # None: a fresh lightning state (the layer makes zeros)
@@ -283,7 +277,10 @@ class MiniMaxFamily(Family):
 
 
 @functools.cache
-def _minimax_cache_class(base: type) -> type:
+def _answered_by_attention(base: type) -> type:
+    """`base` (a Cache class) whose sequence lengths and mask sizes for a layer without attention are those of the
+    attention layer that `attention_layer` names: transformers reads them from layer 0 by default, which in a hybrid
+    whose first layer is recurrent never grows."""
     class StreamCache(base):
         attention_layer: dict[int, int] = {}  # linear layer -> the attention layer that answers for it
 
@@ -382,7 +379,15 @@ class RecurrentGemmaFamily(Family):
                 if hasattr(layer.temporal_block, "rg_lru")}
 
     def new_cache(self, model) -> Any:
-        return GriffinState(super().new_cache(model), {i: (None, None) for i in self._blocks(model)})
+        """The attention layers' cache answers for the recurrent ones: before 5.24 recurrent_gemma's config has no
+        layer_types, every cache layer is a sliding one, and the masks read their sizes from layer 0, a recurrent
+        block that never writes to it (a segment that continues the cache got a mask of the wrong size)."""
+        blocks = self._blocks(model)
+        cache = super().new_cache(model)
+        first = next((i for i in range(len(cache.layers)) if i not in blocks), 0)
+        cache.__class__ = _answered_by_attention(type(cache))
+        cache.attention_layer = {i: first for i in blocks}
+        return GriffinState(cache, {i: (None, None) for i in blocks})
 
     def forward(self, model, ids: Tensor, pos: Tensor, cache: GriffinState) -> tuple[Tensor, Any]:
         blocks = self._blocks(model)
@@ -547,7 +552,7 @@ class RecurrentBackend(Backend):
                     plain, _ = self.family.forward(self.model, ids, pos, self.family.new_cache(self.model))
             streamed = torch.cat([first, last], 1).float()
             gap = float((streamed - plain.float()).abs().max() / plain.float().abs().max().clamp_min(1.0))
-            self._bounded[impl] = "" if calls and gap <= probe_tolerance(self.dtype) else (
+            self._bounded[impl] = "" if calls and gap <= guard.tolerance(self.dtype) else (
                 f"{self.model_type}: a bounded memory on its attention layers does not reproduce the model (relative "
                 f"logit gap {gap:.1e} on a three-token check)")
         except (RuntimeError, ValueError, IndexError, TypeError) as e:
@@ -614,26 +619,19 @@ class RecurrentBackend(Backend):
         parts = self.family.components(self.model, memory.cache, memory.since_reset)
         return [p for p in parts if p.kind == "attention"] + [p for p in parts if p.kind != "attention"]
 
-    def probe_continuation(self) -> float:
-        """max |logit difference| between one forward over PROBE_TOKENS random tokens and the same tokens streamed
-        as segments of 5, 1, 1 and 5 tokens, relative to the largest logit."""
-        gen = torch.Generator().manual_seed(0)
+    def check_continuation(self) -> None:
+        """The load-time guard (segcli.backends.guard): the model's own cache, continued in pieces, against one
+        forward; a difference, or a state segcli cannot drive, is one UsageError line."""
         vocab = self.model.config.get_text_config().vocab_size
-        ids = torch.randint(0, vocab, (1, PROBE_TOKENS), generator=gen).to(self.device)
-        pos = torch.arange(PROBE_TOKENS, device=self.device)[None]
-        with torch.inference_mode():
-            whole, _ = self.family.forward(self.model, ids, pos, self.family.new_cache(self.model))
-            cache, parts, start = self.family.new_cache(self.model), [], 0
-            for n in (5, 1, 1, PROBE_TOKENS - 7):
-                logits, cache = self.family.forward(self.model, ids[:, start:start + n], pos[:, start:start + n], cache)
-                parts.append(logits)
-                start += n
-        whole = whole.float()
-        return float((torch.cat(parts, 1).float() - whole).abs().max() / whole.abs().max().clamp_min(1e-6))
-
-
-def probe_tolerance(dtype: torch.dtype) -> float:
-    return 1e-4 if dtype == torch.float32 else 5e-2  # rounding of one forward against pieces, relative to the logits
+        try:
+            gap = guard.continuation_gap(
+                lambda ids, pos: self.family.forward(self.model, ids, pos, self.family.new_cache(self.model))[0],
+                lambda: self.family.new_cache(self.model),
+                lambda ids, pos, cache: self.family.forward(self.model, ids, pos, cache), vocab, self.device)
+        except Exception as e:  # noqa: BLE001 - a family whose cache segcli cannot drive
+            raise UsageError(f"{self.model_type}: segcli cannot stream this family's recurrent state "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it is not supported") from None
+        guard.refuse_unless_exact(self.model_type, gap, self.dtype, "streaming its recurrent state in segments")
 
 
 def load_recurrent(cfg: RunConfig, path: Path, model_cfg, device: torch.device, dtype: torch.dtype) -> RecurrentBackend:
@@ -665,14 +663,5 @@ def load_recurrent(cfg: RunConfig, path: Path, model_cfg, device: torch.device, 
     }
     backend = RecurrentBackend(model, backend_tok, bos, device, dtype, identity, family=family, routes=routes,
                                n_attention=family.attention_layers(model))
-    if model_type not in VERIFIED:
-        try:
-            gap = backend.probe_continuation()
-        except Exception as e:  # noqa: BLE001 - a family whose cache segcli cannot drive
-            raise UsageError(f"{model_type}: segcli cannot stream this family's recurrent state "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it is not supported") from None
-        if not gap <= probe_tolerance(dtype):
-            raise UsageError(f"{model_type}: streaming its recurrent state in segments differs from one forward "
-                             f"(relative logit gap {gap:.1e} on a {PROBE_TOKENS}-token probe); segcli has no exact "
-                             "route for this family and refuses it")
+    backend.check_continuation()  # every family, every release: its routes and cache paths can change
     return backend

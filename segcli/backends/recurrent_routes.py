@@ -5,12 +5,19 @@ layers gets the route too, and each is installed on the loaded model's own modul
 transformers itself is not changed, and a model loaded by anyone else computes what it always did.
 
 - `stateful_scan`: mamba-style mixers (mamba, falcon_mamba, jamba, zamba) call `mamba_selective_scan`, which always
-  starts from a zero SSM state, for every segment longer than one token; the route runs the mixer's own forward with
-  that name bound to segcli's scan that starts from the layer's cached state (`segcli.ops.scan`).
+  starts from a zero SSM state, for every segment longer than one token (transformers 5.25 calls it from
+  `mamba_scan_forward`, which the forward calls); the route makes that call segcli's scan that starts from the
+  layer's cached state (`segcli.ops.scan`).
 - `clamped_step`: mamba2-style mixers whose chunk scan clamps dt to `time_step_limit` (zamba2, nemotron_h) skip the
   clamp in their one-token update (`mamba2_selective_state_update`); the route clamps dt before that update.
 - `conv_context`: recurrent_gemma's recurrent block convolves a segment longer than one token with zeros on its left
   (and keeps a zero-padded conv state after a short one); the route convolves it with the block's conv state.
+
+How a call is replaced (`replace_call`): where the layer has its own kernel slot for the function (transformers 5.25
+with `kernels`: `use_kernelized_func` gives each layer instance private function modules that `kernelize` swaps),
+segcli swaps that slot's forward, as `kernelize` does; on older releases the layer's forward is a copy whose global
+names along the call path (`find_call`) mean segcli's function. A route that finds no call site installs nothing: the
+load-time check (`recurrent.RecurrentBackend.check_continuation`) then refuses a model that streams differently.
 
 `install_routes(model)` installs every route the model needs and returns what it did, one line each.
 """
@@ -37,26 +44,102 @@ class Route:
     note: str  # what it does, for the user
 
 
+def _plain(fn: Callable) -> Callable:
+    """fn without its decorators (they rename deprecated arguments, attach accelerate hooks, set kernel context)."""
+    return inspect.unwrap(fn)
+
+
 def _plain_forward(cls: type) -> Callable:
-    """cls.forward without its decorators (they rename deprecated arguments and attach accelerate hooks)."""
-    return inspect.unwrap(cls.forward)
+    return _plain(cls.forward)
 
 
-def uses_global(module: nn.Module, name: str) -> bool:
-    """Whether the module's forward calls a module-level function `name`."""
-    fn = _plain_forward(type(module))
-    return name in fn.__code__.co_names and name in fn.__globals__
+def _slot_function(obj: Any) -> Callable | None:
+    """The function behind a kernel-hub function object (transformers >= 5.25 with `kernels`: a module-level function
+    decorated with `use_kernel_forward_from_hub` becomes an nn.Module instance whose forward calls it)."""
+    if not hasattr(obj, "kernel_layer_name"):
+        return None
+    for cell in type(obj).forward.__closure__ or ():
+        if inspect.isfunction(cell.cell_contents):
+            return cell.cell_contents
+    return None
 
 
-def rebind(module: nn.Module, **functions: Any) -> Callable:
-    """A copy of the module's forward, bound to it, in which the global names in `functions` mean those objects
-    (everything else, code and defaults, is the class's own). Installed as the instance's `forward`."""
-    fn = _plain_forward(type(module))
+def _function_of(obj: Any) -> Callable | None:
+    """The Python function a global name calls, whether plain, decorated or a kernel-hub function object."""
+    fn = _slot_function(obj) or obj
+    return _plain(fn) if inspect.isfunction(_plain(fn)) else None
+
+
+def _names(code: types.CodeType) -> set[str]:
+    out = set(code.co_names)
+    for const in code.co_consts:  # nested functions and comprehensions
+        if isinstance(const, types.CodeType):
+            out |= _names(const)
+    return out
+
+
+@dataclass
+class CallSite:
+    """Where a layer's forward calls the module-level function `name`, directly or through other module-level
+    functions of transformers (`path`, outermost first: 5.25 moved mamba's scan into `mamba_scan_forward`)."""
+
+    name: str
+    original: Callable  # the object the name holds (call it to run the model's own function)
+    path: tuple[str, ...]  # the functions between the forward and the call
+    slot: nn.Module | None  # the layer's own kernel slot for it (transformers >= 5.25), where it has one
+
+
+def find_call(module: nn.Module, name: str, depth: int = 3) -> CallSite | None:
+    """Where `module`'s forward reaches `name` (None: it never does)."""
+    def walk(fn: Callable, path: tuple[str, ...], left: int) -> CallSite | None:
+        names = _names(fn.__code__)
+        if name in names and name in fn.__globals__:
+            obj = fn.__globals__[name]
+            slots = module.__dict__.get("_kernel_funcs") or {}
+            return CallSite(name, obj, path, slots.get(getattr(obj, "kernel_layer_name", None)))
+        if left:
+            for n in sorted(names):
+                inner = _function_of(fn.__globals__.get(n))
+                if inner is not None and inner.__module__ == fn.__module__ and inner is not fn:
+                    found = walk(inner, path + (n,), left - 1)
+                    if found:
+                        return found
+        return None
+
+    forward = getattr(type(module), "forward", None)
+    if forward is None or forward is nn.Module.forward:
+        return None
+    return walk(_plain_forward(type(module)), (), depth)
+
+
+def _rebound(fn: Callable, site: CallSite, new: Callable, path: tuple[str, ...]) -> Callable:
+    """A copy of fn in which `site.name` (or, along `path`, the next function's name) means a rebound copy."""
     scope = dict(fn.__globals__)
-    scope.update(functions)
-    new = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
-    new.__kwdefaults__ = fn.__kwdefaults__
-    return types.MethodType(new, module)
+    if path:
+        scope[path[0]] = _rebound(_function_of(fn.__globals__[path[0]]), site, new, path[1:])
+    else:
+        scope[site.name] = new
+    out = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    out.__kwdefaults__ = fn.__kwdefaults__
+    return out
+
+
+def replace_call(module: nn.Module, site: CallSite, new: Callable) -> str:
+    """Make `module`'s forward call `new` where it calls `site.name`; nothing else changes, and only this module.
+    Where the layer has its own kernel slot for the function (transformers' `use_kernelized_func`), the slot's
+    forward is replaced, as `kernels.kernelize` does; otherwise the forward is a copy whose global names (along the
+    call path) mean `new`. Returns which of the two it did."""
+    if site.slot is not None:  # kernels reads forward.__func__: a method, as kernelize installs it
+        site.slot.forward = types.MethodType(lambda _slot, *args, **kwargs: new(*args, **kwargs), site.slot)
+        return "kernel slot"
+    module.forward = types.MethodType(_rebound(_plain_forward(type(module)), site, new, site.path), module)
+    return "rebound"
+
+
+def _original(site: CallSite) -> Callable:
+    """What to call for the model's own function from inside a replacement (never the slot itself, which would
+    call the replacement again)."""
+    return _slot_function(site.original) or site.original
 
 
 def _cache_argument(args: tuple, kwargs: dict) -> Any:
@@ -74,9 +157,10 @@ def _recurrent_state(cache: Any, layer_idx: int) -> Tensor | None:
     return layer.recurrent_states.get(0)
 
 
-def install_stateful_scan(mixer: nn.Module) -> None:
+def install_stateful_scan(mixer: nn.Module, site: CallSite) -> str:
     scan = transformers_scan()
-    forward = rebind(mixer, mamba_selective_scan=scan)
+    replace_call(mixer, site, scan)
+    forward = mixer.forward  # the class's (kernel slot replaced) or the rebound copy
 
     def stateful(*args, **kwargs):
         scan.start(_recurrent_state(_cache_argument(args, kwargs), mixer.layer_idx))
@@ -86,10 +170,11 @@ def install_stateful_scan(mixer: nn.Module) -> None:
             scan.start(None)
 
     mixer.forward = stateful
+    return "kernel slot" if site.slot is not None else "rebound"
 
 
-def install_clamped_step(mixer: nn.Module) -> None:
-    update = _plain_forward(type(mixer)).__globals__["mamba2_selective_state_update"]
+def install_clamped_step(mixer: nn.Module, site: CallSite) -> str:
+    update = _original(site)
     low, high = mixer.time_step_limit
 
     def clamped(state, hidden_states, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, z=None, **kwargs):
@@ -101,7 +186,7 @@ def install_clamped_step(mixer: nn.Module) -> None:
         dt = torch.clamp(dt, min=low, max=high)
         return update(state, hidden_states, dt, A, B, C, D, dt_bias=None, dt_softplus=False, z=z, **kwargs)
 
-    mixer.forward = rebind(mixer, mamba2_selective_state_update=clamped)
+    return replace_call(mixer, site, clamped)
 
 
 def install_conv_context(block: nn.Module) -> None:
@@ -143,19 +228,20 @@ def install_routes(model: nn.Module) -> list[Route]:
     done: dict[tuple[str, str], Route] = {}
     for m in model.modules():
         cls = type(m).__name__
-        if not hasattr(type(m), "forward") or type(m).forward is nn.Module.forward:
-            continue
-        if uses_global(m, "mamba_selective_scan") and hasattr(m, "layer_idx"):
-            install_stateful_scan(m)
+        scan = find_call(m, "mamba_selective_scan") if hasattr(m, "layer_idx") else None
+        step = find_call(m, "mamba2_selective_state_update")
+        limit = tuple(getattr(m, "time_step_limit", (0.0, float("inf"))))
+        if scan is not None:
+            how = install_stateful_scan(m, scan)
             done.setdefault(("stateful_scan", cls), Route(
                 "stateful_scan", cls, False,
                 f"{cls}: segments longer than one token continue the cached SSM state through segcli's selective "
-                "scan (transformers' torch scan starts every call from zero)"))
-        elif uses_global(m, "mamba2_selective_state_update") and tuple(getattr(m, "time_step_limit", (0.0, float("inf")))) != (0.0, float("inf")):
-            install_clamped_step(m)
+                f"scan (transformers' torch scan starts every call from zero; installed by {how})"))
+        elif step is not None and limit != (0.0, float("inf")):
+            how = install_clamped_step(m, step)
             done.setdefault(("clamped_step", cls), Route(
                 "clamped_step", cls, False,
-                f"{cls}: one-token steps clamp dt to time_step_limit as the chunk scan does"))
+                f"{cls}: one-token steps clamp dt to time_step_limit as the chunk scan does (installed by {how})"))
         elif hasattr(m, "conv1d_state") and isinstance(getattr(m, "conv_1d", None), nn.Conv1d) and hasattr(m, "rg_lru"):
             install_conv_context(m)
             done.setdefault(("conv_context", cls), Route(

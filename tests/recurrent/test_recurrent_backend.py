@@ -1,10 +1,11 @@
-"""The recurrent backend around the streams: routing, refusals (one line, exit 2), the load-time probe of families
-segcli has not been checked on, the memory report of states, generate and compare on recurrent models, and the
+"""The recurrent backend around the streams: routing, refusals (one line, exit 2), the load-time check of every
+family, the memory report of states, generate and compare on recurrent models, and the
 exact selective scan (segcli/ops/scan.py) in both its forms."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -85,19 +86,24 @@ def test_pure_recurrent_model_carries_its_state_under_every_policy_but_none(mode
     assert nll["fifo"] == nll["full"] == nll["linear"] != nll["none"]
 
 
-def test_unverified_family_is_probed_at_load(model_dir, monkeypatch):
-    """A family segcli has not been checked on streams only if a short probe in pieces equals one forward: mamba
-    without its exact route (its torch scan restarts at zero) is refused in one line; with it, it loads."""
+def test_every_family_is_checked_at_load(model_dir, monkeypatch):
+    """Every recurrent model streams only if a short probe in pieces equals one forward, whatever its family: mamba
+    without its exact route (its torch scan restarts at zero) is refused in one line naming the family, the gap and
+    the transformers version; with it, it loads."""
+    import transformers
+
     from segcli.backends import load_backend, recurrent
     from segcli.config import RunConfig
     from segcli.errors import UsageError
 
     cfg = RunConfig(model=str(model_dir("mamba")), device="cpu", memory="full")
-    monkeypatch.setattr(recurrent, "VERIFIED", frozenset())
     assert load_backend(cfg).kind == "recurrent"
     monkeypatch.setattr(recurrent, "install_routes", lambda model: [])
-    with pytest.raises(UsageError, match=r"^mamba: streaming its recurrent state in segments differs from one forward"):
+    with pytest.raises(UsageError, match=r"^mamba: streaming its recurrent state in segments differs from one forward "
+                       rf"under transformers {re.escape(transformers.__version__)} \(relative logit gap [0-9.e+-]+ on a "
+                       r"12-token check at load\)") as e:
         load_backend(cfg)
+    assert "\n" not in str(e.value)
 
 
 def test_xlstm_with_the_default_qk_factor_streams(tmp_path, doc):
