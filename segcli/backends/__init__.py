@@ -17,6 +17,7 @@ from ..config import RunConfig
 from ..errors import UsageError
 from ..ops.layout import column_major_linears
 from .base import BUNDLED_DIR, Backend, resolve_device, resolve_dtype, resolve_model_dir
+from .gguf import SHORT_NAMES, convert, gguf_file_of, short_name_path
 
 Loader = Callable[[RunConfig, Path, object, torch.device, torch.dtype], Backend]
 
@@ -51,8 +52,20 @@ def backend_kind(model_cfg) -> str:
     return "recurrent" if is_recurrent(model_cfg) else "hf"
 
 
-def load_backend(cfg: RunConfig) -> Backend:
-    """Load the model named by cfg.model (the bundled one when None) onto cfg.device."""
+def gguf_source(model: str | None) -> Path | None:
+    """The GGUF file `--model` names (a .gguf file, a folder holding one and no config.json, or a short name such
+    as `smollm2`), else None."""
+    if model is None:
+        return None
+    if model in SHORT_NAMES and not Path(model).exists():
+        return short_name_path(model)
+    return gguf_file_of(Path(model))
+
+
+def load_backend(cfg: RunConfig, guard: bool = True) -> Backend:
+    """Load the model named by cfg.model (the bundled one when None) onto cfg.device. A Hugging Face model is checked
+    against one plain forward first (`segcli.backends.guard`: a model that would stream differently is refused);
+    only `segcli check`, which measures that difference itself, loads with guard=False."""
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
@@ -62,14 +75,21 @@ def load_backend(cfg: RunConfig) -> Backend:
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    path = resolve_model_dir(cfg.model, cfg.revision)
+    source = gguf_source(cfg.model)
+    converted = convert(source) if source is not None else None
+    path = converted.folder if converted else resolve_model_dir(cfg.model, cfg.revision)
     try:
         model_cfg = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"{path}: config.json is not a model config ({str(e).splitlines()[0]})") from None
     backend = LOADERS[backend_kind(model_cfg)](cfg, path, model_cfg, device, dtype)
+    if converted:  # the run's config names the file the user gave, and its hash; the folder is a cache
+        backend.identity.update(model=str(source), gguf_sha256=converted.sha256, gguf_converted=str(converted.folder))
+        backend.load_notes = [converted.note] if converted.note else []
     if device.type == "cpu":
         column_major_linears(backend.model)  # faster CPU matmuls, same values (segcli/ops/layout.py)
+    if guard and hasattr(backend, "check_continuation"):
+        backend.check_continuation()  # every family, every release: its cache and routes are transformers code
     return backend
 
 

@@ -79,8 +79,9 @@ class Backend:
                             tokens=tokens, available=available)
 
     def notes(self, cfg: RunConfig) -> list[str]:
-        """Lines for stderr about how this model streams under cfg (e.g. a slower exact route it takes)."""
-        return []
+        """Lines for stderr about how this model streams under cfg (e.g. a slower exact route it takes), and what
+        loading it noted (`load_notes`, e.g. a GGUF cache that could not be written)."""
+        return list(getattr(self, "load_notes", ()))
 
     def new_memory(self, cfg: RunConfig, batch: int = 1) -> Any:
         raise NotImplementedError

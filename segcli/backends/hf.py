@@ -168,9 +168,7 @@ def load_hf(cfg: RunConfig, path: Path, model_cfg, device: torch.device, dtype: 
     }
     if attn == "eager":
         track_memory_mass(model)
-    backend = HFBackend(model, backend_tok, bos, device, dtype, identity, attn_implementation=attn, load_args=load_args)
-    backend.check_continuation()  # every family, every release: cache layers and masks are transformers code
-    return backend
+    return HFBackend(model, backend_tok, bos, device, dtype, identity, attn_implementation=attn, load_args=load_args)
 
 
 def _load_model(path: Path, dtype: torch.dtype, revision, trust_remote_code: bool, attn_implementation=None):

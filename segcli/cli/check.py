@@ -85,7 +85,7 @@ def _check(doc, max_tokens, segment_sizes, attn_implementation, format, config, 
     if doc is not None:
         (source,) = reader.sources([doc])
         reader.check([source])
-    backend = load_backend(cfg)
+    backend = load_backend(cfg, guard=False)  # check measures the difference itself
     if not hasattr(backend, "reference_logits"):  # the HF and recurrent backends have a plain forward to compare with
         raise UsageError(f"segcli check compares Hugging Face models with their own plain forward; the {backend.kind} "
                          "backend is not one (pass --model DIR of a transformers checkpoint)")
