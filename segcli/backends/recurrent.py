@@ -421,7 +421,7 @@ class RecurrentGemmaFamily(Family):
     def restore(self, model, entries: dict[str, Tensor | int]) -> Any:
         blocks = {i: tuple(entries[k].clone() if k in entries else None for k in (f"layer{i}.conv", f"layer{i}.lru"))
                   for i in self._blocks(model)}
-        return GriffinState(super().restore(model, entries, Family.new_cache(self, model)), blocks)
+        return GriffinState(super().restore(model, entries, self.new_cache(model).cache), blocks)
 
 
 FAMILIES: dict[str, Family] = {"minimax": MiniMaxFamily(), "rwkv": RwkvFamily(), "xlstm": XlstmFamily(),
