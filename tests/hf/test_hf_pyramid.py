@@ -199,9 +199,9 @@ def test_policies_without_per_layer_budgets_ignore_it(models):
 def test_a_model_whose_masks_are_not_narrowed_is_caught(monkeypatch, impl):
     """The seven-token check has teeth: without the per-layer columns the model's forward does not reproduce the
     per-layer windows, and make_cache refuses in one line instead of streaming another model."""
-    import segcli.hf as hf
+    from segcli.hf import budgets
 
-    monkeypatch.setattr(hf, "_budget_hook", lambda module, args, kwargs: None)
+    monkeypatch.setattr(budgets, "_budget_hook", lambda module, args, kwargs: None)
     model = model_of("llama", impl)
     with pytest.raises(UsageError) as e:
         make_cache(model, make_policy("fifo", memory_size=8, layer_budget="pyramid"))
