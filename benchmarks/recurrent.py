@@ -56,7 +56,7 @@ def build(family: str, path: Path) -> Path:
 
 def plain_step(model):
     """model(ids, cache) continuing the model's own DynamicCache; the memory is the cache."""
-    from segcli.backends.recurrent import cache_argument
+    from segcli.backends.recurrent_families import cache_argument
 
     arg = cache_argument(model)  # looked up once, outside the timed forward
 
