@@ -1,6 +1,6 @@
 """Training the native model with segment-level recurrence (`segcli train`).
 
-Layout (imports point down: loop -> tasks, data, checkpoint, config):
+Layout (imports point down: loop -> checkpoint -> config -> tasks -> data):
 
     config.py       TrainConfig (typed, from YAML: `base:` chains, unknown keys rejected, the old flat format mapped)
     data.py         the corpus: tokenized once (cached), cut into blocks, natural-text windows (TextSource)

@@ -8,12 +8,15 @@ that build its data. Two scopes:
 
 Either way the loop gets a `Batch`: the token rows, which targets count, and a `Plan` (memory setting and
 position skips) that it streams through the one segment loop without knowing which task made it.
+
+The training config holds the tasks (segcli.train.config imports them); a task reads the sizes it needs from it
+through `TrainSizes`, never by importing the config back.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 from torch import Tensor
@@ -23,8 +26,15 @@ from ...errors import UsageError
 if TYPE_CHECKING:
     import random
 
-    from ..config import TrainConfig
     from ..data import TextSource
+
+
+class TrainSizes(Protocol):
+    """What a task reads of the training config (TrainConfig has these fields)."""
+
+    seq_len: int  # tokens per training sequence
+    batch_size: int  # sequences per step
+    memory_sizes: list  # the memory sizes (n_c) a step draws from
 
 
 @dataclass
@@ -55,7 +65,7 @@ class Task:
     name: ClassVar[str]  # the registry key, the YAML key under `tasks`
     prob: float  # share of rows or steps (required; 0: off)
 
-    def check(self, cfg: "TrainConfig") -> None:
+    def check(self, cfg: TrainSizes) -> None:
         """Raise UsageError for a value that cannot work with this training config."""
         if not 0.0 <= self.prob <= 1.0:
             raise self.error("prob", f"must be in [0, 1], got {self.prob}")
@@ -88,7 +98,7 @@ class RowTask(Task):
 class StepTask(Task):
     """Makes the whole batch of a `prob` share of the steps."""
 
-    def batch(self, text: "TextSource", cfg: "TrainConfig", plan: Plan, py_rng: "random.Random",
+    def batch(self, text: "TextSource", cfg: TrainSizes, plan: Plan, py_rng: "random.Random",
               rng: np.random.Generator) -> Batch:
         """The step's batch of cfg.batch_size rows; `plan`: the setting the step drew (the task may replace it)."""
         raise NotImplementedError
