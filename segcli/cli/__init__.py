@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
+
+from .command import SegcliCommand, version_line
 
 from .check import check
 from .compare import compare
@@ -13,22 +17,45 @@ from .probe import probe
 from .run import run
 from .train import train
 
+HELP = "Stream long documents through language models with a bounded, recurrently updated memory."
+
 app = typer.Typer(
     name="segcli",
-    help="Stream long documents through language models with a bounded, recurrently updated memory.",
+    help=HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: no text taken as markup ([plot]), defaults shown, rewrapped to the terminal
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command()(run)
-app.command()(compare)
-app.command()(policies)
-app.command()(train)
-app.command()(generate)
-app.command()(plot)
-app.command()(probe)
-app.command()(check)
+
+
+def _version(show: bool) -> None:
+    if show:
+        typer.echo(version_line())
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
+                                          help="Show the versions of segcli, torch, transformers and python, and exit.")] = False,
+) -> None:
+    pass
+
+
+SHORT_HELP = {  # the one line each command gets in `segcli --help`
+    run: "Stream documents through the memory; loss and bits/byte per segment.",
+    compare: "Every policy x segment size on one document, in one table.",
+    policies: "List the memory policies and what each keeps.",
+    train: "Train the native model with memory carried across segments.",
+    generate: "Stream a document through the memory, then continue it.",
+    plot: "Draw run or compare results (needs segcli[plot]).",
+    probe: "Does the memory remember? Needles in long prompts, scored.",
+    check: "Check that segcli streams a Hugging Face model exactly.",
+}
+for command, short in SHORT_HELP.items():
+    app.command(cls=SegcliCommand, short_help=short)(command)
 
 
 def main() -> None:

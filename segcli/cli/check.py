@@ -6,14 +6,16 @@ import json
 from typing import Annotated, Optional
 
 import typer
+from rich.text import Text
 
 from ..backends import load_backend
 from ..documents import Document, tokenize
 from ..engine.check import DEFAULT_TOKENS, SEGMENT_SIZES, CheckReport, check as run_check, sample_text
 from ..errors import UsageError
+from ..memory import POLICY_NAMES
 from ..reader import Reader
 from .common import (
-    CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, ErrorsOpt, MemorySizeOpt, ModelOpt, Policy, QuietOpt,
+    CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, ErrorsOpt, MemorySizeOpt, Policy, QuietOpt, default,
     RateOpt, RevisionOpt, SegmentSizeOpt, SinkOpt, TrustOpt, handle_errors, say, value,
 )
 from .options import build_config
@@ -24,35 +26,40 @@ SHORT = {"memory_size": "n_c", "sink_tokens": "n_sink", "compress_rate": "c", "c
 
 
 def check(
-    doc: Annotated[Optional[str], typer.Argument(
+    doc: Annotated[Optional[str], typer.Argument(metavar="DOC",
         help="Text to stream (default: the start of a sample document); '-' reads stdin.", show_default=False)] = None,
-    model: ModelOpt = None,
-    memory: Annotated[Optional[Policy], typer.Option(help="Memory policy to check besides full.")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", metavar="DIR|ID", help="Hugging Face model directory or hub id to check (required, here or in "
+                                               "--config: the bundled model is segcli's own, with no plain forward of "
+                                               "another library to compare with).")] = None,
+    memory: Annotated[Optional[Policy], typer.Option(
+        metavar="POLICY", help=f"Memory policy to check besides full ({', '.join(POLICY_NAMES)}). {default('memory')}")] = None,
     segment_size: SegmentSizeOpt = None,
     memory_size: MemorySizeOpt = None,
     sink_tokens: SinkOpt = None,
     compress_rate: RateOpt = None,
     compressed_size: CompressedOpt = None,
-    max_tokens: Annotated[int, typer.Option(help="Tokens of the text to stream.")] = DEFAULT_TOKENS,
-    segment_sizes: Annotated[str, typer.Option(help="Segment sizes of the full-memory runs, comma-separated.")] = (
+    max_tokens: Annotated[int, typer.Option(metavar="N", help="Tokens of the text to stream.")] = DEFAULT_TOKENS,
+    segment_sizes: Annotated[str, typer.Option(
+        metavar="N,...", help="Segment sizes of the full-memory runs, comma-separated.")] = (
         ",".join(map(str, SEGMENT_SIZES))),
     attn_implementation: Annotated[Optional[str], typer.Option(
-        help="eager or sdpa (default: the one transformers picks for the model).")] = None,
+        metavar="eager|sdpa", help="The attention to check. [default: the one transformers picks for the model]")] = None,
     device: DeviceOpt = None,
-    dtype: Annotated[Optional[str], typer.Option(help="float32 (default: exact comparisons), bfloat16, float16.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(
+        metavar="DTYPE", help="float32 (exact comparisons), bfloat16 or float16. [default: float32]")] = None,
     config: ConfigOpt = None,
-    format: Annotated[Optional[str], typer.Option("--format", "-f", help="table (default on a terminal) or json.")] = None,
+    format: Annotated[Optional[str], typer.Option(
+        "--format", "-f", metavar="table|json", help="table or json. [default: table on a terminal, json in a pipe]")] = None,
     errors: ErrorsOpt = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Check that segcli streams a Hugging Face model exactly: its text streamed under full memory at several
-    segment sizes, and under the given policy where DESIGN §1 has an equivalence (fifo at segment size 1 = a
-    sliding window within the model's own windows, xl = fifo with n_c = n_s, a memory larger than the text =
-    full), each against one plain forward of the model's own attention. Prints each setting's delta NLL and max
-    |delta logit| and a verdict; exit 0 when exact, 1 when it differs, 2 when refused."""
+    """Check that segcli streams a Hugging Face model exactly: its text streamed under full memory at several segment sizes, and under the given policy where the README's exact equivalences (section "Memory policies") apply (fifo at segment size 1 = a sliding window within the model's own windows, xl = fifo with n_c = n_s, a memory larger than the text = full), each against one plain forward of the model's own attention.
+
+    Prints each setting's delta NLL and max |delta logit| and a verdict; exit 0 when exact, 1 when it differs, 2 when refused. See the README's section "Using your own model"."""
     _check(**locals())
 
 
@@ -80,6 +87,9 @@ def _check(doc, max_tokens, segment_sizes, attn_implementation, format, config, 
     options = {k: value(v) for k, v in options.items()}
     options["dtype"] = options.get("dtype") or "float32"
     cfg = build_config(config, check_apply=True, **options)
+    if cfg.model is None:
+        raise UsageError("segcli check needs --model DIR or a hub id of a Hugging Face model: the bundled model is "
+                         "segcli's own, with no plain forward of another library to compare with")
     reader = Reader(cfg.errors, max_tokens)
     source = None
     if doc is not None:
@@ -123,9 +133,9 @@ def render(report: CheckReport, console) -> None:
         table.add_row(s.policy, str(s.segment_size), sizes, s.reference,
                       f"{s.delta_nll:+.1e}" if s.delta_nll is not None else "-",
                       f"{s.max_dlogit:.1e}" if s.max_dlogit is not None else "-",
-                      f"[{VERDICT_STYLE[s.verdict]}]{s.verdict}[/]")
+                      Text(s.verdict, style=VERDICT_STYLE[s.verdict]))
     console.print(table)
     for s in report.settings:
         if s.reason:
             console.print(f"refused: {s.reason}", markup=False, highlight=False, soft_wrap=True)
-    console.print(f"verdict: [{VERDICT_STYLE[report.verdict]}]{report.verdict}[/]", highlight=False)
+    console.print(Text.assemble("verdict: ", (report.verdict, VERDICT_STYLE[report.verdict])), highlight=False)

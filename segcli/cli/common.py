@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from .. import __version__
+from ..config import RunConfig
 from ..distributed import PeerFailure
 from ..errors import SegcliError, UsageError
 from ..memory import POLICY_NAMES
@@ -49,13 +50,31 @@ class Errors(str, enum.Enum):
     replace = "replace"
 
 
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model directory or hub id (default: the bundled model).")]
-SegmentSizeOpt = Annotated[Optional[int], typer.Option("--segment-size", "-s", help="Tokens per segment, n_s.")]
-MemorySizeOpt = Annotated[Optional[int], typer.Option(help="Memory pairs n_c (fifo, sink, compressive, tova, h2o, snapkv, keynorm).")]
-SinkOpt = Annotated[Optional[int], typer.Option(help="Sink pairs kept for ever (sink).")]
-RateOpt = Annotated[Optional[int], typer.Option(help="Pairs mean-pooled into one compressed slot (compressive).")]
-RecentOpt = Annotated[Optional[int], typer.Option(help="Newest pairs always kept, r <= n_c (h2o; default n_c / 2).")]
-WindowOpt = Annotated[Optional[int], typer.Option(help="Last queries that score the memory, newest pairs kept (snapkv).")]
+_DEFAULTS = RunConfig()
+
+
+def default(name: str) -> str:
+    """`[default: X]` for a help text: the RunConfig default of an option whose CLI default is None (not given,
+    so that a YAML config can set it)."""
+    v = getattr(_DEFAULTS, name)
+    return f"[default: {'off' if v is False else v}]"
+
+
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", metavar="DIR|ID", help="Model directory or hub id. [default: the bundled model]")]
+SegmentSizeOpt = Annotated[Optional[int], typer.Option(
+    "--segment-size", "-s", metavar="N", help=f"Tokens per segment, n_s. {default('segment_size')}")]
+MemorySizeOpt = Annotated[Optional[int], typer.Option(
+    metavar="N", help=f"Memory pairs n_c (fifo, sink, compressive, tova, h2o, snapkv, keynorm). {default('memory_size')}")]
+SinkOpt = Annotated[Optional[int], typer.Option(metavar="N", help=f"Sink pairs kept for ever (sink). {default('sink_tokens')}")]
+RateOpt = Annotated[Optional[int], typer.Option(
+    metavar="N", help=f"Pairs mean-pooled into one compressed slot (compressive). {default('compress_rate')}")]
+RecentOpt = Annotated[Optional[int], typer.Option(
+    metavar="N", help="Newest pairs always kept, r <= n_c (h2o). [default: n_c / 2]")]
+WindowOpt = Annotated[Optional[int], typer.Option(
+    metavar="N", help=f"Last queries that score the memory, newest pairs kept (snapkv). {default('window')}")]
+POLICY_HELP = f"Memory policy: {', '.join(POLICY_NAMES)} (segcli policies describes them). {default('memory')}"
+PolicyOpt = Annotated[Optional[Policy], typer.Option(metavar="POLICY", help=POLICY_HELP)]
 
 
 class LayerBudget(str, enum.Enum):
@@ -64,20 +83,29 @@ class LayerBudget(str, enum.Enum):
 
 
 LayerBudgetOpt = Annotated[Optional[LayerBudget], typer.Option(
-    help="Slots per layer: uniform (n_c each) or pyramid (PyramidKV's linear schedule, same total; fifo, sink, compressive, tova, h2o, snapkv, keynorm).")]
-CompressedOpt = Annotated[Optional[int], typer.Option(help="Compressed slots n_cm (compressive).")]
-DeviceOpt = Annotated[Optional[Device], typer.Option(help="auto picks CUDA when a GPU is present.")]
-DTypeOpt = Annotated[Optional[DType], typer.Option(help="auto: float32 on CPU, bfloat16 on CUDA.")]
-ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML file of options; CLI options override it.")]
-FormatOpt = Annotated[Optional[Format], typer.Option("--format", "-f", help="Output format (default: table on a terminal, jsonl in a pipe).")]
-OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write results to FILE (atomically) instead of stdout.")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed.")]
+    help="Slots per layer: uniform (n_c each) or pyramid (PyramidKV's linear schedule, same total; fifo, sink, "
+         f"compressive, tova, h2o, snapkv, keynorm). {default('layer_budget')}")]
+CompressedOpt = Annotated[Optional[int], typer.Option(
+    metavar="N", help=f"Compressed slots n_cm (compressive). {default('compressed_size')}")]
+DeviceOpt = Annotated[Optional[Device], typer.Option(help=f"auto picks CUDA when a GPU is present. {default('device')}")]
+DTypeOpt = Annotated[Optional[DType], typer.Option(help=f"auto: float32 on CPU, bfloat16 on CUDA. {default('dtype')}")]
+ConfigOpt = Annotated[Optional[str], typer.Option(
+    "--config", "-c", metavar="FILE", help="YAML file of options; CLI options override it.")]
+FormatOpt = Annotated[Optional[Format], typer.Option(
+    "--format", "-f", help="Output format. [default: table on a terminal, jsonl in a pipe]")]
+OutputOpt = Annotated[Optional[str], typer.Option(
+    "--output", "-o", metavar="FILE", help="Write results to FILE (atomically) instead of stdout.")]
+SeedOpt = Annotated[Optional[int], typer.Option(metavar="N", help=f"Random seed. {default('seed')}")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages on stderr.")]
-DebugOpt = Annotated[bool, typer.Option(help="Show tracebacks on errors.")]
-ErrorsOpt = Annotated[Optional[Errors], typer.Option(help="Invalid UTF-8: strict (error, exit 2) or replace (U+FFFD).")]
-MaxTokensOpt = Annotated[Optional[int], typer.Option(help="Score only the first N tokens of each document.")]
-RevisionOpt = Annotated[Optional[str], typer.Option(help="Hub revision (Hugging Face models).")]
-TrustOpt = Annotated[Optional[bool], typer.Option("--trust-remote-code/--no-trust-remote-code", help="Allow a hub model's own code (off by default).")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+ErrorsOpt = Annotated[Optional[Errors], typer.Option(
+    help=f"Invalid UTF-8: strict (error, exit 2) or replace (U+FFFD). {default('errors')}")]
+MaxTokensOpt = Annotated[Optional[int], typer.Option(
+    metavar="N", help="Score only the first N tokens of each document. [default: all]")]
+RevisionOpt = Annotated[Optional[str], typer.Option(metavar="REV", help="Hub revision (Hugging Face models).")]
+TrustOpt = Annotated[Optional[bool], typer.Option(
+    "--trust-remote-code/--no-trust-remote-code", help="Allow a hub model's own code. [default: off]",
+    show_default=False)]
 
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)

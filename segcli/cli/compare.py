@@ -9,11 +9,12 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..engine.compare import Comparison
 from ..errors import UsageError
 from ..memory import POLICY_NAMES
-from .common import FormatOpt, MaxTokensOpt, OutputOpt, err_console, handle_errors, say, value
+from .common import FormatOpt, MaxTokensOpt, OutputOpt, default, err_console, handle_errors, say, value
 from .output import SparkBins, Writer, default_format, fmt_bytes, fmt_num, new_table
 from .options import RUN_OPTIONS, arguments, build_config, make_progress, shared_options
 
@@ -31,19 +32,20 @@ def parse_list(text: str, what: str, convert=str, kind: str = "integers") -> lis
 
 @shared_options(*RUN_OPTIONS)
 def compare(
-    doc: Annotated[str, typer.Argument(help="Document file; '-' reads stdin.", show_default=False)],
-    segment_sizes: Annotated[str, typer.Option(help="Comma-separated segment sizes, e.g. 1,16,128.")] = "16,128",
-    memory: Annotated[Optional[str], typer.Option(help=f"Comma-separated policies ({', '.join(POLICY_NAMES)}).")] = None,
+    doc: Annotated[str, typer.Argument(metavar="DOC", help="Document file; '-' reads stdin.", show_default=False)],
+    segment_sizes: Annotated[str, typer.Option(metavar="N,N,...", help="Comma-separated segment sizes, e.g. 1,16,128.")] = "16,128",
+    memory: Annotated[Optional[str], typer.Option(metavar="POLICY,...", help=f"Comma-separated policies ({', '.join(POLICY_NAMES)}). {default('memory')}")] = None,
     model: Annotated[Optional[str], typer.Option(
-        "--model", "-m", help="Model directory or hub id (default: the bundled model); a comma-separated list "
-                              "compares several models on the same document, each with its own tokenizer.")] = None,
-    reference: Annotated[Optional[str], typer.Option(
+        "--model", "-m", metavar="DIR|ID,...", help="Model directory or hub id; a comma-separated list compares several "
+                                                   "models on the same document, each with its own tokenizer; bundled "
+                                                   "names the bundled model. [default: the bundled model]")] = None,
+    reference: Annotated[Optional[str], typer.Option(metavar="POLICY",
         help="Also stream this policy beside every row (e.g. full) and report the row's divergence from it: "
              "kl_div, top1_agreement, delta_loss, key_token_loss.")] = None,
     format: FormatOpt = None,
     output: OutputOpt = None,
     max_tokens: MaxTokensOpt = None,
-    plot: Annotated[Optional[str], typer.Option(
+    plot: Annotated[Optional[str], typer.Option(metavar="FILE",
         help="Also draw loss and tokens/s per setting as bars into FILE.png (.svg, .pdf); needs matplotlib.")] = None,
     **options: Any,
 ) -> None:
@@ -88,7 +90,7 @@ def _compare(doc, segment_sizes, memory, model, reference, config, format, outpu
             task = progress.add_task("compare", total=job.total_segments, rate="")
 
             def on_segment(cfg, r) -> None:
-                progress.update(task, advance=1, description=f"{cfg.memory} n_s={cfg.segment_size}")
+                progress.update(task, advance=1, description=escape(f"{cfg.memory} n_s={cfg.segment_size}"))
                 sparks[(cfg.model, cfg.memory, cfg.segment_size)].add(r.nll, r.tokens)
 
             extra = {"segment_sizes": sizes, "memory": policies, "reference": reference}
@@ -171,6 +173,7 @@ def render_compare_table(console: Console, records: list[dict[str, Any]],
     if divergence:
         ref = rows[0].get("reference")
         console.print(f"KL(reference ‖ row) in nats per token, reference {ref} at each row's segment size; "
-                      "key tokens: loss under the reference < 2 nats and under none > 2 nats higher", style="dim")
+                      "key tokens: loss under the reference < 2 nats and under none > 2 nats higher", style="dim",
+                      markup=False)
     if lo is not None:
         console.print(f"loss per segment: {lo:.2f} (▁) to {hi:.2f} (█), same scale in every row", style="dim")

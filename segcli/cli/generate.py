@@ -13,19 +13,19 @@ from ..engine.run import config_block
 from ..reader import Reader
 from ..errors import UsageError
 from ..engine.generate import GenerateSettings, generate as run_generate
-from .common import Policy, SegmentSizeOpt, handle_errors
+from .common import PolicyOpt, SegmentSizeOpt, handle_errors
 from .options import RUN_OPTIONS, arguments, build_config, shared_options
 from .output import stdout_stream
 
 
 @shared_options(*RUN_OPTIONS)
 def generate(
-    doc: Annotated[str, typer.Argument(help="Document to continue; '-' reads stdin.", show_default=False)],
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 64,
+    doc: Annotated[str, typer.Argument(metavar="DOC", help="Document to continue; '-' reads stdin.", show_default=False)],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", metavar="N", help="Tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 1.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
-    format: Annotated[str, typer.Option("--format", "-f", help="text or json.")] = "text",
-    memory: Annotated[Optional[Policy], typer.Option(help="Memory policy.")] = None,
+    format: Annotated[str, typer.Option("--format", "-f", metavar="text|json", help="text or json.")] = "text",
+    memory: PolicyOpt = None,
     segment_size: SegmentSizeOpt = None,
     **options: Any,
 ) -> None:

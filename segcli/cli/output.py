@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..errors import RunError, UsageError
 from ..files import AtomicOutput
@@ -272,10 +273,19 @@ class SparkBins:
         return f"{min(vals):.2f} {self.render()} {max(vals):.2f}  (loss per segment, {self.segments} segments{per})"
 
 
+class PlainTable(Table):
+    """A rich Table whose text is text: a str cell, header or title is never read as markup (rich would take a
+    document name, a path or a rule like `[memory; segment]` as a style tag and drop it). Cells that mean to be
+    styled are given as rich Text."""
+
+    def add_row(self, *cells: Any, **kwargs: Any) -> None:
+        super().add_row(*(Text(c) if isinstance(c, str) else c for c in cells), **kwargs)
+
+
 def new_table(title: str, columns: list[tuple[str, str]]) -> Table:
-    table = Table(title=title, title_justify="left", header_style="bold")
+    table = PlainTable(title=Text(title), title_justify="left", header_style="bold")
     for name, justify in columns:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        table.add_column(Text(name), justify=justify)  # type: ignore[arg-type]
     return table
 
 

@@ -13,21 +13,23 @@ from .common import DebugOpt, QuietOpt, handle_errors, say
 
 
 def plot(
-    results: Annotated[list[str], typer.Argument(
+    results: Annotated[list[str], typer.Argument(metavar="RESULTS",
         help="JSON Lines from `segcli run` or `segcli compare` (several runs may be concatenated); '-' reads stdin.",
         show_default=False)],
-    output: Annotated[str, typer.Option("--output", "-o", help="The picture: FILE.png, .svg or .pdf.")],
+    output: Annotated[str, typer.Option(
+        "--output", "-o", metavar="FILE", help="The picture: FILE.png, .svg or .pdf.")],
     smooth: Annotated[Optional[int], typer.Option(
-        help="Average loss and attention over this many tokens (default: a 64th of the document, "
-             "at least one segment).")] = None,
-    document: Annotated[Optional[str], typer.Option(help="Only the segments of this document id.")] = None,
-    title: Annotated[Optional[str], typer.Option(help="Title of the picture.")] = None,
+        metavar="N", help="Average loss and attention over this many tokens. [default: a 64th of the document, "
+                          "at least one segment]")] = None,
+    document: Annotated[Optional[str], typer.Option(
+        metavar="ID", help="Only the segments of this document id. [default: every document]")] = None,
+    title: Annotated[Optional[str], typer.Option(metavar="TEXT", help="Title of the picture.")] = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Draw per-segment loss, attention on memory and memory held along the document, one line per
-    run (policy, segment size) and document; for `compare` output, bars of loss and tokens/s.
-    Needs matplotlib (pip install 'segcli[plot]')."""
+    """Draw per-segment loss, attention on memory and memory held along the document, one line per run (policy, segment size) and document; for `compare` output, bars of loss and tokens/s.
+
+    Needs matplotlib: pip install 'segcli[plot]'."""
     _plot(**locals())
 
 

@@ -3,7 +3,7 @@
 Attention layers (every layer of a transformer, the attention layers of a hybrid) keep what the policy's rule keeps.
 Recurrent layers (Mamba, RWKV, xLSTM, gated delta nets, the recurrent layers of hybrids) keep their own fixed-size
 state, updated by the layer itself once per segment: every policy but `none` carries it to the next segment, and
-`none` resets it (DESIGN §1).
+`none` resets it (README: "Recurrent and hybrid models").
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 from typing import Annotated, Optional
 
 import typer
+from rich.table import Table
 
 from ..backends.recurrent import POLICY_ON_ATTENTION
 from ..config import RunConfig
@@ -22,7 +23,7 @@ from .output import PipeConsole, Writer, default_format, new_table
 
 def policies(
     format: Annotated[Optional[Format], typer.Option(
-        "--format", "-f", help="table (default on a terminal), jsonl (default in a pipe), json or csv.")] = None,
+        "--format", "-f", help="Output format. [default: table on a terminal, jsonl in a pipe]")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """List the memory policies, their update rule, parameters and memory bound, and what each does to the
@@ -64,26 +65,34 @@ def hybrid_rule(name: str) -> str:
     return "as on a transformer (segcli's policy layers, the model's own attention)"
 
 
+def policies_table(rows: list[dict]) -> Table:
+    """The `policy` records as one table (their text as text: `[memory; segment]` is not markup)."""
+    table = new_table("memory policies", [("policy", "left"), ("update rule (attention layers)", "left"),
+                                          ("parameters", "left"), ("size", "left"),
+                                          ("sliding / chunked layers", "left"), ("recurrent layers", "left"),
+                                          ("hybrids' attention layers", "left")])
+    for r in rows:
+        table.add_row(r["name"], r["rule"], ", ".join(r["parameters"]) or "-", r["bound"], r["sliding_layers"],
+                      r["recurrent_layers"], r["hybrid_attention_layers"])
+    return table
+
+
+def policy_records() -> list[dict]:
+    """One `policy` record per registered policy: its rule, parameters and their defaults, bound, and layer kinds."""
+    defaults = RunConfig().sizes()
+    return [{"type": "policy", "name": name, "rule": cls.rule, "parameters": list(cls.parameters),
+             "defaults": {k: defaults[k] for k in cls.parameters}, "bound": cls.size_rule,
+             "sliding_layers": sliding_rule(name), "recurrent_layers": recurrent_rule(name),
+             "hybrid_attention_layers": hybrid_rule(name)} for name, cls in REGISTRY.items()]
+
+
 @handle_errors
 def _policies(format: str | None, debug: bool = False) -> None:
-    defaults = RunConfig().sizes()
-    rows = []
-    for name, cls in REGISTRY.items():
-        rows.append({"type": "policy", "name": name, "rule": cls.rule, "parameters": list(cls.parameters),
-                     "defaults": {k: defaults[k] for k in cls.parameters}, "bound": cls.size_rule,
-                     "sliding_layers": sliding_rule(name), "recurrent_layers": recurrent_rule(name),
-                     "hybrid_attention_layers": hybrid_rule(name)})
+    rows = policy_records()
     fmt = default_format(format, None)
     writer = Writer("csv" if fmt == "csv" else "jsonl", None, has_output_option=False)  # stdout; closed stdout: one line, exit 2
     if fmt == "table":
-        table = new_table("memory policies", [("policy", "left"), ("update rule (attention layers)", "left"),
-                                              ("parameters", "left"), ("size", "left"),
-                                              ("sliding / chunked layers", "left"), ("recurrent layers", "left"),
-                                              ("hybrids' attention layers", "left")])
-        for r in rows:
-            table.add_row(r["name"], r["rule"], ", ".join(r["parameters"]) or "-", r["bound"], r["sliding_layers"],
-                          r["recurrent_layers"], r["hybrid_attention_layers"])
-        PipeConsole(file=writer.stream).print(table)
+        PipeConsole(file=writer.stream).print(policies_table(rows))
         writer.stream.flush()
     elif fmt == "json":
         writer.stream.write(json.dumps(rows, indent=1) + "\n")

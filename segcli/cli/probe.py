@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
 
 from ..config import MAX_SIZE, RunConfig, explicit_keys
@@ -21,7 +22,7 @@ from ..files import check_distinct
 from ..memory import POLICY_NAMES, REGISTRY
 from ..probe.grid import ProbeGrid, ProbeSpec, check_probe_record
 from ..probe.tasks import TASK_NAMES
-from .common import FormatOpt, Interrupted, OutputOpt, StopSignals, handle_errors, say, value
+from .common import FormatOpt, Interrupted, OutputOpt, StopSignals, default, handle_errors, say, value
 from .compare import parse_list
 from .output import Writer, default_format, fmt_num, new_table
 from .options import RUN_OPTIONS, arguments, build_config, make_progress, shared_options
@@ -31,15 +32,15 @@ MAX_SAMPLES = 100_000
 
 @shared_options(*RUN_OPTIONS)
 def probe(
-    haystack: Annotated[Optional[list[str]], typer.Argument(
+    haystack: Annotated[Optional[list[str]], typer.Argument(metavar="HAYSTACK",
         help="Text files, folders or JSON Lines files to hide the needles in (cut at token boundaries); "
              "default: a filler shipped with segcli.", show_default=False)] = None,
-    tasks: Annotated[str, typer.Option("--tasks", "--task", help=f"Comma-separated tasks ({', '.join(TASK_NAMES)}).")] = "passkey",
-    lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "1024,2048",
-    depths: Annotated[str, typer.Option(help="Comma-separated needle depths, percent of the prompt (0-100).")] = "0,25,50,75,100",
-    samples: Annotated[int, typer.Option(help="Prompts per task, length and depth.")] = 2,
-    memory: Annotated[Optional[str], typer.Option(help=f"Comma-separated policies ({', '.join(POLICY_NAMES)}).")] = None,
-    segment_sizes: Annotated[Optional[str], typer.Option(help="Comma-separated segment sizes (default: the config's, 128).")] = None,
+    tasks: Annotated[str, typer.Option("--tasks", "--task", metavar="TASK,...", help=f"Comma-separated tasks ({', '.join(TASK_NAMES)}).")] = "passkey",
+    lengths: Annotated[str, typer.Option(metavar="N,...", help="Comma-separated prompt lengths in tokens.")] = "1024,2048",
+    depths: Annotated[str, typer.Option(metavar="PERCENT,...", help="Comma-separated needle depths, percent of the prompt (0-100).")] = "0,25,50,75,100",
+    samples: Annotated[int, typer.Option(metavar="N", help="Prompts per task, length and depth.")] = 2,
+    memory: Annotated[Optional[str], typer.Option(metavar="POLICY,...", help=f"Comma-separated policies ({', '.join(POLICY_NAMES)}). {default('memory')}")] = None,
+    segment_sizes: Annotated[Optional[str], typer.Option(metavar="N,...", help=f"Comma-separated segment sizes. {default('segment_size')}")] = None,
     generate: Annotated[bool, typer.Option("--generate", help="Also decode greedily after each prompt and record the text.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="With --output FILE (JSON Lines): keep the prompts already in "
                                                           "FILE and run only the others; an interrupted run keeps its "
@@ -135,7 +136,7 @@ def _probe(haystack, tasks, lengths, depths, samples, memory, segment_sizes, gen
                 task = progress.add_task("probe", total=grid.total, rate="")
 
                 def on_prompt(r: dict[str, Any]) -> None:
-                    progress.update(task, advance=1, description=f"{r['task']} {r['policy']} n_s={r['segment_size']}",
+                    progress.update(task, advance=1, description=escape(f"{r['task']} {r['policy']} n_s={r['segment_size']}"),
                                     rate=f"{r['tokens_per_s'] or 0:,.0f} tok/s")
 
                 try:
@@ -194,4 +195,4 @@ def render_probe_tables(console: Console, records: list[dict[str, Any]]) -> None
             table.add_row(*row)
         console.print(table)
     console.print(f"{s['prompts']} prompts: accuracy {fmt_num(s['accuracy'], 3)}, mean answer NLL "
-                  f"{fmt_num(s['answer_nll'], 3)} nats; {fmt_num(s['tokens_per_s'], 0)} tokens/s", highlight=False)
+                  f"{fmt_num(s['answer_nll'], 3)} nats; {fmt_num(s['tokens_per_s'], 0)} tokens/s", highlight=False, markup=False)

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .. import distributed
 from ..backends import resolve_device
@@ -16,7 +17,7 @@ from ..config import RunConfig
 from ..engine.run import CorpusRun, RunOptions
 from ..errors import Stopped
 from .common import (
-    FormatOpt, Interrupted, MaxTokensOpt, OutputOpt, Policy, SegmentSizeOpt, StopSignals, err_console, handle_errors, say,
+    FormatOpt, Interrupted, MaxTokensOpt, OutputOpt, PolicyOpt, SegmentSizeOpt, StopSignals, err_console, handle_errors, say,
 )
 from .options import RUN_OPTIONS, OutputOptions, arguments, build_configs, make_progress, shared_options
 from .output import SparkBins, Writer, default_format, fmt_bytes, fmt_num, new_table
@@ -24,28 +25,28 @@ from .output import SparkBins, Writer, default_format, fmt_bytes, fmt_num, new_t
 
 @shared_options(*RUN_OPTIONS)
 def run(
-    docs: Annotated[list[str], typer.Argument(
+    docs: Annotated[list[str], typer.Argument(metavar="DOC",
         help="Documents: files, folders (files matching --glob), JSON Lines files (.jsonl, one document per record); "
              "'-' reads stdin.", show_default=False)],
-    memory: Annotated[Optional[Policy], typer.Option(help="Memory policy.")] = None,
+    memory: PolicyOpt = None,
     segment_size: SegmentSizeOpt = None,
     format: FormatOpt = None,
     output: OutputOpt = None,
     per_token: Annotated[Optional[bool], typer.Option("--per-token", help="Also one record per token with its surprisal.",
                                                       show_default=False)] = None,
     max_tokens: MaxTokensOpt = None,
-    glob: Annotated[Optional[str], typer.Option(
+    glob: Annotated[Optional[str], typer.Option(metavar="PATTERN",
         help="Files to take from a folder; '**/' searches subfolders (e.g. '**/*.md'). [default: *.txt]")] = None,
-    jsonl_field: Annotated[Optional[str], typer.Option(help="The text field of JSON Lines records (the record id: its "
+    jsonl_field: Annotated[Optional[str], typer.Option(metavar="NAME", help="The text field of JSON Lines records (the record id: its "
                                                             "'id' field, else FILE:LINE). [default: text]")] = None,
     memory_across_documents: Annotated[Optional[bool], typer.Option(
         "--memory-across-documents/--fresh-memory-per-document", show_default=False,
-        help="Carry one memory from document to document (default), or start each document from an empty memory "
-             "(required under torchrun).")] = None,
+        help="Carry one memory from document to document, or start each document from an empty memory "
+             "(required under torchrun). [default: --memory-across-documents]")] = None,
     save_memory: Annotated[Optional[str], typer.Option(
-        "--save-memory", help="Save the memory after the last segment to FILE (safetensors), to continue later.")] = None,
+        "--save-memory", metavar="FILE", help="Save the memory after the last segment to FILE (safetensors), to continue later.")] = None,
     load_memory: Annotated[Optional[str], typer.Option(
-        "--load-memory", help="Start from a memory saved with --save-memory (same model, tokenizer, policy, sizes).")] = None,
+        "--load-memory", metavar="FILE", help="Start from a memory saved with --save-memory (same model, tokenizer, policy, sizes).")] = None,
     **options: Any,
 ) -> None:
     """Stream documents segment by segment through a bounded memory and report loss, perplexity,
@@ -98,7 +99,7 @@ def write_run(cfg: RunConfig, opts: RunOptions, docs: list[str], world, format: 
             if job.note and not quiet:
                 say(job.note)
             with make_progress(quiet, job.total_segments) as progress, signals.deferred():
-                task = progress.add_task(f"{cfg.memory} n_s={cfg.segment_size}", total=job.total_segments, rate="")
+                task = progress.add_task(escape(f"{cfg.memory} n_s={cfg.segment_size}"), total=job.total_segments, rate="")
                 tokens, seconds = 0, 0.0
                 for rec in job.records():
                     writer.write(rec)

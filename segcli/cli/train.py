@@ -7,6 +7,7 @@ import re
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..errors import UsageError
@@ -14,15 +15,24 @@ from .common import DebugOpt, DeviceOpt, QuietOpt, err_console, handle_errors, v
 
 
 def train(
-    config: Annotated[Optional[str], typer.Option("--config", "-c", help="Training YAML; examples: the bundled model's stages in experiments/bundled-model/.")] = None,
-    corpus: Annotated[Optional[str], typer.Option(help="Folder of .txt files (overrides the YAML).")] = None,
-    out_dir: Annotated[Optional[str], typer.Option(help="Where checkpoints and the final model go.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides the YAML and turns off max_minutes time fitting).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    config: Annotated[Optional[str], typer.Option(
+        "--config", "-c", metavar="FILE", help="Training YAML; examples: the bundled model's stages in "
+                                               "experiments/bundled-model/ (their corpus: scripts/build_corpus.py).")] = None,
+    corpus: Annotated[Optional[str], typer.Option(
+        metavar="DIR", help="Folder of .txt files (overrides the YAML). [default: the YAML's, else corpus/train]")] = None,
+    out_dir: Annotated[Optional[str], typer.Option(
+        metavar="DIR", help="Where checkpoints and the final model go. [default: the YAML's, else runs/seglm]")] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        metavar="N", help="Optimizer steps (overrides the YAML and turns off max_minutes time fitting). "
+                          "[default: the YAML's, else 1000]")] = None,
+    seed: Annotated[Optional[int], typer.Option(metavar="N", help="Random seed. [default: the YAML's, else 0]")] = None,
     device: DeviceOpt = None,
-    init_from: Annotated[Optional[str], typer.Option(help="Start from this saved model folder, or bundled (overrides the YAML).")] = None,
+    init_from: Annotated[Optional[str], typer.Option(
+        metavar="DIR", help="Start from this saved model folder, or bundled (overrides the YAML). "
+                            "[default: the YAML's, else a fresh model]")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from out_dir/checkpoint.pt.")] = False,
-    log_jsonl: Annotated[Optional[str], typer.Option(help="Also append every step as JSON to this file.")] = None,
+    log_jsonl: Annotated[Optional[str], typer.Option(
+        metavar="FILE", help="Also append every step as JSON to this file.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE",
                     help="Set any training-config key (value read as YAML; a dotted key sets a nested one), "
                          "e.g. --set batch_size=128 --set tasks.copy.prob=0.5; repeatable.")] = None,
@@ -77,14 +87,16 @@ def _train(config, corpus, out_dir, steps, seed, device, init_from, resume, log_
                 if ev.kind == "start":
                     progress.update(task, total=ev.data["steps"], completed=ev.step)
                     if not quiet:
-                        err_console.print(f"training {ev.data['params']:,} parameters on {ev.data['tokens']:,} tokens ({ev.data['device']})")
+                        err_console.print(f"training {ev.data['params']:,} parameters on {ev.data['tokens']:,} tokens "
+                                          f"({ev.data['device']})", markup=False)
                 elif ev.kind == "step":
                     progress.update(task, completed=ev.step, total=ev.data["steps"],
-                                    info=f"loss {ev.data['loss']:.3f} {ev.data['policy']} n_s={ev.data['segment_size']}")
+                                    info=escape(f"loss {ev.data['loss']:.3f} {ev.data['policy']} n_s={ev.data['segment_size']}"))
                 elif ev.kind == "val" and not quiet:
-                    progress.console.print(f"step {ev.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.data.items()))
+                    progress.console.print(f"step {ev.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.data.items()),
+                                           markup=False)
                 elif ev.kind == "done" and not quiet:
-                    err_console.print(f"saved {ev.data['model_dir']} after {ev.data['seconds']:.0f} s")
+                    err_console.print(f"saved {ev.data['model_dir']} after {ev.data['seconds']:.0f} s", markup=False)
     finally:
         if log:
             log.close()
