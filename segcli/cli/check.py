@@ -16,7 +16,7 @@ from ..memory import POLICY_NAMES
 from ..reader import Reader
 from .common import (
     CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, ErrorsOpt, MemorySizeOpt, Policy, QuietOpt, default,
-    RateOpt, RevisionOpt, SegmentSizeOpt, SinkOpt, TrustOpt, handle_errors, say, value,
+    RateOpt, RevisionOpt, SegmentSizeOpt, SinkOpt, ThreadsOpt, TrustOpt, handle_errors, say, value,
 )
 from .options import build_config
 from .output import PipeConsole, default_format, new_table, stdout_stream
@@ -54,6 +54,7 @@ def check(
     errors: ErrorsOpt = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = None,
+    threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from .. import __version__
-from ..config import RunConfig
+from ..config import RunConfig, default_threads
 from ..distributed import PeerFailure
 from ..errors import SegcliError, UsageError
 from ..memory import POLICY_NAMES
@@ -103,6 +103,9 @@ ErrorsOpt = Annotated[Optional[Errors], typer.Option(
 MaxTokensOpt = Annotated[Optional[int], typer.Option(
     metavar="N", help="Score only the first N tokens of each document. [default: all]")]
 RevisionOpt = Annotated[Optional[str], typer.Option(metavar="REV", help="Hub revision (Hugging Face models).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(
+    metavar="N", help="CPU threads for torch's intra-op work. [default: $OMP_NUM_THREADS when set, else the CPU cores "
+                      f"this process may use minus one, at least 1: {default_threads()} here]")]
 TrustOpt = Annotated[Optional[bool], typer.Option(
     "--trust-remote-code/--no-trust-remote-code", help="Allow a hub model's own code. [default: off]",
     show_default=False)]
@@ -282,15 +285,29 @@ def command_signals() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+@contextlib.contextmanager
+def torch_threads_restored(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads as they were before the command (--threads sets them; a caller that runs
+    commands in-process, a test, keeps its own)."""
+    try:
+        yield
+    finally:
+        torch = sys.modules.get("torch")
+        if threads is not None and torch is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def handle_errors(fn: Callable) -> Callable:
     """One stderr line and the contract's exit code per error; tracebacks only with --debug."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         debug = kwargs.get("debug", False)
+        torch = sys.modules.get("torch")
+        threads = torch.get_num_threads() if torch is not None else None
         try:
             guard_std_streams()
-            with command_signals():
+            with command_signals(), torch_threads_restored(threads):
                 return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise

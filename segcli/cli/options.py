@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..config import RunConfig, explicit_keys, resolve_many
+from ..config import RunConfig, default_threads, explicit_keys, resolve_many
 from .common import err_console, value
 
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(RunConfig))
@@ -38,7 +38,19 @@ def build_configs(config: str | None, options: dict[str, Any], *extra: type, che
     for o in out[1:]:
         if hasattr(o, "validate"):
             o.validate()
+    use_threads(cfg.threads)
     return (cfg, *out[1:])
+
+
+def use_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads before any work: `threads`, else config.default_threads(). Returns the count.
+    Every command that computes comes through here (build_configs), so the rule is the same everywhere."""
+    import torch
+
+    n = default_threads() if threads is None else threads
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
 
 
 def build_config(config: str | None, check_apply: bool = False, **options: Any) -> RunConfig:
@@ -59,7 +71,7 @@ def make_progress(quiet: bool, total: int | None) -> Progress:
 def _shared() -> dict[str, tuple[Any, Any]]:
     from .common import (
         CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, DTypeOpt, ErrorsOpt, ModelOpt, QuietOpt, RateOpt, RevisionOpt,
-        SeedOpt, SinkOpt, TrustOpt, MemorySizeOpt, RecentOpt, WindowOpt, LayerBudgetOpt,
+        SeedOpt, SinkOpt, ThreadsOpt, TrustOpt, MemorySizeOpt, RecentOpt, WindowOpt, LayerBudgetOpt,
     )
 
     return {  # name -> (annotation, default)
@@ -67,12 +79,12 @@ def _shared() -> dict[str, tuple[Any, Any]]:
         "compress_rate": (RateOpt, None), "compressed_size": (CompressedOpt, None),
         "recent_tokens": (RecentOpt, None), "window": (WindowOpt, None), "layer_budget": (LayerBudgetOpt, None), "device": (DeviceOpt, None),
         "dtype": (DTypeOpt, None), "config": (ConfigOpt, None), "seed": (SeedOpt, None), "errors": (ErrorsOpt, None),
-        "revision": (RevisionOpt, None), "trust_remote_code": (TrustOpt, None), "quiet": (QuietOpt, False),
+        "revision": (RevisionOpt, None), "trust_remote_code": (TrustOpt, None), "threads": (ThreadsOpt, None), "quiet": (QuietOpt, False),
         "debug": (DebugOpt, False),
     }
 
 
-MODEL_OPTIONS = ("model", "device", "dtype", "revision", "trust_remote_code", "seed", "errors")
+MODEL_OPTIONS = ("model", "device", "dtype", "revision", "trust_remote_code", "seed", "errors", "threads")
 SIZE_OPTIONS = ("memory_size", "sink_tokens", "compress_rate", "compressed_size", "recent_tokens", "window",
                 "layer_budget")
 RUN_OPTIONS = (*SIZE_OPTIONS, *MODEL_OPTIONS, "config", "quiet", "debug")  # what run, compare, generate, probe share

@@ -11,7 +11,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..errors import UsageError
-from .common import DebugOpt, DeviceOpt, QuietOpt, err_console, handle_errors, value
+from ..config import MAX_THREADS
+from .common import DebugOpt, DeviceOpt, QuietOpt, ThreadsOpt, err_console, handle_errors, value
+from .options import use_threads
 
 
 def train(
@@ -36,6 +38,7 @@ def train(
     set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE",
                     help="Set any training-config key (value read as YAML; a dotted key sets a nested one), "
                          "e.g. --set batch_size=128 --set tasks.copy.prob=0.5; repeatable.")] = None,
+    threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -67,13 +70,16 @@ def parse_settings(items: list[str]) -> dict:
 
 
 @handle_errors
-def _train(config, corpus, out_dir, steps, seed, device, init_from, resume, log_jsonl, set_, quiet, debug):
+def _train(config, corpus, out_dir, steps, seed, device, init_from, resume, log_jsonl, set_, threads, quiet, debug):
     from ..backends import resolve_device
     from ..train import load_train_config, train as run_training  # heavy imports only when training
 
     cfg = load_train_config(config, {"corpus": corpus, "out_dir": out_dir, "steps": steps, "seed": seed, "device": value(device),
                                        "init_from": init_from}, parse_settings(set_ or []))
     resolve_device(cfg.device)  # --device cuda (or device: cuda) without a GPU: exit 2 before anything is written
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise UsageError(f"--threads must be an integer from 1 to {MAX_THREADS}, got {threads}")
+    n_threads = use_threads(threads)
     log = open(log_jsonl, "a", encoding="utf-8") if log_jsonl else None
     progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=quiet)
@@ -88,7 +94,7 @@ def _train(config, corpus, out_dir, steps, seed, device, init_from, resume, log_
                     progress.update(task, total=ev.data["steps"], completed=ev.step)
                     if not quiet:
                         err_console.print(f"training {ev.data['params']:,} parameters on {ev.data['tokens']:,} tokens "
-                                          f"({ev.data['device']})", markup=False)
+                                          f"({ev.data['device']}, {n_threads} threads)", markup=False)
                 elif ev.kind == "step":
                     progress.update(task, completed=ev.step, total=ev.data["steps"],
                                     info=escape(f"loss {ev.data['loss']:.3f} {ev.data['policy']} n_s={ev.data['segment_size']}"))

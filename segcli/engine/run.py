@@ -71,6 +71,7 @@ def config_block(cfg: RunConfig, backend: Backend) -> dict[str, Any]:
         "device": str(backend.device),
         "dtype": str(backend.dtype).removeprefix("torch."),
         "bos_prepended": backend.bos_id is not None,
+        "threads": torch.get_num_threads(),  # the intra-op threads used (cfg.threads resolved and set by the caller)
         "versions": versions(),
     }
 
