@@ -92,7 +92,7 @@ class Fifo(MemoryPolicy):
         size = self.memory_size
         if self.layer_budget == "pyramid":  # the layer's own budget, at most the first layer's
             size = state.window.size
-            expect(isinstance(size, int) and 1 <= size < 2 * self.memory_size,
+            expect(isinstance(size, int) and 1 <= size <= 2 * self.memory_size,  # rounding gives the first layer up to 2 n_c
                    f"window.size {size} is no layer's budget under --layer-budget pyramid --memory-size {self.memory_size}")
         state.window.check(batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, size=size, front=0)
         expect(state.seen == seen, f"seen {state.seen}, the file says {seen} tokens")

@@ -38,11 +38,11 @@ class SinkState(Carried):
 
 def layer_size(policy: MemoryPolicy, window: Window) -> int:
     """The window size a state read from a file must have: n_c, or under pyramid a layer's budget (at most the
-    first layer's, below 2 n_c); ValueError otherwise."""
+    first layer's, at most 2 n_c); ValueError otherwise."""
     if policy.layer_budget != "pyramid":
         return policy.memory_size
     size = window.size
-    expect(isinstance(size, int) and 1 <= size < 2 * policy.memory_size,
+    expect(isinstance(size, int) and 1 <= size <= 2 * policy.memory_size,
            f"window.size {size} is no layer's budget under --layer-budget pyramid --memory-size {policy.memory_size}")
     return size
 

@@ -61,3 +61,20 @@ def test_policies_without_a_layer_budget_refuse_pyramid_in_one_line(tiny_model_d
     lines = [x for x in res.stderr.splitlines() if x.strip()]
     assert res.exit_code == 2 and len(lines) == 1, res.output
     assert lines[0].startswith("segcli: error: --layer-budget does not apply to --memory " + policy)
+
+
+@pytest.mark.parametrize("policy", ["fifo", "sink"])
+@pytest.mark.parametrize("memory_size,layers", [(24, 30), (8, 7), (512, 30), (3, 2)])
+def test_a_file_holding_the_first_layers_budget_is_accepted(policy, memory_size, layers):
+    """The rounding of PyramidKV's schedule can give the first layer exactly 2 n_c (n_c 24 over 30 layers: 48); a
+    memory file holding that budget is a valid one (it was refused as 'no layer's budget' on a 30-layer model)."""
+    from segcli.memory import make_policy
+
+    budgets = layer_budgets(memory_size, layers, "pyramid")
+    assert sum(budgets) == memory_size * layers and max(budgets) <= 2 * memory_size
+    pol = make_policy(policy, memory_size=memory_size, layer_budget="pyramid",
+                      **({"sink_tokens": 2} if policy == "sink" else {}))
+    for layer, budget in enumerate(budgets):
+        state = pol.init_layer_state(layer, layers, 1, 2, 4, device=torch.device("cpu"), dtype=torch.float32)
+        assert state.window.size == budget
+        pol.check_state(state, batch=1, heads=2, head_dim=4, dtype=torch.float32, seen=0)
