@@ -86,7 +86,7 @@ class RunConfig:
             raise UsageError(f"--seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]} (what torch accepts), "
                              f"got {short(self.seed)}")
         if self.memory not in POLICY_NAMES:
-            raise UsageError(f"unknown memory policy {self.memory!r}; choose one of: {', '.join(POLICY_NAMES)}")
+            raise unknown_policy(self.memory)
         for name in ("segment_size", "memory_size", "compress_rate", "compressed_size", "sink_tokens"):
             low = 0 if name == "sink_tokens" else 1
             n = getattr(self, name)
@@ -120,6 +120,11 @@ class RunConfig:
             used = ", ".join(f"--{k.replace('_', '-')}" for k in uses) or "no size options"
             raise UsageError(f"{names} does not apply to --memory {self.memory} (it uses {used}); remove it")
         return self
+
+
+def unknown_policy(name: Any, option: str = "--memory") -> UsageError:
+    """The one wording of an unknown policy name, whichever command or option (or YAML key) gave it."""
+    return UsageError(f"{option}: unknown memory policy {short(name)}; choose one of: {', '.join(POLICY_NAMES)}")
 
 
 def available_cpus() -> int:

@@ -88,3 +88,17 @@ def signal_at_step(monkeypatch, sig: int, at: int = 3) -> list[int]:
 
     monkeypatch.setattr(NativeBackend, "step", signalling)
     return calls
+
+
+@pytest.fixture
+def signals_passed_on():
+    """Record-only handlers for the signals a stopped in-process command hands on to the handler that was there
+    before (segcli.cli.common.pass_on; without these, a test's own os.kill would stop pytest); restored after."""
+    import signal
+
+    got: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in signals}
+    yield got
+    for s, handler in previous.items():
+        signal.signal(s, handler)

@@ -62,6 +62,9 @@ def main() -> None:
     """Entry point: Typer's usage errors become one `segcli: error:` line with exit code 2."""
     import sys
 
+    from . import common
+
+    common.OWN_PROCESS = True  # a signal ends the program with 128 + n (in-process, see common.pass_on)
     try:
         rc = app(standalone_mode=False)
     except typer.Exit as e:  # --help and explicit exits

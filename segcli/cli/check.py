@@ -15,7 +15,7 @@ from ..errors import UsageError
 from ..memory import POLICY_NAMES
 from ..reader import Reader
 from .common import (
-    CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, ErrorsOpt, MemorySizeOpt, Policy, QuietOpt, default,
+    CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, ErrorsOpt, MemorySizeOpt, QuietOpt, default,
     RateOpt, RevisionOpt, SegmentSizeOpt, SinkOpt, ThreadsOpt, TrustOpt, handle_errors, say, value,
 )
 from .options import build_config
@@ -32,7 +32,7 @@ def check(
         "--model", "-m", metavar="DIR|ID", help="Hugging Face model directory or hub id to check (required, here or in "
                                                "--config: the bundled model is segcli's own, with no plain forward of "
                                                "another library to compare with).")] = None,
-    memory: Annotated[Optional[Policy], typer.Option(
+    memory: Annotated[Optional[str], typer.Option(
         metavar="POLICY", help=f"Memory policy to check besides full ({', '.join(POLICY_NAMES)}). {default('memory')}")] = None,
     segment_size: SegmentSizeOpt = None,
     memory_size: MemorySizeOpt = None,

@@ -74,7 +74,7 @@ RecentOpt = Annotated[Optional[int], typer.Option(
 WindowOpt = Annotated[Optional[int], typer.Option(
     metavar="N", help=f"Last queries that score the memory, newest pairs kept (snapkv). {default('window')}")]
 POLICY_HELP = f"Memory policy: {', '.join(POLICY_NAMES)} (segcli policies describes them). {default('memory')}"
-PolicyOpt = Annotated[Optional[Policy], typer.Option(metavar="POLICY", help=POLICY_HELP)]
+PolicyOpt = Annotated[Optional[str], typer.Option(metavar="POLICY", help=POLICY_HELP)]  # checked by RunConfig.validate
 
 
 class LayerBudget(str, enum.Enum):
@@ -269,6 +269,19 @@ def _raise_interrupted(signum: int, frame) -> None:
     raise Interrupted(signum)
 
 
+OWN_PROCESS = False  # True when segcli is the program (main()), not a command called in-process (a test, a notebook)
+
+
+def pass_on(signum: int) -> None:
+    """After a signal stopped a command cleanly (outputs discarded, the one line said, handlers restored):
+    in-process, hand it to the handler that was there before, so the embedding program stops as it would
+    have without segcli (pytest under `timeout` ran on for minutes when segcli turned SIGTERM into one
+    test's exit code 143; Ctrl-C stopped one test, not the suite). segcli itself exits 128 + n instead."""
+    if OWN_PROCESS or threading.current_thread() is not threading.main_thread():
+        return
+    signal.raise_signal(signum)
+
+
 @contextlib.contextmanager
 def command_signals() -> Iterator[None]:
     """For a whole command: a handled signal raises Interrupted, so cleanups (temporary files)
@@ -315,6 +328,7 @@ def handle_errors(fn: Callable) -> Callable:
             if debug:
                 raise
             say(e.message())
+            pass_on(e.signum)
             raise typer.Exit(e.exit_code) from None
         except PeerFailure as e:  # another rank of a torchrun run failed; rank 0 prints the error
             raise typer.Exit(e.exit_code) from None

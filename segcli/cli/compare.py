@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from ..config import unknown_policy
 from ..engine.compare import Comparison
 from ..errors import UsageError
 from ..memory import POLICY_NAMES
@@ -67,7 +68,7 @@ def _compare(doc, segment_sizes, memory, model, reference, config, format, outpu
     policies = parse_list(memory, "memory") if memory else [base.memory]
     configs = [dataclasses.replace(base, memory=p, segment_size=n).validate() for p in policies for n in sizes]
     if reference is not None and reference not in POLICY_NAMES:
-        raise UsageError(f"--reference: unknown memory policy {reference!r}; choose one of: {', '.join(POLICY_NAMES)}")
+        raise unknown_policy(reference, "--reference")
     if models is None and base.model is not None:
         models = [base.model]  # from the YAML
     if plot:  # before any model work: matplotlib there, the picture writable

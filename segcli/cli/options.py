@@ -59,10 +59,11 @@ def build_config(config: str | None, check_apply: bool = False, **options: Any) 
 
 
 def make_progress(quiet: bool, total: int | None) -> Progress:
+    """The progress bar on stderr: on a terminal only (elsewhere rich draws nothing but ends with a blank line)."""
     return Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=err_console, transient=True, disable=quiet,
+        console=err_console, transient=True, disable=quiet or not err_console.is_terminal,
     )
 
 

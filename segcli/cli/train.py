@@ -82,7 +82,8 @@ def _train(config, corpus, out_dir, steps, seed, device, init_from, resume, log_
     n_threads = use_threads(threads)
     log = open(log_jsonl, "a", encoding="utf-8") if log_jsonl else None
     progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=quiet)
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
+                        disable=quiet or not err_console.is_terminal)  # elsewhere: the messages, no bar
     try:
         with progress:
             task = progress.add_task("train", total=cfg.steps, info="")

@@ -15,7 +15,9 @@ from ..errors import UsageError
 def corpus_files(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.rglob("*.txt") if p.is_file())
     if not files:
-        raise UsageError(f"corpus {folder}: no .txt files found")
+        where = "no such folder" if not folder.is_dir() else "no .txt files found"
+        raise UsageError(f"corpus {folder}: {where}; `python scripts/build_corpus.py` (in a segcli checkout) builds "
+                         "the bundled model's corpus in corpus/, or give --corpus DIR of .txt files")
     return files
 
 

@@ -290,7 +290,7 @@ def test_sigterm_stops_within_one_segment_lines_whole(procs):
     assert time.time() - t0 < 30
 
 
-def test_stdin_first_segments_before_input_ends_and_sigint_while_waiting(base, doc_path, monkeypatch):
+def test_stdin_first_segments_before_input_ends_and_sigint_while_waiting(base, doc_path, monkeypatch, signals_passed_on):
     """stdin that stays open: segments of the first read are written before the next read;
     a SIGINT while blocked on that read stops at once (exit 130, one line, lines whole)."""
     seen_at_second_read = []
@@ -316,7 +316,7 @@ def test_stdin_first_segments_before_input_ends_and_sigint_while_waiting(base, d
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_during_run_with_output_leaves_no_file(base, doc_path, tmp_path, monkeypatch, sig):
+def test_signal_during_run_with_output_leaves_no_file(base, doc_path, tmp_path, monkeypatch, sig, signals_passed_on):
     """In-process: the signal arrives during segment 3; the loop stops before segment 4,
     exits 128 + signal, and --output leaves neither the target nor its temporary file."""
     calls = signal_at_step(monkeypatch, sig)
@@ -326,6 +326,7 @@ def test_signal_during_run_with_output_leaves_no_file(base, doc_path, tmp_path, 
     assert res.exit_code == 128 + sig and len(calls) == 3
     assert res.stderr.strip() == f"segcli: interrupted by {sig.name}; stopped after 3 segments; no summary"
     assert list(tmp_path.iterdir()) == []
+    assert signals_passed_on == [sig]  # then handed on to the handler that was there before
 
 
 def test_output_file_atomic_on_failure(base, doc_path, tmp_path, monkeypatch):

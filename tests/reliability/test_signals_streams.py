@@ -52,7 +52,7 @@ def test_interrupted_is_not_an_exception():
 
 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT], ids=lambda s: s.name)
-def test_hup_and_quit_during_a_run_like_term(base, doc, tmp_path, monkeypatch, sig):
+def test_hup_and_quit_during_a_run_like_term(base, doc, tmp_path, monkeypatch, sig, signals_passed_on):
     """In-process: the signal arrives during segment 3; one line, exit 128 + n, no output file, no
     temporary file, handlers restored."""
     signal_at_step(monkeypatch, sig)
