@@ -173,8 +173,9 @@ class RecurrentBackend(Backend):
 
     def notes(self, cfg: RunConfig) -> list[str]:
         """Lines for stderr, once per run (the engine prints them as it prints CorpusRun.note): the exact routes
-        taken where transformers' own path is wrong for a continued segment, and what the policy does here."""
-        out = [f"note: {self.model_type}: exact route: {r.note}" for r in self.routes]
+        taken where transformers' own path is wrong for a continued segment, and what the policy does here (after
+        what loading noted, e.g. a GGUF cache that could not be written)."""
+        out = [*super().notes(cfg), *(f"note: {self.model_type}: exact route: {r.note}" for r in self.routes)]
         if not self.n_attention and cfg.memory not in ("full", "none"):
             out.append(f"note: {self.model_type} has no attention layers: --memory {cfg.memory} carries the recurrent "
                        "state from segment to segment as full does (only none resets it)")
@@ -271,7 +272,5 @@ def load_recurrent(cfg: RunConfig, path: Path, model_cfg, device: torch.device, 
         "attn_implementation": model.config.get_text_config()._attn_implementation,
         "exact_routes": [r.name for r in routes],
     }
-    backend = RecurrentBackend(model, backend_tok, bos, device, dtype, identity, family=family, routes=routes,
-                               n_attention=family.attention_layers(model))
-    backend.check_continuation()  # every family, every release: its routes and cache paths can change
-    return backend
+    return RecurrentBackend(model, backend_tok, bos, device, dtype, identity, family=family, routes=routes,
+                            n_attention=family.attention_layers(model))  # load_backend runs check_continuation
