@@ -68,6 +68,30 @@ def test_a_broken_attention_differs_and_exits_1(models, monkeypatch):
     assert "differs" in res.stdout and "verdict: differs" in res.stdout
 
 
+def test_the_same_broken_model_is_refused_at_load_by_run(models, monkeypatch, tmp_path):
+    """What check reports as 'differs', run refuses before any number (the load-time check of every HF model): one
+    line naming the family, the gap and the transformers version, exit 2, nothing on stdout."""
+    import transformers
+
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def broken(module, query, key, value, attention_mask, **kwargs):
+        if key.shape[2] > query.shape[2]:
+            attention_mask = None
+            kwargs["is_causal"] = False
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text((SAMPLE / "hamlet.txt").read_text(encoding="utf-8")[:600], encoding="utf-8")
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", broken)
+    res = runner.invoke(app, ["run", str(doc), "--model", models["llama"], "--device", "cpu", "-q",
+                              "--format", "jsonl"])
+    assert res.exit_code == 2 and res.stdout == "", res.output
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith("segcli: error: llama: streaming it in segments differs from one forward under "
+                           f"transformers {transformers.__version__} (relative logit gap"), line
+
+
 def test_a_refused_policy_exits_2(models):
     code, report = check("--model", models["bloom"], "--memory", "linear")
     assert code == 2 and report["verdict"] == "refused"
