@@ -33,6 +33,17 @@ def check(*args) -> tuple[int, dict]:
     return res.exit_code, json.loads(res.stdout)
 
 
+def broken_sdpa(sdpa):
+    """SDPA that drops the mask whenever a memory precedes the segment (keys > queries)."""
+    def broken(module, query, key, value, attention_mask, **kwargs):
+        if key.shape[2] > query.shape[2]:
+            attention_mask = None
+            kwargs["is_causal"] = False
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    return broken
+
+
 def test_exact_model_exits_0(models):
     res = runner.invoke(app, ["check", "--model", models["llama"], *FAST, "--format", "table"])
     assert res.exit_code == 0, res.output
@@ -53,15 +64,7 @@ def test_json_names_every_setting(models, tmp_path):
 def test_a_broken_attention_differs_and_exits_1(models, monkeypatch):
     """SDPA that drops the mask whenever a memory precedes the segment: the plain forward (no memory) is unchanged,
     every streamed setting with a memory reads the future of its segment."""
-    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-
-    def broken(module, query, key, value, attention_mask, **kwargs):
-        if key.shape[2] > query.shape[2]:
-            attention_mask = None
-            kwargs["is_causal"] = False
-        return sdpa(module, query, key, value, attention_mask, **kwargs)
-
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", broken)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", broken_sdpa(ALL_ATTENTION_FUNCTIONS["sdpa"]))
     res = runner.invoke(app, ["check", "--model", models["llama"], *FAST, "--format", "table",
                               "--attn-implementation", "sdpa"])
     assert res.exit_code == 1, res.output
@@ -73,17 +76,9 @@ def test_the_same_broken_model_is_refused_at_load_by_run(models, monkeypatch, tm
     line naming the family, the gap and the transformers version, exit 2, nothing on stdout."""
     import transformers
 
-    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-
-    def broken(module, query, key, value, attention_mask, **kwargs):
-        if key.shape[2] > query.shape[2]:
-            attention_mask = None
-            kwargs["is_causal"] = False
-        return sdpa(module, query, key, value, attention_mask, **kwargs)
-
     doc = tmp_path / "doc.txt"
     doc.write_text((SAMPLE / "hamlet.txt").read_text(encoding="utf-8")[:600], encoding="utf-8")
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", broken)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", broken_sdpa(ALL_ATTENTION_FUNCTIONS["sdpa"]))
     res = runner.invoke(app, ["run", str(doc), "--model", models["llama"], "--device", "cpu", "-q",
                               "--format", "jsonl"])
     assert res.exit_code == 2 and res.stdout == "", res.output
