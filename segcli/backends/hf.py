@@ -7,6 +7,7 @@ attention function ("segcli": the model's own eager attention plus the linear re
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from ..config import RunConfig
 from ..errors import UsageError
+from ..memory import make_policy
 from ..ops.layout import column_major_linears
 from ..hf import (
     SegcliCache, cache_kwarg, extra_mask, make_cache, model_features, register_attention, track_memory_mass,
@@ -22,6 +24,11 @@ from ..hf import (
 )
 from . import guard
 from .base import Backend, fifo_stats, file_sha256, model_fingerprint
+
+
+TOKEN_PASS_POLICIES = ("full", "fifo")  # exact pairs, the newest ones: a token pass is one masked forward
+TOKEN_PASS = 128  # tokens per pass under full (fifo: its window, at most this; see engine.stream.pass_size)
+PASS_CHECK = 7  # tokens of the once-per-model check that a pass equals stepping
 
 
 @dataclass
@@ -34,6 +41,7 @@ class HFBackend(Backend):
     # ~40 us of a ~5 ms token step
     _checked: tuple | None = field(default=None, init=False, repr=False, compare=False)
     _limit: tuple = field(default=(None, None), init=False, repr=False, compare=False)
+    _pass_ok: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # _pass_checked's findings
 
     def attention_for(self, policy) -> str:
         """The attention implementation a policy runs under: segcli's for the linear memory's read, eager where
@@ -114,6 +122,78 @@ class HFBackend(Backend):
             raise UsageError(f"{self.identity['model_type']}: segcli cannot stream it through its cache layers "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it is not supported") from None
         guard.refuse_unless_exact(self.identity["model_type"], gap, self.dtype)
+
+    # -- token passes: n_s = 1 computed many tokens per forward ------------------------------------------------------
+
+    def sliding_window(self, memory, segment_size: int) -> int | None:
+        """The pass bound when segment size 1 has an exact token pass here (`step_window`), else None (steps).
+
+        full and fifo hold exact pairs, the newest ones: T single-token steps are one forward of T tokens on the
+        cache as it was before them, each query masked to the keys its own step would have read (fifo: the n_c
+        positions before it, intersected with the model's own windows; full: the model's causal mask). Not under
+        per-layer budgets, the relative frame, or attention that reports the mass on memory (eager: the mass is
+        per segment, and a pass would report one for all its tokens); and only once `_pass_checked` found the
+        pass equal to stepping on this model."""
+        if segment_size != 1 or not isinstance(memory, SegcliCache):
+            return None
+        policy = memory.policy
+        if policy.name not in TOKEN_PASS_POLICIES or memory.per_layer or memory.frame != "absolute":
+            return None
+        if policy.name == "fifo" and policy.sliding_window() is None:
+            return None
+        if self.attention_for(policy) != "sdpa" or not self._pass_checked(policy):
+            return None
+        # a pass never grows a window's buffer past what single steps reach: at most every fifo window's size (full
+        # keeps a sliding layer's last window - 1 pairs as a fifo of them)
+        windows = [layer.policy.memory_size for layer in memory.memory_layers if layer.policy.name == "fifo"]
+        return min([TOKEN_PASS, *windows])
+
+    def step_window(self, ids: Tensor, memory: SegcliCache, band: int):
+        """ids (1, T) as T segments of one token in one forward (see `sliding_window`). Returns logits (1, T, V), the
+        memory after the last token, and per token the mass (None: SDPA reports none) and the layers' stats as
+        `step` and `memory_stats` would have given them after it."""
+        t = ids.shape[1]
+        layers = memory.memory_layers
+        before = [0 if layer.state is None else layer.policy.slots(layer.state) for layer in layers]
+        logits, memory, _ = self._pass(ids, memory)
+        each = []
+        for layer, held in zip(layers, before):
+            stats = layer.policy.stats_each(layer.state, held, t)
+            if hasattr(layer.state, "evicted"):  # what the last single step dropped, as its state would say
+                layer.state = dataclasses.replace(layer.state, evicted=stats[-1].evicted)
+            each.append(stats)
+        return logits, memory, [None] * t, [list(x) for x in zip(*each)]
+
+    def _pass(self, ids: Tensor, memory: SegcliCache):
+        policy = memory.policy
+        if policy.name == "full":  # the model's own causal mask is each token's step
+            return self.step(ids, memory)
+        n_c = policy.memory_size
+        with extra_mask(self.model, lambda b, h, q, kv: kv >= q - n_c) as calls:  # absolute positions
+            out = self.step(ids, memory)
+        if not calls:  # `_pass_checked` found masks on this model; a model that stops building them is a bug
+            raise RuntimeError(f"{self.identity['model_type']}: the token pass built no mask")
+        return out
+
+    def _pass_checked(self, policy) -> bool:
+        """Whether a token pass equals stepping on this model, found once per (policy name, attention): PASS_CHECK
+        tokens stepped one by one against the same in one pass, from an empty memory of 3 slots (fifo)."""
+        key = (policy.name, self.model.config.get_text_config()._attn_implementation)
+        known = self._pass_ok.get(key)
+        if known is None:
+            probe = make_policy(policy.name, **({"memory_size": 3} if policy.name == "fifo" else {}))
+            ids = guard.probe_ids(self.model.config.get_text_config().vocab_size, self.device)[:, :PASS_CHECK]
+            try:
+                with torch.inference_mode():
+                    cache = make_cache(self.model, probe)
+                    stepped = torch.cat([self.step(ids[:, i:i + 1], cache)[0] for i in range(PASS_CHECK)], 1).float()
+                    passed = self._pass(ids, make_cache(self.model, probe))[0].float()
+                gap = float((stepped - passed).abs().max() / stepped.abs().max().clamp_min(1e-6))
+                known = gap <= guard.tolerance(self.dtype)
+            except (RuntimeError, ValueError, IndexError, TypeError, UsageError):
+                known = False
+            self._pass_ok[key] = known
+        return known
 
     def memory_stats(self, memory: SegcliCache):
         """Every cache layer's stats (fifo layers': one batched reduction, `fifo_stats`)."""

@@ -43,6 +43,17 @@ class Full(MemoryPolicy):
         state.window.check(batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, size=None, front=0)
         expect(state.window.filled == seen, f"the window holds {state.window.filled} pairs, the file says {seen} tokens")
 
+    def stats_each(self, state, before, t):
+        """Stats after each of the last t pairs, pushed at once, as t single-token steps would have reported them
+        (the Hugging Face backend's token passes at n_s = 1; the native model's full has its own form)."""
+        w = state.window
+        ck, cv = w.norm_sums(before, t)  # nothing evicted: entry e sums the first e pairs held
+        b, h = w.kn.shape[:2]
+        held = list(range(before + 1, before + t + 1))
+        return [LayerStats(slots=e, capacity=None, bytes=nb, key_norm=ck[e] / (b * h * e), value_norm=cv[e] / (b * h * e),
+                           oldest_age=e, tokens_per_slot=1.0)
+                for e, nb in zip(held, w.bytes_each(held, [0] * t))]
+
     def stats(self, state):
         w = state.window
         kn, vn = w.norms()
