@@ -16,7 +16,7 @@ from ..engine.compare import Comparison
 from ..errors import UsageError
 from ..memory import POLICY_NAMES
 from .common import FormatOpt, MaxTokensOpt, OutputOpt, default, err_console, handle_errors, say, value
-from .output import SparkBins, Writer, default_format, fmt_bytes, fmt_num, new_table
+from .output import Col, SparkBins, Writer, default_format, fmt_bytes, fmt_num, print_fitted
 from .options import RUN_OPTIONS, arguments, build_config, make_progress, shared_options
 
 
@@ -151,13 +151,16 @@ def render_compare_table(console: Console, records: list[dict[str, Any]],
     label = model_names(list(dict.fromkeys(r.get("model") for r in rows)))
     many = len(label) > 1
     divergence = any("kl_div" in r for r in rows)
-    columns = (["model"] if many else []) + ["policy", "n_s", "tokens", "loss", "ppl", "bits/byte", "boundary gap",
-                                             "tok/s", "speed-up", "memory", "updates"]
+    # on a narrow console the low-priority columns go first (`drop`), never digits of a number
+    cols = ([Col("model", "left", text=True)] if many else []) + [
+        Col("policy"), Col("n_s"), Col("tokens", drop=7), Col("loss"), Col("ppl", drop=5), Col("bits/byte"),
+        Col("boundary gap", drop=6), Col("tok/s", drop=2), Col("speed-up", drop=8), Col("memory", drop=9),
+        Col("updates", drop=10)]
     if divergence:
-        columns += ["KL ± se", "top-1", "Δloss", "key loss (n)"]
+        cols += [Col("KL ± se"), Col("top-1", drop=3), Col("Δloss", drop=1), Col("key loss (n)", drop=4)]
     if lo is not None:
-        columns.append("loss per segment")
-    table = new_table("compare", [(c, "left" if c in ("loss per segment", "model") else "right") for c in columns])
+        cols.append(Col("loss per segment", "left", drop=11))
+    table_rows = []
     for i, r in enumerate(rows):
         cells = ([label[r.get("model")]] if many else []) + [
             r["policy"], str(r["segment_size"]), str(r["tokens"]), fmt_num(r["loss"]), fmt_num(r["ppl"], 2),
@@ -167,14 +170,16 @@ def render_compare_table(console: Console, records: list[dict[str, Any]],
             key = "-" if r.get("key_tokens") is None else f"{fmt_num(r.get('key_token_loss'), 3)} ({r['key_tokens']})"
             cells += [f"{fmt_num(r.get('kl_div'))} ± {fmt_num(r.get('kl_div_stderr'))}",
                       fmt_num(r.get("top1_agreement"), 3), fmt_num(r.get("delta_loss")), key]
-        if lo is not None and sparks is not None and i < len(sparks):
-            cells.append(sparks[i][1].render(lo, hi))
-        table.add_row(*cells)
-    console.print(table)
+        if lo is not None:
+            cells.append(sparks[i][1].render(lo, hi) if sparks is not None and i < len(sparks) else "")
+        table_rows.append(cells)
+    dropped = print_fitted(console, "compare", cols, table_rows)
     if divergence:
         ref = rows[0].get("reference")
         console.print(f"KL(reference ‖ row) in nats per token, reference {ref} at each row's segment size; "
                       "key tokens: loss under the reference < 2 nats and under none > 2 nats higher", style="dim",
                       markup=False)
-    if lo is not None:
+    if lo is not None and "loss per segment" in dropped:
+        show_sparks(console, sparks or [])
+    elif lo is not None:
         console.print(f"loss per segment: {lo:.2f} (▁) to {hi:.2f} (█), same scale in every row", style="dim")

@@ -11,10 +11,13 @@ import contextlib
 import csv
 import json
 import math
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -289,3 +292,120 @@ def new_table(title: str, columns: list[tuple[str, str]]) -> Table:
     return table
 
 
+
+
+# -- tables that fit the terminal ---------------------------------------------------------------------------------------
+
+@dataclass
+class Col:
+    """A column of a fitted table. `drop`: 0 is always shown; when the table is too wide for the console the
+    column with the highest `drop` goes first. `text`: free text (a document name) that may wrap; every other
+    cell (numbers) is shown whole or not at all."""
+
+    name: str
+    justify: str = "right"
+    drop: int = 0
+    text: bool = False
+
+
+HEADER_MAX = 7  # a header wider than its cells wraps (at spaces and after / or →) to at most this width
+TEXT_MIN = 12  # a free-text column narrower than its cells wraps to no less than this
+
+
+def _cell_width(cell: Any) -> int:
+    plain = cell.plain if isinstance(cell, Text) else str(cell)
+    return max((cell_len(line) for line in plain.splitlines()), default=0)
+
+
+def _header_pieces(name: str) -> list[str]:
+    return [p for p in re.split(r"(?<=[/→])|\s+", name) if p]
+
+
+def _header(name: str, width: int) -> str:
+    lines: list[str] = []
+    for piece in _header_pieces(name):
+        sep = "" if lines and lines[-1].endswith(("/", "→")) else " "
+        if lines and cell_len(lines[-1] + sep + piece) <= width:
+            lines[-1] += sep + piece
+        else:
+            lines.append(piece)
+    return "\n".join(lines)
+
+
+def _widths(cols: list[Col], rows: list[list[Any]]) -> list[int]:
+    out = []
+    for i, c in enumerate(cols):
+        cells = max((_cell_width(r[i]) for r in rows), default=0)
+        head = cell_len(c.name) if cell_len(c.name) <= HEADER_MAX else max(map(cell_len, _header_pieces(c.name)))
+        out.append(max(min(cells, TEXT_MIN) if c.text else cells, head, 1))
+    return out
+
+
+def table_width(widths: list[int]) -> int:
+    """Characters a default rich table takes: each column plus one space of padding either side, and n + 1 rules."""
+    return sum(widths) + 3 * len(widths) + 1
+
+
+def fitted_table(title: str, cols: list[Col], rows: list[list[Any]], width: int) -> tuple[Table | None, list[str]]:
+    """A table of `rows` that fits `width` characters with every number whole: columns are dropped (highest `drop`
+    first) until it fits; returns the table (None when even the `drop` 0 columns do not fit: show the rows one by
+    one, see `vertical_rows`) and the names of the columns left out."""
+    keep = list(range(len(cols)))
+    widths = _widths(cols, rows)
+    while table_width([widths[i] for i in keep]) > width:
+        droppable = [i for i in keep if cols[i].drop > 0]
+        if not droppable:
+            return None, [c.name for c in cols]
+        keep.remove(max(droppable, key=lambda i: (cols[i].drop, i)))
+    dropped = [cols[i].name for i in range(len(cols)) if i not in keep]
+    spare = width - table_width([widths[i] for i in keep])
+    for i in keep:  # room left over unwraps headers, left to right
+        if not cols[i].text and spare > 0 and cell_len(cols[i].name) > widths[i]:
+            extra = min(cell_len(cols[i].name) - widths[i], spare)
+            widths[i] += extra
+            spare -= extra
+    table = PlainTable(title=Text(title), title_justify="left", header_style="bold")
+    for i in keep:
+        c, w = cols[i], widths[i]
+        if c.text:  # free text takes what room is left, up to its longest cell
+            cells = max((_cell_width(r[i]) for r in rows), default=0)
+            extra = min(max(cells - w, 0), spare)
+            spare -= extra
+            table.add_column(Text(_header(c.name, w + extra)), justify=c.justify, width=w + extra,  # type: ignore[arg-type]
+                             overflow="fold")
+        else:
+            table.add_column(Text(_header(c.name, w)), justify=c.justify, width=w, no_wrap=True)  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(*(r[i] for i in keep))
+    return table, dropped
+
+
+def vertical_rows(cols: list[Col], rows: list[list[Any]]) -> list[Text]:
+    """The rows of a table too wide for the console, one block each: `name value` pairs that wrap between pairs,
+    never inside a number."""
+    out = []
+    for r in rows:
+        line = Text()
+        for c, cell in zip(cols, r):
+            if line:
+                line.append(" · ")
+            line.append(f"{c.name} ", style="bold")
+            line.append(cell if isinstance(cell, Text) else Text(str(cell)))
+        out.append(line)
+    return out
+
+
+def print_fitted(console: Console, title: str, cols: list[Col], rows: list[list[Any]]) -> list[str]:
+    """Print `rows` as a table that fits the console (or, too narrow, one block per row); returns the names of the
+    columns left out of the table (a caller may show that column another way)."""
+    table, dropped = fitted_table(title, cols, rows, console.width)
+    if table is None:
+        console.print(Text(title, style="bold"))
+        for line in vertical_rows(cols, rows):
+            console.print(line)
+        return []
+    console.print(table)
+    if dropped:
+        console.print(Text(f"not shown at this width: {', '.join(dropped)} (--format jsonl has every field)",
+                           style="dim"))
+    return dropped

@@ -20,7 +20,7 @@ from .common import (
     FormatOpt, Interrupted, MaxTokensOpt, OutputOpt, PolicyOpt, SegmentSizeOpt, StopSignals, err_console, handle_errors, say,
 )
 from .options import RUN_OPTIONS, OutputOptions, arguments, build_configs, make_progress, shared_options
-from .output import SparkBins, Writer, default_format, fmt_bytes, fmt_num, new_table
+from .output import Col, SparkBins, Writer, default_format, fmt_bytes, fmt_num, new_table, print_fitted
 
 
 @shared_options(*RUN_OPTIONS)
@@ -124,31 +124,35 @@ def render_run_table(console: Console, records: list[dict[str, Any]], spark: Spa
         by_doc: dict[str, list[float | None]] = {}
         for r in segs:
             by_doc.setdefault(r["document"], []).append(r["loss"])
-        table = new_table("documents", [(c, "left" if c in ("document", "loss per segment") else "right") for c in (
-            "#", "document", "tokens", "loss", "ppl", "bits/byte", "attn→mem", "loss per segment")])
+        cols = [Col("#"), Col("document", "left", text=True), Col("tokens", drop=3), Col("loss"), Col("ppl", drop=2),
+                Col("bits/byte"), Col("attn→mem", drop=4), Col("loss per segment", "left", drop=5)]
+        rows = []
         for d in documents:
             bins = SparkBins(24)
             for r in (r for r in segs if r["document"] == d["document"]):
                 bins.add(r["nll"], r["tokens"])
-            table.add_row(str(d["index"]), d["document"], str(d["tokens"]), fmt_num(d["loss"]), fmt_num(d["ppl"], 2),
-                          fmt_num(d["bits_per_byte"]), fmt_num(d["attn_mass_memory"], 3), bins.render())
-        console.print(table)
-    else:
-        table = new_table("segments", [(c, "right") for c in (
-            "seg", "tokens", "loss", "ppl", "bits/byte", "cum ppl", "slots", "mem bytes", "attn→mem", "tok/s")])
+            rows.append([str(d["index"]), d["document"], str(d["tokens"]), fmt_num(d["loss"]), fmt_num(d["ppl"], 2),
+                         fmt_num(d["bits_per_byte"]), fmt_num(d["attn_mass_memory"], 3), bins.render()])
+        print_fitted(console, "documents", cols, rows)
+    else:  # on a narrow console the low-priority columns go first (`drop`), never digits of a number
+        cols = [Col("seg"), Col("tokens", drop=4), Col("loss"), Col("ppl", drop=2), Col("bits/byte"),
+                Col("cum ppl", drop=5), Col("slots", drop=7), Col("mem bytes", drop=6), Col("attn→mem", drop=3),
+                Col("tok/s", drop=1)]
+        rows = []
         for r in segs:
             m = r["memory"]
             cap = "∞" if m["capacity"] is None else m["capacity"]
-            table.add_row(str(r["segment"]), f"{r['token_start']}–{r['token_end']}", fmt_num(r["loss"]),
-                          fmt_num(r["ppl"], 2), fmt_num(r["bits_per_byte"]), fmt_num(r["cum_ppl"], 2),
-                          f"{m['slots']}/{cap}", fmt_bytes(m["bytes"]), fmt_num(m["attn_mass_memory"], 3),
-                          fmt_num(r["tokens_per_s"], 0))
-        console.print(table)
+            rows.append([str(r["segment"]), f"{r['token_start']}–{r['token_end']}", fmt_num(r["loss"]),
+                         fmt_num(r["ppl"], 2), fmt_num(r["bits_per_byte"]), fmt_num(r["cum_ppl"], 2),
+                         f"{m['slots']}/{cap}", fmt_bytes(m["bytes"]), fmt_num(m["attn_mass_memory"], 3),
+                         fmt_num(r["tokens_per_s"], 0)])
+        print_fitted(console, "segments", cols, rows)
     for s in (r for r in records if r["type"] == "summary"):
         cfg = s["config"]
         b = s["boundary"]
         summary = new_table(f"summary — {cfg['memory']}, n_s={cfg['segment_size']}, {cfg['model']} on {cfg['device']}",
                             [("metric", "left"), ("value", "right")])
+        summary.columns[1].no_wrap = True  # a value is shown whole; the metric's name wraps
         rows = [
             ("tokens", s["tokens"]), ("bytes", s["bytes"]), ("loss (nats/token)", f"{fmt_num(s['loss'])} ± {fmt_num(s['loss_stderr'])}"),
             ("perplexity", f"{fmt_num(s['ppl'], 3)} ± {fmt_num(s['ppl_stderr'], 3)}"), ("bits per byte", fmt_num(s["bits_per_byte"])),
@@ -159,8 +163,8 @@ def render_run_table(console: Console, records: list[dict[str, Any]], spark: Spa
         ]
         if documents:
             rows.insert(0, ("documents", len(s["documents"])))
-        if spark is not None and spark.segments:
-            rows.append(("loss per segment", spark.caption()))
         for k, v in rows:
             summary.add_row(k, str(v))
         console.print(summary)
+        if spark is not None and spark.segments:  # a line of its own: in the table it pushed the values aside
+            console.print(spark.caption(), markup=False, highlight=False)
