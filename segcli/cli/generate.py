@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Annotated, Optional
+from typing import Any, Annotated
 
 import typer
 
