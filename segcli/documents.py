@@ -89,9 +89,13 @@ class Window:
 
     def tokens(self) -> list["Window"]:
         """This window as windows of one token each."""
+        return self.pieces(1)
+
+    def pieces(self, size: int) -> list["Window"]:
+        """This window as consecutive windows of `size` tokens (the last may be shorter)."""
         starts = [self.byte_start] + [int(x) for x in self.end_bytes[:-1]]
-        return [Window(self.start + i, self.input_ids[i : i + 1], self.target_ids[i : i + 1], starts[i],
-                       self.end_bytes[i : i + 1]) for i in range(len(self.target_ids))]
+        return [Window(self.start + i, self.input_ids[i : i + size], self.target_ids[i : i + size], starts[i],
+                       self.end_bytes[i : i + size]) for i in range(0, len(self.target_ids), size)]
 
 
 def decode(data: bytes, name: str, errors: str = "strict") -> Document:

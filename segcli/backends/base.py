@@ -108,6 +108,16 @@ class Backend:
     def step_window(self, ids: Tensor, memory, band: int):
         raise NotImplementedError(f"the {self.kind} backend has no sliding-window pass")
 
+    def segment_pass(self, memory, segment_size: int) -> int | None:
+        """Tokens per forward when several segments of `segment_size` (> 1) can be computed in one (`step_segments`),
+        a multiple of it; None when each segment is its own forward."""
+        return None
+
+    def step_segments(self, ids: Tensor, memory, segment_size: int):
+        """ids (1, T) as consecutive segments of `segment_size` in one forward: (logits (1, T, V), the memory after
+        the last, per segment the mass and the layers' stats after it), what the steps would have reported."""
+        raise NotImplementedError(f"the {self.kind} backend has no segment pass")
+
 
 REDUCE_GRAIN = 32768  # torch's GRAIN_SIZE: a CPU reduction of fewer elements (or on one thread) runs serially
 

@@ -28,7 +28,7 @@ from .base import Backend, fifo_stats, file_sha256, model_fingerprint
 
 TOKEN_PASS_POLICIES = ("full", "fifo")  # exact pairs, the newest ones: a token pass is one masked forward
 TOKEN_PASS = 128  # tokens per pass under full (fifo: its window, at most this; see engine.stream.pass_size)
-PASS_CHECK = 7  # tokens of the once-per-model check that a pass equals stepping
+PASS_CHECK = 8  # tokens of the once-per-model check that a pass equals stepping (even: segments of 2)
 
 
 @dataclass
@@ -123,18 +123,31 @@ class HFBackend(Backend):
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it is not supported") from None
         guard.refuse_unless_exact(self.identity["model_type"], gap, self.dtype)
 
-    # -- token passes: n_s = 1 computed many tokens per forward ------------------------------------------------------
+    # -- token and segment passes: many segments of n_s tokens in one forward -----------------------------------------
 
     def sliding_window(self, memory, segment_size: int) -> int | None:
-        """The pass bound when segment size 1 has an exact token pass here (`step_window`), else None (steps).
+        """The pass bound when segment size 1 has an exact token pass here (`step_window`), else None (steps)."""
+        return self._pass_bound(memory) if segment_size == 1 else None
 
-        full and fifo hold exact pairs, the newest ones: T single-token steps are one forward of T tokens on the
-        cache as it was before them, each query masked to the keys its own step would have read (fifo: the n_c
-        positions before it, intersected with the model's own windows; full: the model's causal mask). Not under
-        per-layer budgets, the relative frame, or attention that reports the mass on memory (eager: the mass is
-        per segment, and a pass would report one for all its tokens); and only once `_pass_checked` found the
-        pass equal to stepping on this model."""
-        if segment_size != 1 or not isinstance(memory, SegcliCache):
+    def segment_pass(self, memory, segment_size: int) -> int | None:
+        """Tokens per forward when segments of `segment_size` (> 1) are computed several at once (`step_segments`): a
+        multiple of it, at least two segments; None: they step one by one."""
+        bound = self._pass_bound(memory) if segment_size > 1 else None
+        n = bound // segment_size * segment_size if bound else 0
+        return n if n >= 2 * segment_size else None
+
+    def _pass_bound(self, memory) -> int | None:
+        """How many tokens one pass may take, or None where segments must step.
+
+        full and fifo hold exact pairs, the newest ones: k segments of n_s tokens are one forward of k n_s tokens on
+        the cache as it was before them, each query masked to the keys its own segment's step would have read (fifo:
+        the n_c positions before its segment and the segment up to itself, intersected with the model's own windows;
+        full: the model's causal mask). Not under per-layer budgets, the relative frame, or attention that reports
+        the mass on memory (eager: the mass is per segment, a pass would report one for all of its segments); only
+        once `_pass_checked` found a pass equal to stepping on this model; and never more tokens than a fifo window
+        holds (full keeps a sliding layer's last window - 1 pairs as a fifo of them), so that a pass grows no buffer
+        past what the steps reach."""
+        if not isinstance(memory, SegcliCache):
             return None
         policy = memory.policy
         if policy.name not in TOKEN_PASS_POLICIES or memory.per_layer or memory.frame != "absolute":
@@ -143,53 +156,74 @@ class HFBackend(Backend):
             return None
         if self.attention_for(policy) != "sdpa" or not self._pass_checked(policy):
             return None
-        # a pass never grows a window's buffer past what single steps reach: at most every fifo window's size (full
-        # keeps a sliding layer's last window - 1 pairs as a fifo of them)
         windows = [layer.policy.memory_size for layer in memory.memory_layers if layer.policy.name == "fifo"]
         return min([TOKEN_PASS, *windows])
 
     def step_window(self, ids: Tensor, memory: SegcliCache, band: int):
-        """ids (1, T) as T segments of one token in one forward (see `sliding_window`). Returns logits (1, T, V), the
+        """ids (1, T) as T segments of one token in one forward (see `_pass_bound`). Returns logits (1, T, V), the
         memory after the last token, and per token the mass (None: SDPA reports none) and the layers' stats as
         `step` and `memory_stats` would have given them after it."""
-        t = ids.shape[1]
+        return self.step_segments(ids, memory, 1)
+
+    def step_segments(self, ids: Tensor, memory: SegcliCache, segment_size: int):
+        """ids (1, T) as segments of `segment_size` tokens (the last may be shorter) in one forward: logits (1, T, V),
+        the memory after the last segment, and per segment the mass (None) and the layers' stats after it."""
+        t, n = ids.shape[1], segment_size
         layers = memory.memory_layers
         before = [0 if layer.state is None else layer.policy.slots(layer.state) for layer in layers]
-        logits, memory, _ = self._pass(ids, memory)
+        logits, memory, _ = self._pass(ids, memory, n)
+        ends = [min(e, t) for e in range(n, t + n, n)]  # tokens pushed after each segment
         each = []
         for layer, held in zip(layers, before):
-            stats = layer.policy.stats_each(layer.state, held, t)
-            if hasattr(layer.state, "evicted"):  # what the last single step dropped, as its state would say
+            per_token = layer.policy.stats_each(layer.state, held, t)
+            stats, slots = [], held
+            for start, end in zip([0, *ends[:-1]], ends):  # a segment pushed at once drops what its tokens dropped
+                s = per_token[end - 1]
+                if n > 1:
+                    size = layer.policy.capacity(n)
+                    s = dataclasses.replace(s, evicted=0 if size is None else max(0, slots + end - start - size))
+                stats.append(s)
+                slots = s.slots
+            if hasattr(layer.state, "evicted"):  # what the last step dropped, as its state would say
                 layer.state = dataclasses.replace(layer.state, evicted=stats[-1].evicted)
             each.append(stats)
-        return logits, memory, [None] * t, [list(x) for x in zip(*each)]
+        return logits, memory, [None] * len(ends), [list(x) for x in zip(*each)]
 
-    def _pass(self, ids: Tensor, memory: SegcliCache):
+    def _pass(self, ids: Tensor, memory: SegcliCache, segment_size: int = 1):
         policy = memory.policy
-        if policy.name == "full":  # the model's own causal mask is each token's step
+        if policy.name == "full":  # the model's own causal mask is each segment's step
             return self.step(ids, memory)
-        n_c = policy.memory_size
-        with extra_mask(self.model, lambda b, h, q, kv: kv >= q - n_c) as calls:  # absolute positions
+        n_c, n, p0 = policy.memory_size, segment_size, memory.seen
+        # absolute positions: q's segment starts at p0 + (q - p0) // n * n, and its step read n_c pairs before it
+        allowed = (lambda b, h, q, kv: kv >= q - n_c) if n == 1 else \
+            (lambda b, h, q, kv: kv >= p0 + (q - p0) // n * n - n_c)
+        with extra_mask(self.model, allowed) as calls:
             out = self.step(ids, memory)
         if not calls:  # `_pass_checked` found masks on this model; a model that stops building them is a bug
             raise RuntimeError(f"{self.identity['model_type']}: the token pass built no mask")
         return out
 
     def _pass_checked(self, policy) -> bool:
-        """Whether a token pass equals stepping on this model, found once per (policy name, attention): PASS_CHECK
-        tokens stepped one by one against the same in one pass, from an empty memory of 3 slots (fifo)."""
+        """Whether passes equal stepping on this model, found once per (policy name, attention): PASS_CHECK tokens
+        stepped one by one, and in segments of 2, against the same in one pass each, from an empty memory of 3 slots
+        (fifo), after 2 tokens stepped (a pass that continues a memory)."""
         key = (policy.name, self.model.config.get_text_config()._attn_implementation)
         known = self._pass_ok.get(key)
         if known is None:
             probe = make_policy(policy.name, **({"memory_size": 3} if policy.name == "fifo" else {}))
-            ids = guard.probe_ids(self.model.config.get_text_config().vocab_size, self.device)[:, :PASS_CHECK]
+            ids = guard.probe_ids(self.model.config.get_text_config().vocab_size, self.device)[:, :PASS_CHECK + 2]
             try:
+                known = True
                 with torch.inference_mode():
-                    cache = make_cache(self.model, probe)
-                    stepped = torch.cat([self.step(ids[:, i:i + 1], cache)[0] for i in range(PASS_CHECK)], 1).float()
-                    passed = self._pass(ids, make_cache(self.model, probe))[0].float()
-                gap = float((stepped - passed).abs().max() / stepped.abs().max().clamp_min(1e-6))
-                known = gap <= guard.tolerance(self.dtype)
+                    for n in (1, 2):
+                        stepped, passed = make_cache(self.model, probe), make_cache(self.model, probe)
+                        for cache in (stepped, passed):
+                            self.step(ids[:, :2], cache)
+                        want = torch.cat([self.step(ids[:, i:i + n], stepped)[0]
+                                          for i in range(2, PASS_CHECK + 2, n)], 1).float()
+                        got = self._pass(ids[:, 2:], passed, n)[0].float()
+                        gap = float((want - got).abs().max() / want.abs().max().clamp_min(1e-6))
+                        known = known and gap <= guard.tolerance(self.dtype)
             except (RuntimeError, ValueError, IndexError, TypeError, UsageError):
                 known = False
             self._pass_ok[key] = known

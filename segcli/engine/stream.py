@@ -125,15 +125,21 @@ class Stream:
     At segment size 1 under a policy that is then a causal sliding window (fifo: DESIGN's equivalence),
     `window_chunk` tokens are computed in one pass with a band mask (`Backend.step_window`) and still
     reported as one segment each, with the memory statistics each would have had: the same results
-    as token-by-token steps, without re-reading every weight for every token. `window_chunk=0` steps
-    token by token.
+    as token-by-token steps, without re-reading every weight for every token. Where a backend can do the same for
+    larger segments (`Backend.segment_pass`: Hugging Face models under full and fifo), several segments go through
+    one forward (`Backend.step_segments`), each still reported on its own. `window_chunk=0` steps segment by
+    segment.
     """
 
     def __init__(self, backend: Backend, cfg: RunConfig, memory=None, window_chunk: int = WINDOW_CHUNK):
         self.backend, self.cfg = backend, cfg
         self.memory = backend.new_memory(cfg) if memory is None else memory
-        self.band = backend.sliding_window(self.memory, cfg.segment_size) if window_chunk > 0 else None
+        ns = cfg.segment_size
+        self.band = backend.sliding_window(self.memory, ns) if window_chunk > 0 and ns == 1 else None
         self.chunk = pass_size(self.band, window_chunk) if self.band else 1
+        multi = backend.segment_pass(self.memory, ns) if window_chunk > 0 and ns > 1 else None
+        if multi and min(multi, window_chunk // ns * ns) >= 2 * ns:  # several segments per forward
+            self.band = self.chunk = min(multi, window_chunk // ns * ns)
 
     def _step(self, ids: torch.Tensor, memory):
         """One segment; info = ([mass], [its layers' stats]), the band pass's shape for one token. Run in inference
@@ -142,7 +148,11 @@ class Stream:
         return logits, memory, ([mass], [self.backend.memory_stats(memory)])
 
     def _band_step(self, ids: torch.Tensor, memory):
-        logits, memory, masses, stats = self.backend.step_window(ids, memory, self.band)
+        ns = self.cfg.segment_size
+        if ns > 1:
+            logits, memory, masses, stats = self.backend.step_segments(ids, memory, ns)
+        else:
+            logits, memory, masses, stats = self.backend.step_window(ids, memory, self.band)
         return logits, memory, (masses, stats)
 
     def segments(self, doc: TokenizedDocument | StreamedDocument,
@@ -185,12 +195,12 @@ class Stream:
                 whole = None if self.band else float(token_nll.sum())  # the window is one segment: its summed loss
             self.memory = s.memory
             seconds = s.seconds
-            parts = w.tokens() if self.band else [w]  # one segment per token when banded, else the window itself
+            parts = w.pieces(ns) if self.band else [w]  # the pass's segments, else the window itself
             share = seconds / len(parts)
             for j, part in enumerate(parts):
                 start, end = part.start, part.start + len(part.target_ids)
                 nll_list = all_nll[start - w.start : end - w.start]
-                nll = nll_list[0] if self.band else whole
+                nll = (nll_list[0] if ns == 1 else math.fsum(nll_list)) if self.band else whole
                 if not math.isfinite(nll):
                     raise RunError(f"{doc.name}: segment {index} (tokens {start}-{end}) produced a non-finite loss "
                                    f"({nll}); try --dtype float32")
