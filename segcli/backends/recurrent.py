@@ -31,6 +31,7 @@ from ..config import RunConfig
 from ..errors import UsageError
 from ..memory import MemoryPolicy
 from ..memory.base import LayerStats
+from ..memory.catalog import POLICY_ON_ATTENTION  # policies a hybrid's attention layers follow with the model's own cache
 from . import guard
 from .base import Backend, file_sha256, model_fingerprint
 from .recurrent_families import FAMILIES, Family, layer_types
@@ -38,7 +39,6 @@ from .recurrent_routes import Route, install_routes
 
 RECURRENT_LAYER_TYPES = frozenset({"linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba"})
 OWN_STATE = frozenset({"rwkv", "xlstm", "recurrent_gemma"})  # model types whose state is not a transformers Cache
-POLICY_ON_ATTENTION = ("full", "none")  # policies a hybrid's attention layers follow with the model's own cache
 
 
 def is_recurrent(model_cfg) -> bool:

@@ -14,9 +14,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..backends.recurrent import POLICY_ON_ATTENTION
 from ..config import RunConfig
-from ..memory import REGISTRY
+from ..memory.catalog import CATALOG, POLICY_ON_ATTENTION  # torch-free: listing the policies loads no model code
 from .common import DebugOpt, Format, handle_errors
 from .output import PipeConsole, Writer, default_format, new_table
 
@@ -80,10 +79,10 @@ def policies_table(rows: list[dict]) -> Table:
 def policy_records() -> list[dict]:
     """One `policy` record per registered policy: its rule, parameters and their defaults, bound, and layer kinds."""
     defaults = RunConfig().sizes()
-    return [{"type": "policy", "name": name, "rule": cls.rule, "parameters": list(cls.parameters),
-             "defaults": {k: defaults[k] for k in cls.parameters}, "bound": cls.size_rule,
+    return [{"type": "policy", "name": name, "rule": p.rule, "parameters": list(p.parameters),
+             "defaults": {k: defaults[k] for k in p.parameters}, "bound": p.size_rule,
              "sliding_layers": sliding_rule(name), "recurrent_layers": recurrent_rule(name),
-             "hybrid_attention_layers": hybrid_rule(name)} for name, cls in REGISTRY.items()]
+             "hybrid_attention_layers": hybrid_rule(name)} for name, p in CATALOG.items()]
 
 
 @handle_errors

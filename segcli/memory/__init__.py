@@ -1,29 +1,25 @@
-"""Memory policies, one file each, registered under their public name."""
+"""Memory policies, one file each, registered under their public name.
+
+Importing this package imports no torch: `catalog` names and describes the policies (what the CLI needs to list
+and check them), and the classes (`REGISTRY`, `MemoryPolicy`, `KVRead`, `LayerStats`) load on first use, so
+`segcli --help` and `segcli policies` start without torch.
+"""
 
 from __future__ import annotations
 
-from .average import Average
-from .base import KVRead, LayerStats, MemoryPolicy
-from .compressive import Compressive
-from .fifo import Fifo
-from .full import Full
-from .h2o import H2O
-from .keynorm import KeyNorm
-from .linear import Linear
-from .none import NoMemory
-from .sink import Sink
-from .snapkv import SnapKV
-from .tova import Tova
-from .xl import XL
+from typing import TYPE_CHECKING
 
-REGISTRY: dict[str, type[MemoryPolicy]] = {
-    cls.name: cls for cls in (Full, NoMemory, Fifo, XL, Sink, Average, Compressive, Linear, Tova, H2O, SnapKV, KeyNorm)
-}
-POLICY_NAMES: tuple[str, ...] = tuple(REGISTRY)
+from .catalog import CATALOG, POLICY_NAMES, PolicyInfo
+
+if TYPE_CHECKING:
+    from .base import KVRead, LayerStats, MemoryPolicy
+    from .registry import REGISTRY
 
 
-def make_policy(name: str, **sizes: int) -> MemoryPolicy:
+def make_policy(name: str, **sizes: int) -> "MemoryPolicy":
     """Build the policy `name` with the sizes it uses (others are ignored)."""
+    from .registry import REGISTRY
+
     try:
         cls = REGISTRY[name]
     except KeyError:
@@ -31,4 +27,17 @@ def make_policy(name: str, **sizes: int) -> MemoryPolicy:
     return cls(**sizes)
 
 
-__all__ = ["REGISTRY", "POLICY_NAMES", "make_policy", "MemoryPolicy", "KVRead", "LayerStats"]
+def __getattr__(name: str):
+    """The names that need torch, imported when first asked for (PEP 562)."""
+    if name == "REGISTRY":
+        from .registry import REGISTRY
+
+        return REGISTRY
+    if name in ("MemoryPolicy", "KVRead", "LayerStats"):
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["CATALOG", "POLICY_NAMES", "PolicyInfo", "REGISTRY", "make_policy", "MemoryPolicy", "KVRead", "LayerStats"]
