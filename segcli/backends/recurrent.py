@@ -31,7 +31,7 @@ from ..config import RunConfig
 from ..errors import UsageError
 from ..memory import MemoryPolicy
 from ..memory.base import LayerStats
-from ..memory.catalog import POLICY_ON_ATTENTION  # policies a hybrid's attention layers follow with the model's own cache
+from ..memory.catalog import POLICY_ON_ATTENTION  # policies a hybrid's attention layers follow with its own cache
 from . import guard
 from .base import Backend, file_sha256, model_fingerprint
 from .recurrent_families import FAMILIES, Family, layer_types
