@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import UsageError
-from .memory import POLICY_NAMES, REGISTRY, make_policy
+from .memory import CATALOG, POLICY_NAMES, make_policy  # torch-free: the policy classes load in make_policy
 
 FORMATS = ("table", "jsonl", "json", "csv")
 DEVICES = ("auto", "cpu", "cuda")
@@ -33,6 +33,8 @@ SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.manual_seed and torch.Gen
 MAX_THREADS = 4096  # torch intra-op threads accepted; more is a typo
 MAX_YAML_BYTES = 1 << 20  # a config file larger than this is not a config (a device, a log given by mistake)
 MAX_YAML_DEPTH = 32  # nesting of mappings and sequences; a config needs 3 or 4 levels
+CHECK_TOKENS = 256  # `segcli check`'s text: the first tokens of the sample
+CHECK_SEGMENT_SIZES = (1, 7, 64)  # its full-memory segment sizes: token by token, odd, longer than a short window
 
 
 @dataclass
@@ -113,7 +115,7 @@ class RunConfig:
     def check_options_apply(self, explicit: set[str]) -> "RunConfig":
         """Refuse policy options the user set that the chosen policy does not use
         (e.g. --sink-tokens with --memory fifo): they would be silently ignored."""
-        uses = REGISTRY[self.memory].parameters
+        uses = CATALOG[self.memory].parameters
         stray = [k for k in SIZE_OPTIONS if k in explicit and k not in uses]
         if stray:
             names = ", ".join(f"--{k.replace('_', '-')}" for k in stray)

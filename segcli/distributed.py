@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterator
 
-import torch
-
 from .errors import SegcliError, Stopped, UsageError
 
 
@@ -64,6 +62,7 @@ def current_rank() -> int:
 
 def init(world: World, device_type: str, timeout_s: float = 1800) -> None:
     """Join the process group (MASTER_ADDR/MASTER_PORT come from torchrun)."""
+    import torch  # here, not at the top: the CLI imports this module for every command, torchrun or not
     import torch.distributed as dist
 
     if not dist.is_available():

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.text import Text
 
-from ..backends import load_backend
-from ..documents import Document, tokenize
-from ..engine.check import DEFAULT_TOKENS, SEGMENT_SIZES, CheckReport, check as run_check, sample_text
+from ..config import CHECK_SEGMENT_SIZES, CHECK_TOKENS
 from ..errors import UsageError
 from ..memory import POLICY_NAMES
-from ..reader import Reader
 from .common import (
     CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, ErrorsOpt, MemorySizeOpt, QuietOpt, default,
     RateOpt, RevisionOpt, SegmentSizeOpt, SinkOpt, ThreadsOpt, TrustOpt, handle_errors, say, value,
 )
 from .options import build_config
 from .output import PipeConsole, default_format, new_table, stdout_stream
+
+if TYPE_CHECKING:
+    from ..engine.check import CheckReport
 
 VERDICT_STYLE = {"exact": "green", "differs": "bold red", "refused": "yellow"}
 SHORT = {"memory_size": "n_c", "sink_tokens": "n_sink", "compress_rate": "c", "compressed_size": "n_cm"}
@@ -39,10 +39,10 @@ def check(
     sink_tokens: SinkOpt = None,
     compress_rate: RateOpt = None,
     compressed_size: CompressedOpt = None,
-    max_tokens: Annotated[int, typer.Option(metavar="N", help="Tokens of the text to stream.")] = DEFAULT_TOKENS,
+    max_tokens: Annotated[int, typer.Option(metavar="N", help="Tokens of the text to stream.")] = CHECK_TOKENS,
     segment_sizes: Annotated[str, typer.Option(
         metavar="N,...", help="Segment sizes of the full-memory runs, comma-separated.")] = (
-        ",".join(map(str, SEGMENT_SIZES))),
+        ",".join(map(str, CHECK_SEGMENT_SIZES))),
     attn_implementation: Annotated[Optional[str], typer.Option(
         metavar="eager|sdpa", help="The attention to check. [default: the one transformers picks for the model]")] = None,
     device: DeviceOpt = None,
@@ -91,6 +91,11 @@ def _check(doc, max_tokens, segment_sizes, attn_implementation, format, config, 
     if cfg.model is None:
         raise UsageError("segcli check needs --model DIR or a hub id of a Hugging Face model: the bundled model is "
                          "segcli's own, with no plain forward of another library to compare with")
+    from ..backends import load_backend  # torch and transformers: once the options are checked, never for --help
+    from ..documents import Document, tokenize
+    from ..engine.check import check as run_check, sample_text
+    from ..reader import Reader
+
     reader = Reader(cfg.errors, max_tokens)
     source = None
     if doc is not None:

@@ -12,7 +12,6 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..config import unknown_policy
-from ..engine.compare import Comparison
 from ..errors import UsageError
 from ..memory import POLICY_NAMES
 from .common import FormatOpt, MaxTokensOpt, OutputOpt, default, err_console, handle_errors, say, value
@@ -60,6 +59,8 @@ def compare(
 @handle_errors
 def _compare(doc, segment_sizes, memory, model, reference, config, format, output, max_tokens, plot, quiet, debug,
              **options):
+    from ..engine.compare import Comparison  # torch: only when comparing, not for --help
+
     models = list(dict.fromkeys(parse_list(model, "model"))) if model is not None else None
     if models:  # "bundled" names the bundled model (unless a folder of that name is there)
         models = [None if m == "bundled" and not Path(m).exists() else m for m in models]

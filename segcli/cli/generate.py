@@ -8,11 +8,7 @@ from typing import Any, Annotated
 
 import typer
 
-from ..backends import load_backend
-from ..engine.run import config_block
-from ..reader import Reader
 from ..errors import UsageError
-from ..engine.generate import GenerateSettings, generate as run_generate
 from .common import PolicyOpt, SegmentSizeOpt, handle_errors
 from .options import RUN_OPTIONS, arguments, build_config, shared_options
 from .output import stdout_stream
@@ -45,6 +41,11 @@ def _generate(doc, max_new_tokens, temperature, top_p, format, config, quiet, de
     if not 0 < top_p <= 1:  # false for nan too
         raise UsageError(f"--top-p must be in (0, 1], got {top_p}")
     cfg = build_config(config, check_apply=True, **options)
+    from ..backends import load_backend  # torch and transformers: after the options are checked, not for --help
+    from ..engine.generate import GenerateSettings, generate as run_generate
+    from ..engine.run import config_block
+    from ..reader import Reader
+
     reader = Reader(cfg.errors)
     (source,) = reader.sources([doc])
     reader.check([source])

@@ -19,8 +19,7 @@ from rich.text import Text
 from ..config import MAX_SIZE, RunConfig, explicit_keys
 from ..errors import Stopped, UsageError
 from ..files import check_distinct
-from ..memory import POLICY_NAMES, REGISTRY
-from ..probe.grid import ProbeGrid, ProbeSpec, check_probe_record
+from ..memory import CATALOG, POLICY_NAMES
 from ..probe.tasks import TASK_NAMES
 from .common import FormatOpt, Interrupted, OutputOpt, StopSignals, default, handle_errors, say, value
 from .compare import parse_list
@@ -76,6 +75,8 @@ def parse_grid(tasks: str, lengths: str, depths: str, samples: int) -> tuple[lis
 
 def read_previous(path: str) -> list[tuple[str, dict[str, Any]]]:
     """The probe records of an earlier run's JSON Lines (a missing file: none), each with its FILE:LINE."""
+    from ..probe.grid import check_probe_record  # the grid imports torch: not for --help
+
     p = Path(path)
     if not p.exists():
         return []
@@ -110,7 +111,7 @@ def _probe(haystack, tasks, lengths, depths, samples, memory, segment_sizes, gen
     policies = list(dict.fromkeys(parse_list(memory, "memory"))) if memory else [base.memory]
     configs = [dataclasses.replace(base, memory=p, segment_size=n).validate() for p in policies for n in sizes]
     explicit = explicit_keys(RunConfig, config, {k: value(v) for k, v in given.items()})
-    used = {k for p in policies for k in REGISTRY[p].parameters}
+    used = {k for p in policies for k in CATALOG[p].parameters}
     stray = [k for k in ("memory_size", "sink_tokens", "compress_rate", "compressed_size") if k in explicit and k not in used]
     if stray:
         raise UsageError(f"--{stray[0].replace('_', '-')} does not apply to --memory {','.join(policies)}; remove it")
@@ -121,6 +122,8 @@ def _probe(haystack, tasks, lengths, depths, samples, memory, segment_sizes, gen
         raise UsageError(f"--resume reads and writes JSON Lines; --format {fmt} cannot be resumed (use --format jsonl)")
     check_distinct({"--output": output}, list(haystack or []))
     previous = read_previous(output) if resume else []
+    from ..probe.grid import ProbeGrid, ProbeSpec
+
     spec = ProbeSpec(task_list, length_list, depth_list, samples, list(haystack or []), generate)
     with StopSignals() as signals:
         writer = Writer(fmt, output)

@@ -5,22 +5,23 @@ the writer, write what the engine yields, show progress on stderr."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from .. import distributed
-from ..backends import resolve_device
 from ..config import RunConfig
-from ..engine.run import CorpusRun, RunOptions
 from ..errors import Stopped
 from .common import (
     FormatOpt, Interrupted, MaxTokensOpt, OutputOpt, PolicyOpt, SegmentSizeOpt, StopSignals, err_console, handle_errors, say,
 )
 from .options import RUN_OPTIONS, OutputOptions, arguments, build_configs, make_progress, shared_options
 from .output import Col, SparkBins, Writer, default_format, fmt_bytes, fmt_num, new_table, print_fitted
+
+if TYPE_CHECKING:
+    from ..engine.run import RunOptions
 
 
 @shared_options(*RUN_OPTIONS)
@@ -60,6 +61,8 @@ def run(
 
 @handle_errors
 def _run(docs: list[str], config: str | None = None, quiet: bool = False, debug: bool = False, **options) -> None:
+    from ..engine.run import RunOptions  # the engine imports torch: here, so that `segcli run --help` does not
+
     cfg, opts, out = build_configs(config, options, RunOptions, OutputOptions)
     fresh = not opts.memory_across_documents
     world = distributed.detect()
@@ -73,6 +76,8 @@ def _run(docs: list[str], config: str | None = None, quiet: bool = False, debug:
         if problem:  # every rank finds it; rank 0 says it
             distributed.raise_failure(world, distributed.Failure(problem, 2))
         quiet = quiet or not world.is_main  # progress on rank 0 only
+        from ..backends import resolve_device
+
         distributed.init(world, resolve_device(cfg.device).type)
     try:
         write_run(cfg, opts, docs, world, out.format, out.output, quiet, config)
@@ -86,6 +91,8 @@ def _run(docs: list[str], config: str | None = None, quiet: bool = False, debug:
 def write_run(cfg: RunConfig, opts: RunOptions, docs: list[str], world, format: str | None, output: str | None,
               quiet: bool, config: str | None = None) -> None:
     """Open the writer (rank 0), prepare the corpus run and write every record it yields."""
+    from ..engine.run import CorpusRun
+
     main = world is None or world.is_main
     fmt = default_format(format, output)
     with StopSignals() as signals:

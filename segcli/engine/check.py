@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import Backend
-from ..config import RunConfig
+from ..config import CHECK_SEGMENT_SIZES, CHECK_TOKENS, RunConfig
 from ..documents import TokenizedDocument
 from ..errors import SegcliError, UsageError
 from .loop import stream
@@ -43,8 +43,8 @@ FILLER = (  # the sample when segcli is installed without its sample documents
     "as reading the text with a window that hides the older ones. These are the equivalences this check tests, "
     "on the user's own model, before any number from a longer run is trusted. The text itself matters little: "
     "it only has to be long enough that windows, chunks and memories are crossed several times over.\n")
-DEFAULT_TOKENS = 256  # the check's text: the first tokens of the sample
-SEGMENT_SIZES = (1, 7, 64)  # full's segment sizes: token by token, odd, and longer than a short window
+DEFAULT_TOKENS = CHECK_TOKENS  # the check's text: the first tokens of the sample (in config: --help reads it)
+SEGMENT_SIZES = CHECK_SEGMENT_SIZES  # full's segment sizes: token by token, odd, and longer than a short window
 SMALL_MEMORY = 16  # fifo's memory when the user's is larger than the text (so that eviction happens)
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}  # relative: |dNLL| / |NLL| and max |dlogit| / max |logit|
 LOW_PRECISION_TOLERANCE = 2e-2  # bfloat16, float16: kernels that accumulate in another order differ this much

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from segcli.backends import load_backend
 from segcli.config import RunConfig
-from segcli.probe import FILLER, Haystack, make_prompt, score
+from segcli.probe import FILLER, Haystack, make_prompt
+from segcli.probe.score import score
 from segcli.probe.tasks import TASK_NAMES
 
 

@@ -11,7 +11,8 @@ from tokenizers import Tokenizer
 from conftest import BUNDLED_TOKENIZER, SAMPLE
 from segcli.config import RunConfig
 from segcli.errors import UsageError
-from segcli.probe import FILLER, TASK_NAMES, Haystack, held, make_prompt
+from segcli.probe import FILLER, TASK_NAMES, Haystack, make_prompt
+from segcli.probe.score import held
 from segcli.probe.haystack import starts_word
 
 
