@@ -78,6 +78,11 @@ class Tap:
         self._keep(out[0])
         return out
 
+    def step_segments(self, ids, memory, segment_size):
+        out = self.backend.step_segments(ids, memory, segment_size)
+        self._keep(out[0])
+        return out
+
     def rows(self, start: int, end: int) -> torch.Tensor:
         """Logits (end - start, V) for stream positions [start, end), from the latest step."""
         assert self.logits is not None and self.start <= start and end <= self.end, "not in the latest step"

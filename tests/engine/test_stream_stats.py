@@ -97,7 +97,7 @@ def test_backend_stats_equal_the_memory_stats(tmp_path, threads):
         run = RunConfig(model=model, memory="fifo", memory_size=40, segment_size=16, device="cpu")
         backend = load_backend(run)
         doc = tokenize(Document("d", text, len(text.encode())), backend.tokenizer, backend.bos_id)
-        stream = Stream(backend, run)
+        stream = Stream(backend, run, window_chunk=0)  # segment by segment: the memory is each record's own
         n = 0
         for r in stream.segments(doc):
             stats = backend.memory_stats(stream.memory)
