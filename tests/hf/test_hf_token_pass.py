@@ -21,7 +21,7 @@ from segcli.documents import Document, tokenize
 from segcli.engine.stream import Stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from test_token_parallel import assert_fields_equal  # noqa: E402
+from test_token_parallel import compare  # noqa: E402  (every field, memory stats and per-token NLL)
 
 pytestmark = pytest.mark.transformers_api  # masks and cache layers: .ci/run runs this again under 5.17
 
@@ -57,16 +57,6 @@ def streams(backend, cfg, doc, chunk, memory=None):
     else:
         assert fast.band is not None
     return list(fast.segments(doc)), fast, list(slow.segments(doc)), slow
-
-
-def compare(fast, slow):
-    assert len(fast) == len(slow)
-    for a, b in zip(fast, slow):
-        ra, rb = a.record(), b.record()
-        ma, mb = ra.pop("memory"), rb.pop("memory")
-        assert_fields_equal(ra, rb, 1e-4, a.segment)
-        assert_fields_equal(ma, mb, 1e-5, a.segment)
-        assert a.token_nll == pytest.approx(b.token_nll, rel=1e-4, abs=1e-4)
 
 
 def same_memory(a, b):
