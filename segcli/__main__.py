@@ -1,7 +1,8 @@
 """`python -m segcli` and the `segcli` command.
 
-Start-up imports torch and transformers for a few seconds; a signal in that time ends the process with
-the one-line message (and nothing on stdout) before any command has installed its own handlers."""
+Start-up imports the CLI (typer, rich; torch and transformers come later, in the commands that compute); a signal
+in that time ends the process with the one-line message (and nothing on stdout) before any command has installed
+its own handlers."""
 
 import os
 import signal

@@ -86,8 +86,8 @@ KILLER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("prefix", ["huggingface_hub.hf_api", "huggingface_hub._snapshot_download",
-                                    "transformers.models.auto", "safetensors"])
+@pytest.mark.parametrize("prefix", ["torch", "huggingface_hub.hf_api", "huggingface_hub._snapshot_download",
+                                    "transformers.configuration_utils", "safetensors"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_signal_inside_a_library_import(tiny_model_dir, doc, tmp_path, prefix, sig):
     """huggingface_hub's lazy __getattr__ printed `Error importing huggingface_hub.hf_api: 15` on stdout
@@ -108,11 +108,11 @@ def test_signal_inside_a_library_import(tiny_model_dir, doc, tmp_path, prefix, s
 EARLY = textwrap.dedent("""
     import os, runpy, signal, sys
 
-    class Killer:  # SIGTERM while start-up imports torch (before any command runs)
+    class Killer:  # SIGTERM while start-up imports the CLI's libraries (before any command runs)
         fired = False
 
         def find_spec(self, name, path=None, target=None):
-            if not Killer.fired and name == "torch":
+            if not Killer.fired and name == "typer":
                 Killer.fired = True
                 os.kill(os.getpid(), signal.SIGTERM)
             return None
