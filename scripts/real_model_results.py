@@ -638,9 +638,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         plot = PLOT if doc == DOC else doc.with_name(doc.stem + "-streamingllm.png")
         ref = os.path.relpath(plot, doc.parent)
-    else:
-        plot = raw / "streamingllm.png"
+    else:  # not into raw: that folder is committed (experiments/real-model) and holds JSON Lines only
+        plot = Path(tempfile.gettempdir()) / "segcli-real-model-streamingllm.png"
         ref = str(plot)
+        print(f"real_model_results: plot in {plot}", file=sys.stderr)
     md = render(cmds, raw, s, plot, ref)
     if args.write:
         write_section(md, doc)
