@@ -88,7 +88,7 @@ def policies_at(rev: str, names: list[str], into: Path) -> dict[str, type]:
 
 def with_attention(gen, fn):
     """`gen`, each segment computed with the native model's scored attention swapped for `fn` (another revision's)."""
-    from segcli.models.seglm import modeling_seglm as mod
+    from segcli.models.seglm import network as mod
 
     while True:
         today, mod.scored_attention = mod.scored_attention, fn

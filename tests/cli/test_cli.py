@@ -154,7 +154,7 @@ def test_bad_input_exit_codes(tiny_model_dir, doc_path, tmp_path, args, code, ne
 def test_saved_model_loads_through_auto_classes(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    import segcli.models.seglm  # noqa: F401 - registers seglm
+    from segcli.models.seglm import SegLMForCausalLM  # noqa: F401 - importing the transformers model registers seglm
 
     m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert type(m).__name__ == "SegLMForCausalLM"

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcli.models.seglm import modeling_seglm as ms
+from segcli.models.seglm import network as ms
 from segcli.ops.layout import column_major_linears
 
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from segcli.memory.window import Window
-from segcli.models.seglm.modeling_seglm import embed
+from segcli.models.seglm.network import embed
 from segcli.ops.layout import column_major
 from segcli.ops.rope import apply_rope, inv_frequencies, rope_cos_sin, rope_rolled, signed_sin
 
