@@ -66,22 +66,27 @@ def load_backend(cfg: RunConfig, guard: bool = True) -> Backend:
     """Load the model named by cfg.model (the bundled one when None) onto cfg.device. A Hugging Face model is checked
     against one plain forward first (`segcli.backends.guard`: a model that would stream differently is refused);
     only `segcli check`, which measures that difference itself, loads with guard=False."""
-    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    from ..models import seglm  # noqa: F401  (registers the Auto classes)
+    from .native import seglm_config
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     source = gguf_source(cfg.model)
     converted = convert(source) if source is not None else None
     path = converted.folder if converted else resolve_model_dir(cfg.model, cfg.revision)
-    try:
-        model_cfg = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    except Exception as e:  # noqa: BLE001
-        raise UsageError(f"{path}: config.json is not a model config ({str(e).splitlines()[0]})") from None
+    model_cfg = seglm_config(path)  # the native model's, without the Auto classes (issue 29: seconds of imports)
+    if model_cfg is None:
+        from transformers import AutoConfig
+
+        from ..models.seglm import modeling_seglm  # noqa: F401  (registers seglm with the Auto classes)
+
+        try:
+            model_cfg = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(f"{path}: config.json is not a model config ({str(e).splitlines()[0]})") from None
     backend = LOADERS[backend_kind(model_cfg)](cfg, path, model_cfg, device, dtype)
     if converted:  # the run's config names the file the user gave, and its hash; the folder is a cache
         backend.identity.update(model=str(source), gguf_sha256=converted.sha256, gguf_converted=str(converted.folder))

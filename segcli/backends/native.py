@@ -1,11 +1,21 @@
-"""The native `seglm` model: its attention layers read [Mem; segment] through the policy directly."""
+"""The native `seglm` model: its attention layers read [Mem; segment] through the policy directly.
+
+It loads as `SegLM`, the model in torch alone: its config is read as `SegLMConfig` and its weights from
+model.safetensors, as `SegLMForCausalLM.from_pretrained` would, without transformers' Auto classes and model code
+(seconds of imports before the first record, issue 29). A checkpoint laid out otherwise (sharded, extra tensors,
+an untied head left out) goes through `from_pretrained` as before.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ..config import RunConfig
 from ..errors import UsageError
@@ -76,15 +86,38 @@ def load_tokenizer(path: Path):
     raise UsageError(f"{path}: no tokenizer.json next to the model")
 
 
-def load_native(cfg: RunConfig, path: Path, model_cfg, device: torch.device, dtype: torch.dtype) -> NativeBackend:
-    from ..models.seglm import SegLMForCausalLM
-
-    with torch.device("meta"):  # shapes only, no memory: name a missing or misshapen tensor before loading
-        _check_weights(path, SegLMForCausalLM(model_cfg))
+def seglm_config(path: Path):
+    """The `SegLMConfig` of a native checkpoint, read directly (what `AutoConfig` returns for it, without importing
+    the Auto classes); None for any other model, and for a config.json the Auto path should judge (remote code,
+    or one `SegLMConfig` refuses: AutoConfig then says why, in its usual words)."""
     try:
-        model = SegLMForCausalLM.from_pretrained(path, dtype=dtype)
-    except Exception as e:  # noqa: BLE001
-        raise UsageError(f"{path}: cannot load the checkpoint ({str(e).splitlines()[0]})") from None
+        raw = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or raw.get("model_type") != "seglm" or "auto_map" in raw:
+        return None
+    from ..models.seglm import SegLMConfig
+
+    try:
+        return SegLMConfig.from_pretrained(path, name_or_path=path)  # as AutoConfig calls it
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def load_native(cfg: RunConfig, path: Path, model_cfg, device: torch.device, dtype: torch.dtype) -> NativeBackend:
+    from ..models.seglm import SegLM
+
+    with shapes_only():  # no memory: name a missing or misshapen tensor before loading
+        shapes = SegLM(model_cfg)
+    _check_weights(path, shapes)
+    model = _load_weights(path, shapes, dtype)
+    if model is None:  # a layout only transformers' loader knows what to make of: its model, as before
+        from ..models.seglm import SegLMForCausalLM
+
+        try:
+            model = SegLMForCausalLM.from_pretrained(path, dtype=dtype)
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(f"{path}: cannot load the checkpoint ({str(e).splitlines()[0]})") from None
     model.to(device).eval()
     tok = load_tokenizer(path)
     identity = {
@@ -95,6 +128,45 @@ def load_native(cfg: RunConfig, path: Path, model_cfg, device: torch.device, dty
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     return NativeBackend(model, tok, model_cfg.bos_token_id, device, dtype, identity)
+
+
+class _NoNormalInit(TorchFunctionMode):
+    """Skips `nn.init.normal_` (nn.Embedding's init): on the meta device it runs torch's Python reference of
+    `normal_`, which imports torch._dynamo, ~1.4 s of `segcli run`'s start-up (issue 29). Thread-local, as torch's
+    device context is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is nn.init.normal_:  # normal_(tensor, mean, std, generator), its tensor by keyword
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def shapes_only() -> Iterator[None]:
+    """Modules built inside are shapes on the meta device (no memory, no random init)."""
+    with torch.device("meta"), _NoNormalInit():
+        yield
+
+
+def _load_weights(path: Path, model, dtype: torch.dtype):
+    """`model` (a SegLM on the meta device) with the weights of path/model.safetensors in `dtype`: what
+    `SegLMForCausalLM.from_pretrained(path, dtype=dtype)` loads, when the file holds exactly the model's tensors
+    (the head left out where the config ties it to the embeddings). None for any other layout."""
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if [f.name for f in files] != ["model.safetensors"]:  # sharded, or other files from_pretrained would not read
+        return None
+    tied = model.config.tie_word_embeddings
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if tied else set())
+    tensors = load_file(files[0])
+    if set(tensors) != expected:
+        return None
+    model.load_state_dict({n: t.to(dtype) for n, t in tensors.items()}, strict=False, assign=True)
+    if tied:  # assign replaced the embedding's parameter; the head shares the new one, as transformers ties them
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.dtype = dtype  # as from_pretrained records it
+    return model
 
 
 def _check_weights(path: Path, model) -> None:
