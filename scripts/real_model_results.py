@@ -47,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "REAL_MODEL.md"
 RAW = ROOT / "experiments" / "real-model"
 PLOT = ROOT / "docs" / "real-model-streamingllm.png"
+README = ROOT / "README.md"  # its headline results: (a) and (b) of the doc's section, written with it
+README_BEGIN, README_END = "<!-- real-model-headline:begin -->", "<!-- real-model-headline:end -->"
 BEGIN = "<!-- real-model:begin -->"
 END = "<!-- real-model:end -->"
 POLICIES = ("full", "none", "fifo", "xl", "sink", "average", "compressive", "linear",
@@ -604,6 +606,27 @@ def write_section(md: str, path: Path) -> None:
     path.write_text(text[: i + len(BEGIN)] + "\n" + md + text[j:], encoding="utf-8")
 
 
+def headline(md: str, machine_line: str) -> str:
+    """The README's headline: the doc's (a) and (b) (every policy at one budget, the StreamingLLM effect), with
+    the machine and commit line and links made relative to the repository root."""
+    lines = md.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith("### Every policy at one budget"))
+    end = next((i for i, x in enumerate(lines) if x.startswith("### Segment size")), len(lines))
+    body = "\n".join(lines[start:end]).rstrip().replace("](real-model-streamingllm.png)",
+                                                          "](docs/real-model-streamingllm.png)")
+    return (f"{body}\n\n{machine_line} Produced by `python scripts/real_model_results.py --write` (all of it, with the "
+            "commands and the segment-size table: `docs/REAL_MODEL.md`; raw JSON Lines: `experiments/real-model/`).\n")
+
+
+def write_readme(md: str) -> None:
+    machine_line = next((x for x in md.splitlines() if x.startswith("Machine:")), "")
+    text = README.read_text(encoding="utf-8")
+    i, j = text.find(README_BEGIN), text.find(README_END)
+    if i < 0 or j < i:
+        sys.exit(f"real_model_results: {README} has no {README_BEGIN} ... {README_END} markers")
+    README.write_text(text[: i + len(README_BEGIN)] + "\n" + headline(md, machine_line) + text[j:], encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -615,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="keep commands whose JSON Lines exist from this commit")
     p.add_argument("--commit", default="HEAD", help="run segcli as committed at this commit (default HEAD)")
     p.add_argument("--working-tree", action="store_true", help="run the checkout's segcli as it is instead")
-    p.add_argument("--write", action="store_true", help=f"rewrite the section of {DOC.relative_to(ROOT)} and the plot")
+    p.add_argument("--write", action="store_true", help=f"rewrite the section of {DOC.relative_to(ROOT)}, the plot and "
+                   "README.md's headline results")
     p.add_argument("--doc", default=str(DOC), help="the markdown file --write rewrites")
     p.add_argument("--print", dest="show", action="store_true", help="print the markdown (the default without --write)")
     args = p.parse_args(argv)
@@ -646,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         write_section(md, doc)
         print(f"real_model_results: wrote {doc} and {plot}", file=sys.stderr)
+        if doc == DOC:
+            write_readme(md)
+            print(f"real_model_results: wrote the headline of {README}", file=sys.stderr)
     if args.show or not args.write:
         sys.stdout.write(md)
     return 0
