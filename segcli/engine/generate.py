@@ -8,13 +8,14 @@ its policy while generating. Sampling is seeded: same seed, same text.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from ..backends import Backend
 from ..config import RunConfig
 from .loop import split, stream
+from .stream import WINDOW_CHUNK, pass_size
 
 
 @dataclass
@@ -38,14 +39,31 @@ def sample_next(logits: torch.Tensor, s: GenerateSettings, gen: torch.Generator)
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
 
-def generate(backend: Backend, prompt_ids: list[int], cfg: RunConfig, s: GenerateSettings) -> Iterator[int]:
-    """Stream `prompt_ids` through the memory, then yield up to max_new_tokens sampled ids."""
+def prompt_stepper(backend: Backend, memory, segment_size: int):
+    """(step function, tokens per call) for reading a prompt as `Stream` reads a document: a token pass at n_s = 1
+    or a segment pass where the backend has one (the same logits and memory as the steps), else segment by segment."""
+    band = backend.sliding_window(memory, segment_size) if segment_size == 1 else None
+    if band:
+        return (lambda ids, mem: backend.step_window(ids, mem, band)[:2] + (None,)), pass_size(band, WINDOW_CHUNK)
+    multi = backend.segment_pass(memory, segment_size) if segment_size > 1 else None
+    if multi:
+        return (lambda ids, mem: backend.step_segments(ids, mem, segment_size)[:2] + (None,)), multi
+    return backend.step, segment_size
+
+
+def generate(backend: Backend, prompt_ids: list[int], cfg: RunConfig, s: GenerateSettings,
+             on_prompt: Callable[[int, int], None] | None = None) -> Iterator[int]:
+    """Stream `prompt_ids` through the memory, then yield up to max_new_tokens sampled ids. `on_prompt(done, total)`
+    is called after each call that reads prompt tokens (progress for the caller to show)."""
     gen = torch.Generator().manual_seed(s.seed)
     memory = backend.new_memory(cfg)
     ids = torch.tensor(prompt_ids, dtype=torch.long, device=backend.device)[None]  # (1, N)
+    step_fn, size = prompt_stepper(backend, memory, cfg.segment_size)
     with torch.inference_mode():
-        for step in stream(backend.step, memory, split(ids, cfg.segment_size)):
+        for step in stream(step_fn, memory, split(ids, size)):
             logits, memory = step.logits, step.memory
+            if on_prompt is not None:
+                on_prompt(min(step.item + size, ids.shape[1]), ids.shape[1])
         for _ in range(s.max_new_tokens):
             nxt = sample_next(logits[0, -1].float(), s, gen)
             if s.stop_at_eos and backend.eos_id is not None and nxt == backend.eos_id:
