@@ -88,11 +88,17 @@ def _compare(doc, segment_sizes, memory, model, reference, config, format, outpu
         job = Comparison(base, configs, doc, max_tokens, reference=reference, models=models).prepare()
         for note in job.notes if not quiet else ():
             say(note)
-        with make_progress(quiet, job.total_segments) as progress:
-            task = progress.add_task("compare", total=job.total_segments, rate="")
+        with make_progress(quiet, job.total_tokens) as progress:
+            # by tokens (every setting streams the same ones), naming the setting: segments over settings of
+            # different sizes made the bar read 99% with a third of the time to go
+            task = progress.add_task("compare", total=job.total_tokens, rate="")
+            started: dict[tuple, int] = {}
 
             def on_segment(cfg, r) -> None:
-                progress.update(task, advance=1, description=escape(f"{cfg.memory} n_s={cfg.segment_size}"))
+                key = (cfg.model, cfg.memory, cfg.segment_size, cfg.memory_size)
+                started.setdefault(key, len(started) + 1)
+                progress.update(task, advance=r.tokens, description=escape(
+                    f"setting {started[key]}/{len(settings)}: {cfg.memory} n_s={cfg.segment_size}"))
                 sparks[(cfg.model, cfg.memory, cfg.segment_size)].add(r.nll, r.tokens)
 
             extra = {"segment_sizes": sizes, "memory": policies, "reference": reference}

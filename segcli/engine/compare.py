@@ -172,6 +172,7 @@ class Comparison:
         self.config: dict[str, Any] = {}  # the config block (the first model's)
         self.notes: list[str] = []  # notes for stderr, one per distinct warning
         self.total_segments = 0
+        self.total_tokens = 0  # scored tokens over every model and setting (each setting streams the same tokens)
 
     @property
     def backend(self) -> Backend | None:
@@ -204,6 +205,7 @@ class Comparison:
                 backend.check_memory_budget(c, n)
             notes += [x for c in self.configs for x in (*backend.notes(c), span_note(c, backend.trained_length, n))]
             self.total_segments += sum(-(-n // c.segment_size) for c in self.configs)
+            self.total_tokens += n * len(self.configs)
             del backend
             self._free()
         self.notes = [x for x in dict.fromkeys(notes) if x]
