@@ -6,6 +6,7 @@ import json
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.text import Text
 
 from ..config import CHECK_SEGMENT_SIZES, CHECK_TOKENS
@@ -15,7 +16,7 @@ from .common import (
     CompressedOpt, ConfigOpt, DebugOpt, DeviceOpt, ErrorsOpt, MemorySizeOpt, QuietOpt, default,
     RateOpt, RevisionOpt, SegmentSizeOpt, SinkOpt, ThreadsOpt, TrustOpt, handle_errors, say, value,
 )
-from .options import build_config
+from .options import build_config, make_progress
 from .output import PipeConsole, default_format, new_table, stdout_stream
 
 if TYPE_CHECKING:
@@ -117,7 +118,14 @@ def _check(doc, max_tokens, segment_sizes, attn_implementation, format, config, 
                         backend.bos_id).truncated(max_tokens, text)
     if len(tdoc) < 2:
         raise UsageError(f"{tdoc.name}: needs at least 2 tokens to check, got {len(tdoc)}")
-    report = run_check(backend, tdoc, cfg, sizes)
+    with make_progress(quiet, None) as progress:  # on a terminal: which setting, of how many
+        task = progress.add_task("check", total=None, rate="")
+
+        def on_setting(i: int, total: int, policy: str, ns: int) -> None:
+            progress.update(task, total=total, completed=i, description=escape(f"check {i + 1}/{total}: {policy} "
+                                                                                f"n_s={ns}"))
+
+        report = run_check(backend, tdoc, cfg, sizes, on_setting=on_setting)
     if not quiet:
         for note in report.notes:
             say(f"note: {note}")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from ..config import CHECK_SEGMENT_SIZES, CHECK_TOKENS, RunConfig
 from ..documents import TokenizedDocument
 from ..errors import SegcliError, UsageError
 from .loop import stream
+from .stream import pass_stepper
 
 from pathlib import Path
 
@@ -131,8 +132,8 @@ def plan(cfg: RunConfig, n: int, segment_sizes=SEGMENT_SIZES) -> tuple[list[tupl
         out.append((p, ns, sizes, "plain (memory larger than the text)"))
     elif p != "full":
         out.append((p, ns, {k: getattr(cfg, k) for k in cfg.policy().parameters}, "refusal only"))
-        notes.append(f"{p}: DESIGN §1 has no equivalence to a plain forward for it; only whether segcli refuses it "
-                     "on this model is checked")
+        notes.append(f"{p}: it has no equivalence to a plain forward (README, 'Memory policies'); only whether segcli "
+                     "refuses it on this model is checked")
     return out, notes
 
 
@@ -146,9 +147,12 @@ def mask_rule(cfg: RunConfig, n: int) -> tuple[str, int, int] | None:
     return None
 
 
-def check(backend: Backend, doc: TokenizedDocument, cfg: RunConfig, segment_sizes=SEGMENT_SIZES) -> CheckReport:
-    """Stream `doc` under `full` at `segment_sizes` and under cfg's policy where DESIGN §1 has an equivalence, each
-    against one plain forward of the model. Raises UsageError when the backend cannot take a plain forward."""
+def check(backend: Backend, doc: TokenizedDocument, cfg: RunConfig, segment_sizes=SEGMENT_SIZES,
+          on_setting: Callable[[int, int, str, int], None] | None = None) -> CheckReport:
+    """Stream `doc` under `full` at `segment_sizes` and under cfg's policy where it has an equivalence to a plain
+    forward, each against one plain forward of the model, streamed as `segcli run` streams (its token and segment
+    passes included). `on_setting(i, total, policy, segment size)` is called before each setting (progress).
+    Raises UsageError when the backend cannot take a plain forward."""
     if not hasattr(backend, "reference_logits"):
         raise UsageError(f"segcli check compares Hugging Face models with their own plain forward; the {backend.kind} "
                          "model's equivalences are segcli's test suite (pass --model DIR)")
@@ -162,7 +166,9 @@ def check(backend: Backend, doc: TokenizedDocument, cfg: RunConfig, segment_size
                          layers=backend.identity.get("attention_layers", ""), notes=notes)
     references: dict[Any, torch.Tensor | None] = {}
     tol = tolerance(backend.dtype)
-    for policy, ns, sizes, described in settings:
+    for i, (policy, ns, sizes, described) in enumerate(settings):
+        if on_setting is not None:
+            on_setting(i, len(settings), policy, ns)
         run_cfg = dataclasses.replace(cfg, memory=policy, segment_size=ns, **sizes)
         setting = Setting(policy, ns, sizes, described, "exact", tokens=n)
         try:
@@ -198,10 +204,10 @@ def check(backend: Backend, doc: TokenizedDocument, cfg: RunConfig, segment_size
 def _streamed(backend: Backend, cfg: RunConfig, ids: torch.Tensor) -> torch.Tensor:
     """(N, V) logits of ids streamed at cfg.segment_size through a fresh memory under cfg's policy."""
     memory = backend.new_memory(cfg)
-    ns = cfg.segment_size
-    segments = ((ids[:, s : s + ns], s) for s in range(0, ids.shape[1], ns))
+    step, size = pass_stepper(backend, memory, cfg.segment_size)  # as `segcli run` streams: passes where they exist
+    segments = ((ids[:, s : s + size], s) for s in range(0, ids.shape[1], size))
     try:
-        return torch.cat([s.logits[0] for s in stream(backend.step, memory, segments)], 0)
+        return torch.cat([s.logits[0] for s in stream(step, memory, segments)], 0)
     except SegcliError:
         raise
     except (RuntimeError, ValueError, IndexError) as e:  # the model's forward failed on this memory: not streamable

@@ -15,7 +15,7 @@ import torch
 from ..backends import Backend
 from ..config import RunConfig
 from .loop import split, stream
-from .stream import WINDOW_CHUNK, pass_size
+from .stream import pass_stepper
 
 
 @dataclass
@@ -39,18 +39,6 @@ def sample_next(logits: torch.Tensor, s: GenerateSettings, gen: torch.Generator)
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
 
-def prompt_stepper(backend: Backend, memory, segment_size: int):
-    """(step function, tokens per call) for reading a prompt as `Stream` reads a document: a token pass at n_s = 1
-    or a segment pass where the backend has one (the same logits and memory as the steps), else segment by segment."""
-    band = backend.sliding_window(memory, segment_size) if segment_size == 1 else None
-    if band:
-        return (lambda ids, mem: backend.step_window(ids, mem, band)[:2] + (None,)), pass_size(band, WINDOW_CHUNK)
-    multi = backend.segment_pass(memory, segment_size) if segment_size > 1 else None
-    if multi:
-        return (lambda ids, mem: backend.step_segments(ids, mem, segment_size)[:2] + (None,)), multi
-    return backend.step, segment_size
-
-
 def generate(backend: Backend, prompt_ids: list[int], cfg: RunConfig, s: GenerateSettings,
              on_prompt: Callable[[int, int], None] | None = None) -> Iterator[int]:
     """Stream `prompt_ids` through the memory, then yield up to max_new_tokens sampled ids. `on_prompt(done, total)`
@@ -58,7 +46,7 @@ def generate(backend: Backend, prompt_ids: list[int], cfg: RunConfig, s: Generat
     gen = torch.Generator().manual_seed(s.seed)
     memory = backend.new_memory(cfg)
     ids = torch.tensor(prompt_ids, dtype=torch.long, device=backend.device)[None]  # (1, N)
-    step_fn, size = prompt_stepper(backend, memory, cfg.segment_size)
+    step_fn, size = pass_stepper(backend, memory, cfg.segment_size)
     with torch.inference_mode():
         for step in stream(step_fn, memory, split(ids, size)):
             logits, memory = step.logits, step.memory

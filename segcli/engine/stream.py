@@ -119,6 +119,19 @@ def pass_size(band: int, window_chunk: int) -> int:
     return min(window_chunk, band, max(1, WINDOW_SCORES // band))
 
 
+def pass_stepper(backend: Backend, memory, segment_size: int):
+    """(step function, tokens per call) that streams logits as `Stream` streams a document: a token pass at n_s = 1
+    or a segment pass where the backend has one (the same logits and memory as the steps), else segment by segment.
+    generate reads its prompt with it, and check streams with it (so it checks what runs compute)."""
+    band = backend.sliding_window(memory, segment_size) if segment_size == 1 else None
+    if band:
+        return (lambda ids, mem: backend.step_window(ids, mem, band)[:2] + (None,)), pass_size(band, WINDOW_CHUNK)
+    multi = backend.segment_pass(memory, segment_size) if segment_size > 1 else None
+    if multi:
+        return (lambda ids, mem: backend.step_segments(ids, mem, segment_size)[:2] + (None,)), multi
+    return backend.step, segment_size
+
+
 class Stream:
     """One stream through a backend's memory; `memory` holds the state after the last segment.
 

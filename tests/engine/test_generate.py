@@ -80,7 +80,8 @@ def test_the_prompt_read_in_passes_gives_the_tokens_of_stepping(tmp_path, doc_pa
     from conftest import BUNDLED_TOKENIZER
     from segcli.backends import load_backend
     from segcli.config import RunConfig
-    from segcli.engine.generate import generate, prompt_stepper
+    from segcli.engine.generate import generate
+    from segcli.engine.stream import pass_stepper
     from segcli.engine.loop import split
 
     path = None
@@ -94,7 +95,7 @@ def test_the_prompt_read_in_passes_gives_the_tokens_of_stepping(tmp_path, doc_pa
     cfg = RunConfig(model=path, memory=memory, segment_size=ns, device="cpu", **sizes)
     backend = load_backend(cfg)
     prompt = backend.tokenizer.encode(doc_path.read_text()[:900]).ids[:200]
-    assert prompt_stepper(backend, backend.new_memory(cfg), ns)[1] > ns  # a pass, not segment by segment
+    assert pass_stepper(backend, backend.new_memory(cfg), ns)[1] > ns  # a pass, not segment by segment
     s = GenerateSettings(max_new_tokens=12, temperature=0)
     seen: list[tuple[int, int]] = []
     got = list(generate(backend, prompt, cfg, s, on_prompt=lambda done, total: seen.append((done, total))))
