@@ -100,6 +100,7 @@ def write_run(cfg: RunConfig, opts: RunOptions, docs: list[str], world, format: 
                         signum=lambda: signals.signum, outputs={"--output": output}, other_inputs={"--config": config})
         writer = job.agreed(lambda: Writer(fmt, output) if main else None)  # --output: rank 0 writes it
         spark = SparkBins()
+        summary: dict[str, Any] | None = None
         ok = False
         try:
             job.prepare()
@@ -110,6 +111,8 @@ def write_run(cfg: RunConfig, opts: RunOptions, docs: list[str], world, format: 
                 tokens, seconds = 0, 0.0
                 for rec in job.records():
                     writer.write(rec)
+                    if rec["type"] == "summary":
+                        summary = rec
                     if rec["type"] == "segment":
                         spark.add(rec["nll"], rec["tokens"])
                         tokens, seconds = tokens + rec["tokens"], seconds + rec["seconds"]
@@ -118,10 +121,20 @@ def write_run(cfg: RunConfig, opts: RunOptions, docs: list[str], world, format: 
         finally:
             if writer is not None:
                 writer.close(ok, render_table=lambda console, records: render_run_table(console, records, spark))
-    if ok and not quiet and fmt != "table" and err_console.is_terminal:
+    if ok and not quiet and fmt != "table" and err_console.is_terminal:  # the records went to a file or a pipe
+        if summary is not None:
+            err_console.print(headline(summary), markup=False, highlight=False)
         caption = spark.caption()
         if caption:
             err_console.print(caption, markup=False, highlight=False)
+        if output and output != "-":
+            err_console.print(f"wrote {output}", markup=False, highlight=False)
+
+
+def headline(s: dict[str, Any]) -> str:
+    """The summary's headline numbers on one line, for a terminal whose records went elsewhere."""
+    return (f"{s['tokens']:,} tokens · bits/byte {fmt_num(s['bits_per_byte'])} · loss {fmt_num(s['loss'])} · "
+            f"ppl {fmt_num(s['ppl'], 3)} ± {fmt_num(s['ppl_stderr'], 3)} · {fmt_num(s['tokens_per_s'], 0)} tok/s")
 
 
 def render_run_table(console: Console, records: list[dict[str, Any]], spark: SparkBins | None = None) -> None:
