@@ -17,13 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu import cpu_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_CARD = ROOT / "docs" / "MODEL_CARD.md"
@@ -66,15 +68,7 @@ def records(path: Path) -> list[dict]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, 1 torch thread"
+    return f"{cpu_model()}, {os.cpu_count()} cores, 1 torch thread"
 
 
 def commit() -> str:

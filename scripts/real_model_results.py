@@ -43,6 +43,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu import cpu_model  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "REAL_MODEL.md"
 RAW = ROOT / "experiments" / "real-model"
@@ -126,14 +129,7 @@ def shown(argv: list[str], name: str, raw: Path) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -53,6 +53,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu import cpu_model  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "experiments" / "transformers-sweep"
 RESULTS = OUT_DIR / "results.jsonl"
@@ -125,15 +128,7 @@ def git(*args: str) -> str:
 
 def machine() -> dict:
     """The machine the tests run on: CPU model, cores, load, Python, torch and the environment's huggingface_hub."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}
     for package in ("torch", "huggingface_hub", "kernels"):
         try:
             info[package] = importlib.metadata.version(package)
