@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +19,8 @@ from report import log
 from timing import time_call
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+sys.path.insert(0, str(ROOT / "scripts"))
+from cpu import cpu_model  # noqa: E402  (one definition for the benchmarks and the scripts)
 
 
 def machine_info(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
