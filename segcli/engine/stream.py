@@ -119,16 +119,32 @@ def pass_size(band: int, window_chunk: int) -> int:
     return min(window_chunk, band, max(1, WINDOW_SCORES // band))
 
 
+def pass_plan(backend: Backend, memory, segment_size: int, window_chunk: int = WINDOW_CHUNK) -> tuple[int | None, int]:
+    """How a stream at `segment_size` goes through `backend`: (the band `step_window` takes, at n_s = 1 under a
+    policy with a token pass, else None; tokens per call). Several segments per call where the backend has a token
+    pass (n_s = 1) or a segment pass (`Backend.segment_pass`, at least two segments within `window_chunk`), else one
+    segment per call. `window_chunk=0`: one segment per call."""
+    if window_chunk > 0 and segment_size == 1:
+        band = backend.sliding_window(memory, 1)
+        if band:
+            return band, pass_size(band, window_chunk)
+    elif window_chunk > 0:
+        multi = backend.segment_pass(memory, segment_size)
+        n = min(multi, window_chunk // segment_size * segment_size) if multi else 0
+        if n >= 2 * segment_size:
+            return None, n
+    return None, segment_size
+
+
 def pass_stepper(backend: Backend, memory, segment_size: int):
-    """(step function, tokens per call) that streams logits as `Stream` streams a document: a token pass at n_s = 1
-    or a segment pass where the backend has one (the same logits and memory as the steps), else segment by segment.
-    generate reads its prompt with it, and check streams with it (so it checks what runs compute)."""
-    band = backend.sliding_window(memory, segment_size) if segment_size == 1 else None
+    """(step function, tokens per call) that streams logits as `Stream` streams a document (`pass_plan`): the same
+    logits and memory as the steps. generate reads its prompt with it, check streams with it (so it checks what
+    runs compute), and so do the probes."""
+    band, size = pass_plan(backend, memory, segment_size)
     if band:
-        return (lambda ids, mem: backend.step_window(ids, mem, band)[:2] + (None,)), pass_size(band, WINDOW_CHUNK)
-    multi = backend.segment_pass(memory, segment_size) if segment_size > 1 else None
-    if multi:
-        return (lambda ids, mem: backend.step_segments(ids, mem, segment_size)[:2] + (None,)), multi
+        return (lambda ids, mem: backend.step_window(ids, mem, band)[:2] + (None,)), size
+    if size > segment_size:
+        return (lambda ids, mem: backend.step_segments(ids, mem, segment_size)[:2] + (None,)), size
     return backend.step, segment_size
 
 
@@ -147,12 +163,8 @@ class Stream:
     def __init__(self, backend: Backend, cfg: RunConfig, memory=None, window_chunk: int = WINDOW_CHUNK):
         self.backend, self.cfg = backend, cfg
         self.memory = backend.new_memory(cfg) if memory is None else memory
-        ns = cfg.segment_size
-        self.band = backend.sliding_window(self.memory, ns) if window_chunk > 0 and ns == 1 else None
-        self.chunk = pass_size(self.band, window_chunk) if self.band else 1
-        multi = backend.segment_pass(self.memory, ns) if window_chunk > 0 and ns > 1 else None
-        if multi and min(multi, window_chunk // ns * ns) >= 2 * ns:  # several segments per forward
-            self.band = self.chunk = min(multi, window_chunk // ns * ns)
+        self.band, self.chunk = pass_plan(backend, self.memory, cfg.segment_size, window_chunk)
+        self.passes = self.band is not None or self.chunk > cfg.segment_size  # several segments per call
 
     def _step(self, ids: torch.Tensor, memory):
         """One segment; info = ([mass], [its layers' stats]), the band pass's shape for one token. Run in inference
@@ -186,13 +198,13 @@ class Stream:
         index = 0
 
         def segments() -> Iterator[tuple[torch.Tensor, Any]]:
-            for w in doc.windows(self.chunk if self.band else ns):
+            for w in doc.windows(self.chunk):
                 if should_stop is not None and should_stop():
                     return
                 ids, targets = window_tensors(w, device)
                 yield ids, (w, targets)
 
-        steps = stream(self._band_step if self.band else self._step, self.memory, segments(), device)
+        steps = stream(self._band_step if self.passes else self._step, self.memory, segments(), device)
         while True:
             with contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.inference_mode():
                 s = next(steps, None)
@@ -205,15 +217,15 @@ class Stream:
                 if token_nll.device.type != "cpu":
                     token_nll = token_nll.cpu()
                 all_nll = token_nll.tolist()
-                whole = None if self.band else float(token_nll.sum())  # the window is one segment: its summed loss
+                whole = None if self.passes else float(token_nll.sum())  # the window is one segment: its summed loss
             self.memory = s.memory
             seconds = s.seconds
-            parts = w.pieces(ns) if self.band else [w]  # the pass's segments, else the window itself
+            parts = w.pieces(ns) if self.passes else [w]  # the pass's segments, else the window itself
             share = seconds / len(parts)
             for j, part in enumerate(parts):
                 start, end = part.start, part.start + len(part.target_ids)
                 nll_list = all_nll[start - w.start : end - w.start]
-                nll = (nll_list[0] if ns == 1 else math.fsum(nll_list)) if self.band else whole
+                nll = (nll_list[0] if ns == 1 else math.fsum(nll_list)) if self.passes else whole
                 if not math.isfinite(nll):
                     raise RunError(f"{doc.name}: segment {index} (tokens {start}-{end}) produced a non-finite loss "
                                    f"({nll}); try --dtype float32")

@@ -7,8 +7,8 @@
     lp, greedy = pre.continuation(a_ids)     # ... and continued by several answers (lm-eval's choices), or
     new_ids = pre.decode(16)                 # decoded greedily after it
 
-The BOS token, the prompt and the answer are one token stream cut into segments of n_s from its start (at
-n_s = 1 under a sliding-window policy, `Backend.step_window` passes as `Stream` does); the logits at the
+The BOS token, the prompt and the answer are one token stream cut into segments of n_s from its start (computed
+in token or segment passes where the backend has them, as `Stream` does: `engine.stream.pass_stepper`); the logits at the
 answer's positions give its NLL and whether the argmax is the answer at every one of its tokens (greedy exact
 match, without generating). A cell therefore costs one pass over its prompt plus the answer's tokens.
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..backends import Backend
 from ..config import RunConfig
 from ..engine.loop import split, stream
-from ..engine.stream import WINDOW_CHUNK, pass_size
+from ..engine.stream import pass_stepper
 from .tasks import Prompt
 
 
@@ -79,18 +79,6 @@ def held(cfg: RunConfig, positions, query: int) -> bool | None:
     return None
 
 
-def stepper(backend: Backend, memory, segment_size: int):
-    """(step function, tokens per step) for streaming at this segment size, as `Stream` does it."""
-    band = backend.sliding_window(memory, segment_size)
-    if band:
-        def band_step(ids, mem):
-            logits, mem, _, _ = backend.step_window(ids, mem, band)
-            return logits, mem, None
-
-        return band_step, pass_size(band, WINDOW_CHUNK)
-    return backend.step, segment_size
-
-
 class Prefix:
     """A context streamed through a fresh memory up to the segment its last token falls in."""
 
@@ -100,7 +88,7 @@ class Prefix:
             raise ValueError("a prefix needs at least one token")
         self.backend, self.device = backend, backend.device
         self.memory = backend.new_memory(cfg)
-        self.step, self.size = stepper(backend, self.memory, cfg.segment_size)
+        self.step, self.size = pass_stepper(backend, self.memory, cfg.segment_size)
         start = (len(ids) - 1) // self.size * self.size  # where the segment holding the last context token starts
         self.tail = ids[start:]
         self.seconds, self.tokens, self.spent = 0.0, start, False

@@ -47,15 +47,15 @@ def family_dir(request, tmp_path_factory):
 def streams(backend, cfg, doc, chunk, memory=None):
     fast = Stream(backend, cfg, memory=copy.deepcopy(memory), window_chunk=chunk)
     slow = Stream(backend, cfg, memory=copy.deepcopy(memory), window_chunk=0)
-    assert slow.band is None
+    assert not slow.passes
     if cfg.segment_size > 1:  # passes of whole segments: a multiple of n_s, at least two, within the windows
         # full keeps a sliding layer's window - 1 pairs as a fifo of them; fifo holds n_c in every layer
         window = getattr(backend.model.config.get_text_config(), "sliding_window", None)
         held = [window - 1] if window and cfg.memory == "full" else [cfg.memory_size] if cfg.memory == "fifo" else []
         can = min([chunk, 128, *held]) // cfg.segment_size >= 2
-        assert (fast.band is not None) == can and (not can or fast.chunk % cfg.segment_size == 0)
+        assert fast.passes == can and (not can or fast.chunk % cfg.segment_size == 0)
     else:
-        assert fast.band is not None
+        assert fast.passes and fast.band is not None
     return list(fast.segments(doc)), fast, list(slow.segments(doc)), slow
 
 
@@ -94,4 +94,4 @@ def test_policies_and_attention_without_a_pass_step_token_by_token(family_dir):
         except Exception as e:  # noqa: BLE001 - a policy this family refuses has nothing to step
             assert "refuse" in str(e) or "cannot" in str(e) or "--layer-budget" in str(e), e
             continue
-        assert stream.band is None, (memory, ns, extra)
+        assert not stream.passes and stream.band is None, (memory, ns, extra)
