@@ -193,10 +193,8 @@ class HFBackend(Backend):
         policy = memory.policy
         if policy.name == "full":  # the model's own causal mask is each segment's step
             return self.step(ids, memory)
-        n_c, n, p0 = policy.memory_size, segment_size, memory.seen
-        # absolute positions: q's segment starts at p0 + (q - p0) // n * n, and its step read n_c pairs before it
-        allowed = (lambda b, h, q, kv: kv >= q - n_c) if n == 1 else \
-            (lambda b, h, q, kv: kv >= p0 + (q - p0) // n * n - n_c)
+        # each query's segment starts at seen + a multiple of n_s, and its step read the n_c pairs before it
+        allowed = visible_in_stream("fifo", segment_size, policy.memory_size, start=memory.seen)
         with extra_mask(self.model, allowed) as calls:
             out = self.step(ids, memory)
         if not calls:  # `_pass_checked` found masks on this model; a model that stops building them is a bug

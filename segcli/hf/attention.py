@@ -60,18 +60,20 @@ def extra_mask(model, allowed: Callable) -> Iterator[list]:
             del table[impl]
 
 
-def visible_in_stream(policy: str, segment_size: int, memory_size: int) -> Callable:
-    """allowed(b, h, q, kv) for a plain forward: what a query at position q sees of position kv when streamed
-    at `segment_size` under fifo (memory_size slots), xl, none or full (causality is the model's own)."""
-    n, c = segment_size, memory_size
+def visible_in_stream(policy: str, segment_size: int, memory_size: int, start: int = 0) -> Callable:
+    """allowed(b, h, q, kv) for a forward whose positions are absolute: what a query at position q sees of position kv
+    when streamed at `segment_size` under fifo (memory_size slots), xl, none or full (causality is the model's own),
+    the segments counted from position `start` (0: a plain forward of the whole stream; the first position of a pass
+    of several segments, as `backends.hf` computes them)."""
+    n, c, p0 = segment_size, memory_size, start
     if policy == "full":
         return lambda b, h, q, kv: kv >= 0
     if policy == "none":
-        return lambda b, h, q, kv: kv >= (q // n) * n
+        return lambda b, h, q, kv: kv >= p0 + (q - p0) // n * n
     if policy == "xl":
-        return lambda b, h, q, kv: kv >= (q // n) * n - n
+        return lambda b, h, q, kv: kv >= p0 + (q - p0) // n * n - n
     if policy == "fifo":
-        return lambda b, h, q, kv: kv >= (q // n) * n - c
+        return lambda b, h, q, kv: kv >= p0 + (q - p0) // n * n - c
     raise ValueError(f"no plain-forward mask for --memory {policy}")
 
 
