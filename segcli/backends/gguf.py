@@ -19,7 +19,6 @@ cannot be written, the model is converted into a temporary folder for this run o
 from __future__ import annotations
 
 import atexit
-import hashlib
 import importlib.util
 import json
 import os
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
+from .base import file_sha256
 
 MAGIC = b"GGUF"
 MANIFEST = "segcli-gguf.json"
@@ -110,11 +110,7 @@ def file_hash(path: Path, root: Path | None = None) -> str:
         known = {}
     if isinstance(known, dict) and isinstance(known.get(key), str) and len(known[key]) == 64:
         return known[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    digest = h.hexdigest()
+    digest = file_sha256(path)
     try:
         known = known if isinstance(known, dict) else {}
         known[key] = digest

@@ -159,7 +159,7 @@ def _recurrent_state(cache: Any, layer_idx: int) -> Tensor | None:
 
 def install_stateful_scan(mixer: nn.Module, site: CallSite) -> str:
     scan = transformers_scan()
-    replace_call(mixer, site, scan)
+    how = replace_call(mixer, site, scan)
     forward = mixer.forward  # the class's (kernel slot replaced) or the rebound copy
 
     def stateful(*args, **kwargs):
@@ -170,7 +170,7 @@ def install_stateful_scan(mixer: nn.Module, site: CallSite) -> str:
             scan.start(None)
 
     mixer.forward = stateful
-    return "kernel slot" if site.slot is not None else "rebound"
+    return how
 
 
 def install_clamped_step(mixer: nn.Module, site: CallSite) -> str:
