@@ -68,17 +68,13 @@ def doc(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(smol, doc):
-    """Per-token NLL of one plain forward of the converted weights over the run's first TOKENS tokens."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Per-token NLL of one plain forward of the converted weights over the run's first TOKENS tokens (the recurrent
+    tests' plain forward: BOS, then the document's tokens, the model as transformers loads it, no cache)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recurrent"))
+    from test_recurrent_stream import plain_forward, token_ids
 
     folder, _ = smol
-    tok = AutoTokenizer.from_pretrained(folder)
-    ids = [tok.bos_token_id] + tok(doc.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([ids[:TOKENS + 1]])
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        logits = model(ids[:, :-1], use_cache=False).logits[0].float()
-    return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+    return plain_forward(folder, token_ids(folder, doc)[:, :TOKENS + 1])[0]
 
 
 def test_gguf_loads_names_its_file_and_comes_from_the_cache_the_second_time(smol):
