@@ -48,6 +48,13 @@ def save_with_tokenizer(model: SegLMForCausalLM, path: Path) -> Path:
     return path
 
 
+def excerpt(tmp_path_factory, sample: str, chars: int, tag: str = "doc") -> Path:
+    """The first `chars` characters of sample_docs/`sample` as a document of its own (a module's test text)."""
+    p = tmp_path_factory.mktemp(tag) / "doc.txt"
+    p.write_text((SAMPLE / sample).read_text(encoding="utf-8")[:chars], encoding="utf-8")
+    return p
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_with_tokenizer(tiny_model(), tmp_path_factory.mktemp("tiny") / "model")

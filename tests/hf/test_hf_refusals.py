@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from conftest import BUNDLED_TOKENIZER, SAMPLE
+from conftest import BUNDLED_TOKENIZER, excerpt
 from hf_families import V, model_of, save_family
 from segcli.cli import app
 from segcli.errors import UsageError
@@ -24,9 +24,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def doc(tmp_path_factory):
-    p = tmp_path_factory.mktemp("refusal-doc") / "doc.txt"
-    p.write_text((SAMPLE / "python_docs.txt").read_text(encoding="utf-8")[:2000], encoding="utf-8")
-    return p
+    return excerpt(tmp_path_factory, "python_docs.txt", 2000, "refusal-doc")
 
 
 def saved(name: str, tmp_path_factory) -> str:

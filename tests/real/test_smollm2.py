@@ -17,10 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from conftest import SAMPLE
+from conftest import excerpt
 from segcli.cli import app
 
 pytestmark = [
@@ -61,9 +60,7 @@ def smol(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def doc(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("realdoc") / "doc.txt"
-    p.write_text((SAMPLE / "python_docs.txt").read_text(encoding="utf-8")[:4000], encoding="utf-8")
-    return p
+    return excerpt(tmp_path_factory, "python_docs.txt", 4000, "realdoc")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_recurrent_stream import REL, model_maker, run  # noqa: E402
 
-from conftest import SAMPLE  # noqa: E402
+from conftest import excerpt  # noqa: E402
 
 pytestmark = pytest.mark.transformers_api  # .ci/run runs this module again under an older transformers 5
 
@@ -26,9 +26,7 @@ SIZES = {"tova": [], "h2o": ["--recent-tokens", 3], "snapkv": ["--window", 2]}
 
 @pytest.fixture(scope="module")
 def doc(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("scoreddoc") / "doc.txt"
-    p.write_text((SAMPLE / "python_docs.txt").read_text(encoding="utf-8")[:400], encoding="utf-8")
-    return p
+    return excerpt(tmp_path_factory, "python_docs.txt", 400, "scoreddoc")
 
 
 @pytest.fixture(scope="module")

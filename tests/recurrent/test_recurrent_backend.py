@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recurrent_families import FAMILIES, V, build_config  # noqa: E402
 from test_recurrent_stream import model_maker, save_model  # noqa: E402
 
-from conftest import SAMPLE  # noqa: E402
+from conftest import SAMPLE, excerpt  # noqa: E402
 from segcli.cli import app  # noqa: E402
 from segcli.config import RunConfig  # noqa: E402
 from segcli.ops.scan import chunk_selective_scan, recurrent_selective_scan  # noqa: E402
@@ -29,9 +29,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def doc(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("recdoc2") / "doc.txt"
-    p.write_text((SAMPLE / "hamlet.txt").read_text(encoding="utf-8")[:300], encoding="utf-8")
-    return p
+    return excerpt(tmp_path_factory, "hamlet.txt", 300, "recdoc2")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recurrent_families import EXTRA_FAMILIES, FAMILIES, build_config  # noqa: E402
 
-from conftest import BUNDLED_TOKENIZER, SAMPLE  # noqa: E402
+from conftest import BUNDLED_TOKENIZER, excerpt  # noqa: E402
 from segcli.cli import app  # noqa: E402
 
 pytestmark = pytest.mark.transformers_api  # .ci/run runs this module again under an older transformers 5
@@ -55,9 +55,7 @@ def save_model(name: str, path: Path, config=None) -> Path:
 
 @pytest.fixture(scope="module")
 def doc(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("recdoc") / "doc.txt"
-    p.write_text((SAMPLE / "python_docs.txt").read_text(encoding="utf-8")[:300], encoding="utf-8")  # 88 tokens
-    return p
+    return excerpt(tmp_path_factory, "python_docs.txt", 300, "recdoc")  # 88 tokens
 
 
 def token_ids(model_dir: Path, doc: Path) -> torch.Tensor:

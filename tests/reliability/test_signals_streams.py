@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from segcli.cli import app
 from segcli.cli.common import HANDLED_SIGNALS, Interrupted
 
-from conftest import ROOT, SAMPLE, signal_at_step
+from conftest import ROOT, SAMPLE, excerpt, signal_at_step
 
 runner = CliRunner()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -30,9 +30,7 @@ def base(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def doc(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("sig") / "doc.txt"
-    p.write_text((SAMPLE / "hamlet.txt").read_text(encoding="utf-8")[:3000], encoding="utf-8")
-    return p
+    return excerpt(tmp_path_factory, "hamlet.txt", 3000, "sig")
 
 
 def segcli(*args, preexec=None, stdin=None, **kw) -> subprocess.CompletedProcess:

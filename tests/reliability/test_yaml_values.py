@@ -25,7 +25,7 @@ from segcli.config import (
 from segcli.errors import UsageError
 from segcli.memory import REGISTRY
 
-from conftest import ROOT, SAMPLE
+from conftest import ROOT, excerpt
 
 runner = CliRunner()
 
@@ -48,9 +48,7 @@ def base(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def doc(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("yaml") / "doc.txt"
-    p.write_text((SAMPLE / "hamlet.txt").read_text(encoding="utf-8")[:2000], encoding="utf-8")
-    return p
+    return excerpt(tmp_path_factory, "hamlet.txt", 2000, "yaml")
 
 
 # -- YAML -----------------------------------------------------------------------------------------------------------------
