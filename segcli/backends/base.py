@@ -10,9 +10,13 @@ A backend kind is one subclass (`native.py`, `hf.py`) registered in `segcli.back
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import tempfile
 import threading
+import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,29 +224,126 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+# -- identity: what a run's `model_sha256` and a memory file's model hash are -----------------------------------------
+#
+# The hash of a model folder is the sha256 of one line per file that defines the model (`MODEL_FILES`: its config,
+# every weight file and any code of its own), in name order: "name<TAB>size<TAB>sha256 of the whole file". Every byte
+# of every such file counts, whatever its size. A file's sha256 is remembered in a small JSON cache (`hash_cache`)
+# under its path, size, mtime, ctime, inode and device, so an unchanged 500 MB file is read once, not every run; an
+# entry is trusted only when the file had not changed for `RACY_NS` before it was hashed (a write within the file
+# system's timestamp granularity after hashing would leave those the same), and a cache that cannot be read or
+# written is no error: the file is hashed again.
+
+HASH_BLOCK = 1 << 20  # bytes read at a time: hashing is bounded in memory whatever the file's size
+RACY_NS = 2_000_000_000  # a file changed less than this before it was hashed is hashed again next time (FAT: 2 s)
+CACHE_ENTRIES = 1024  # files remembered; the oldest are dropped beyond
+
+
+def cache_root() -> Path:
+    """segcli's cache folder: $SEGCLI_CACHE, else $XDG_CACHE_HOME/segcli, else ~/.cache/segcli."""
+    if os.environ.get("SEGCLI_CACHE"):
+        return Path(os.environ["SEGCLI_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "segcli"
+
+
+def hash_cache() -> Path:
+    """The file of remembered model-file hashes."""
+    return cache_root() / "hashes.json"
+
+
 def file_sha256(path: Path) -> str:
+    """sha256 of the whole file, read in blocks of HASH_BLOCK."""
     h = hashlib.sha256()
+    buf = bytearray(HASH_BLOCK)
+    view = memoryview(buf)
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
-def model_fingerprint(path: Path) -> str:
-    """sha256 over config.json and the weight files (full content up to 64 MB each, else size + ends)."""
-    h = hashlib.sha256()
-    for f in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+def _identity(st: os.stat_result) -> dict[str, int]:
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino,
+            "dev": st.st_dev}
+
+
+def _read_cache(index: Path) -> dict[str, Any]:
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _usable(entry: Any) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64
+            and type(entry.get("hashed_ns")) is int)
+
+
+def _write_cache(index: Path, known: dict[str, Any]) -> None:
+    """Replace `index` with `known` (a temporary file renamed into place); any OSError is left to the caller."""
+    index.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".hashes-", suffix=".json", dir=index.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(known, f)
+        os.replace(tmp, index)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def cached_sha256(path: Path, index: Path | None = None) -> str:
+    """sha256 of the whole file, from the cache `index` (None: `hash_cache()`) where it holds an entry for this very
+    file (same path, size, mtime, ctime, inode and device, hashed at least RACY_NS after its last change); else
+    hashed (`file_sha256`) and remembered. An unreadable or unwritable cache only means hashing again."""
+    index = index or hash_cache()
+    key = str(Path(path).resolve())
+    before = os.stat(path)
+    ident = _identity(before)
+    known = _read_cache(index)
+    entry = known.get(key)
+    if _usable(entry) and all(entry.get(k) == v for k, v in ident.items()) \
+            and max(before.st_mtime_ns, before.st_ctime_ns) < entry["hashed_ns"] - RACY_NS:
+        return entry["sha256"]
+    started = time.time_ns()
+    digest = file_sha256(path)
+    if _identity(os.stat(path)) != ident:  # changed while it was read: this digest is of no one version
+        return digest
+    known = {k: v for k, v in _read_cache(index).items() if _usable(v) and k != key}  # another run's entries kept
+    for old in list(known)[: max(0, len(known) - CACHE_ENTRIES + 1)]:
+        del known[old]
+    known[key] = {**ident, "sha256": digest, "hashed_ns": started}
+    try:
+        _write_cache(index, known)
+    except OSError:
+        pass  # an unwritable cache: hashed again next time
+    return digest
+
+
+def model_files(path: Path) -> list[Path]:
+    """The files that define the model of a folder: its configuration (config.json, generation_config.json, a
+    sharded checkpoint's index), every weight file (*.safetensors, *.bin, *.pt, *.pth) and its own code (*.py,
+    for trust_remote_code); not the tokenizer's files (hashed apart) nor segcli's own notes."""
+    out = []
+    for f in sorted(path.iterdir(), key=lambda p: p.name):
+        name = f.name
+        if not f.is_file() or name.startswith("."):
             continue
-        h.update(f.name.encode())
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            if size <= 64 << 20:
-                h.update(fh.read())
-            else:
-                h.update(str(size).encode() + fh.read(1 << 20))
-                fh.seek(size - (1 << 20))
-                h.update(fh.read())
+        if name in ("config.json", "generation_config.json") or name.endswith(
+                (".safetensors", ".bin", ".pt", ".pth", ".py", ".safetensors.index.json", ".bin.index.json")):
+            out.append(f)
+    return out
+
+
+def model_fingerprint(path: Path) -> str:
+    """sha256 over the full content of every file that defines the model (`model_files`): one line per file,
+    "name<TAB>size<TAB>sha256", in name order; each file's sha256 from the cache where the file is unchanged."""
+    h = hashlib.sha256()
+    for f in model_files(path):
+        h.update(f"{f.name}\t{f.stat().st_size}\t{cached_sha256(f)}\n".encode())
     return h.hexdigest()
 
 

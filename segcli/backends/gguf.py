@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
-from .base import file_sha256
+from .base import cache_root, cached_sha256
 
 MAGIC = b"GGUF"
 MANIFEST = "segcli-gguf.json"
@@ -92,35 +92,10 @@ def _has_magic(path: Path) -> bool:
         return False
 
 
-def cache_root() -> Path:
-    if os.environ.get("SEGCLI_CACHE"):
-        return Path(os.environ["SEGCLI_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "segcli"
-
-
 def file_hash(path: Path, root: Path | None = None) -> str:
-    """sha256 of the file, remembered in the cache per (path, size, mtime, inode) so a 500 MB file is read once."""
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-    index = (root or cache_root()) / "gguf" / "hashes.json"
-    try:
-        known = json.loads(index.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if isinstance(known, dict) and isinstance(known.get(key), str) and len(known[key]) == 64:
-        return known[key]
-    digest = file_sha256(path)
-    try:
-        known = known if isinstance(known, dict) else {}
-        known[key] = digest
-        index.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index.with_name(f".hashes-{os.getpid()}.json")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, index)
-    except OSError:
-        pass  # an unwritable cache: hashed again next time
-    return digest
+    """sha256 of the file, remembered in the cache (`gguf/hashes.json`) per (path, size, mtime, ctime, inode, device)
+    so a 500 MB file is read once (segcli.backends.base.cached_sha256)."""
+    return cached_sha256(path, (root or cache_root()) / "gguf" / "hashes.json")
 
 
 def _entry_ok(folder: Path, sha: str) -> bool:

@@ -23,7 +23,7 @@ from ..hf import (
     visible_in_stream,
 )
 from . import guard
-from .base import Backend, fifo_stats, file_sha256, model_fingerprint
+from .base import Backend, cached_sha256, fifo_stats, model_fingerprint
 
 
 TOKEN_PASS_POLICIES = ("full", "fifo")  # exact pairs, the newest ones: a token pass is one masked forward
@@ -273,7 +273,7 @@ def load_hf(cfg: RunConfig, path: Path, model_cfg, device: torch.device, dtype: 
         "model": str(path),
         "model_type": model.config.model_type,
         "model_sha256": model_fingerprint(path),
-        "tokenizer_sha256": file_sha256(path / "tokenizer.json") if (path / "tokenizer.json").exists() else None,
+        "tokenizer_sha256": cached_sha256(path / "tokenizer.json") if (path / "tokenizer.json").exists() else None,
         "parameters": sum(p.numel() for p in model.parameters()),
         "attn_implementation": attn,
         "attention_layers": model_features(model).describe(),

@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 from ..config import RunConfig
 from ..errors import UsageError
 from ..memory.base import LayerStats
-from .base import BUNDLED_DIR, Backend, file_sha256, model_fingerprint
+from .base import BUNDLED_DIR, Backend, cached_sha256, model_fingerprint
 
 
 class NativeBackend(Backend):
@@ -124,7 +124,7 @@ def load_native(cfg: RunConfig, path: Path, model_cfg, device: torch.device, dty
         "model": "bundled" if path == BUNDLED_DIR else str(path),
         "model_type": "seglm",
         "model_sha256": model_fingerprint(path),
-        "tokenizer_sha256": file_sha256(path / "tokenizer.json"),
+        "tokenizer_sha256": cached_sha256(path / "tokenizer.json"),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     return NativeBackend(model, tok, model_cfg.bos_token_id, device, dtype, identity)

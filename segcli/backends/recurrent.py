@@ -33,7 +33,7 @@ from ..memory import MemoryPolicy
 from ..memory.base import LayerStats
 from ..memory.catalog import POLICY_ON_ATTENTION  # policies a hybrid's attention layers follow with its own cache
 from . import guard
-from .base import Backend, file_sha256, model_fingerprint
+from .base import Backend, cached_sha256, model_fingerprint
 from .recurrent_families import FAMILIES, Family, layer_types
 from .recurrent_routes import Route, install_routes
 
@@ -266,7 +266,7 @@ def load_recurrent(cfg: RunConfig, path: Path, model_cfg, device: torch.device, 
         "model": str(path),
         "model_type": model_type,
         "model_sha256": model_fingerprint(path),
-        "tokenizer_sha256": file_sha256(path / "tokenizer.json") if (path / "tokenizer.json").exists() else None,
+        "tokenizer_sha256": cached_sha256(path / "tokenizer.json") if (path / "tokenizer.json").exists() else None,
         "parameters": sum(p.numel() for p in model.parameters()),
         "max_positions": None,
         "attn_implementation": model.config.get_text_config()._attn_implementation,
