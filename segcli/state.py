@@ -20,9 +20,20 @@ of this run's policy (same dataclass, same fields, tensors and counts where it
 has them), then the policy checks shapes, dtypes and counts (`check_state`);
 anything else is one UsageError line (exit 2).
 
-Format 2 (this one). Format 1 (segcli before the smeared key moved into the
-layer states) kept the last keys apart, as metadata `last_keys` with entries
-`last_key{i}`, and whole window buffers; it still loads.
+Format 2 (this one). Its metadata holds `tensor_sha256`: per tensor, the sha256
+of its bytes as stored. An addition, not a new layout (a segcli before it reads
+these files and ignores it), so the format number stays: a format-2 file with
+`tensor_sha256` must match it, whole (a mismatch: the file is corrupt, one line);
+one without it (written before segcli saved digests) loads with no digest to
+check. Format 1 (segcli before the smeared key moved into the layer states) kept
+the last keys apart, as metadata `last_keys` with entries `last_key{i}`, and
+whole window buffers; it still loads, never with digests.
+
+Whatever the format, reading refuses (one line) anything that is not a regular
+file (a FIFO or device is never opened, so nothing waits) and any tensor holding
+NaN or an infinity; the statistics a state stores beside its tensors (window and
+scored key and value norms, keynorm's scores) are computed again from the
+tensors, never trusted.
 
 A Hugging Face transformer's memory (body "hf") is its segcli.hf cache: per cache layer (`PolicyLayer`) its kind
 (full, sliding with its window, chunked), tokens seen and policy state, flattened as above, the scored policies'
@@ -41,7 +52,11 @@ record it loads when its segment fits (no larger than this run's).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
+import stat
+import unicodedata
 from typing import Any
 
 import torch
@@ -53,6 +68,7 @@ from .files import AtomicOutput, require_file, require_writable
 
 FORMAT = 2
 READS = (1, 2)  # formats this segcli loads
+DIGESTS = "tensor_sha256"  # {tensor name: sha256 of its bytes}; format 2 files written since segcli checks them
 META_KEY = "segcli"
 MAX_COUNT = 1 << 53  # largest token count or position a file may hold (exact in float64, the RoPE angles' type)
 
@@ -173,6 +189,7 @@ def save_memory(path: str, memory, backend, extra: dict[str, Any] | None = None)
         "dtype": str(backend.dtype).removeprefix("torch."),
         **body,
         **(extra or {}),
+        DIGESTS: {name: tensor_sha256(t) for name, t in sorted(tensors.items())},
     }
     data = save(tensors, metadata={META_KEY: json.dumps(meta)})
     with AtomicOutput(path, "--save-memory", binary=True) as out:
@@ -290,7 +307,7 @@ def restore_attention(body: Any, tensors: dict[str, Tensor], cache, shapes: dict
             layer.policy.check_state(state, batch=b, heads=h, head_dim=d, dtype=dtype, seen=seen)
         except (StateFileError, ValueError) as e:
             raise StateFileError(f"layer {i}: {e}") from None
-        layer.restore(packed_state(state), seen, device)
+        layer.restore(packed_state(recomputed(state, layer.policy)), seen, device)
     positions, pos = body.get("positions"), getattr(cache, "positions", None)
     if (positions is None) != (pos is None):
         raise StateFileError("the slots' positions are " + ("missing" if pos is not None else "saved, but this run "
@@ -307,30 +324,153 @@ def restore_attention(body: Any, tensors: dict[str, Tensor], cache, shapes: dict
         pos.restore(packed_state(state), seen)
 
 
+def shown(text: str) -> str:
+    """`text` kept on one line: control characters (a newline, a carriage return, an escape sequence's ESC) and
+    line separators written as escapes (`\\n`, `\\x1b`, `\\u2028`). A memory file's strings reach error messages."""
+    return "".join(_escaped(c) if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text)
+
+
+def _escaped(c: str) -> str:
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def tensor_sha256(t: Tensor) -> str:
+    """sha256 of a tensor's bytes as a memory file stores them (C order, little-endian)."""
+    t = t.detach().to("cpu").contiguous()
+    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(mode: int) -> str | None:
+    """What a file of `mode` is where it is not a regular file (None: it is one)."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path: str, where: str) -> int:
+    """A descriptor open on `path` for reading, where `path` is a regular file; else one UsageError line, before
+    anything is opened: a FIFO with no writer, a terminal or a device would make the open or the read wait for ever.
+    Opened without blocking, and checked again through the descriptor (a path swapped in between)."""
+    def refuse(what: str):
+        return UsageError(f"{where}: is {what}, not a regular file; pass a memory file written by --save-memory")
+
+    def failed(e: OSError):
+        return UsageError(f"{where}: " + ("permission denied" if isinstance(e, PermissionError)
+                                          else "no such file" if isinstance(e, FileNotFoundError)
+                                          else e.strerror or type(e).__name__))
+
+    try:
+        what = _not_regular(os.stat(path).st_mode)
+    except OSError as e:
+        raise failed(e) from None
+    if what:
+        raise refuse(what)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise failed(e) from None
+    what = _not_regular(os.fstat(fd).st_mode)
+    if what:
+        os.close(fd)
+        raise refuse(what)
+    return fd
+
+
 def read_memory_file(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The metadata and tensors of a memory file; one UsageError line for a path that is not a regular file, a file
+    that is not a segcli memory file, a format this segcli does not read, or a tensor holding NaN or an infinity."""
     from safetensors import safe_open
 
-    p = require_file(path, f"--load-memory {path}")
-    try:
-        with safe_open(str(p), "pt") as f:
+    where = f"--load-memory {path}"
+    require_file(path, where)
+    fd = open_regular(path, where)
+    try:  # read through the descriptor checked above (Linux: its /proc name), not the path again
+        name = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else path
+        with safe_open(name, "pt") as f:
             meta_text = (f.metadata() or {}).get(META_KEY)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except PermissionError:
-        raise UsageError(f"--load-memory {path}: permission denied") from None
+        raise UsageError(f"{where}: permission denied") from None
     except Exception:  # noqa: BLE001 - safetensors raises its own error types for any malformed file
-        raise UsageError(f"--load-memory {path}: not a safetensors file (expected a file written by --save-memory)") from None
+        raise UsageError(f"{where}: not a safetensors file (expected a file written by --save-memory)") from None
+    finally:
+        os.close(fd)
     if meta_text is None:
-        raise UsageError(f"--load-memory {path}: no segcli metadata (expected a file written by --save-memory)")
+        raise UsageError(f"{where}: no segcli metadata (expected a file written by --save-memory)")
     try:
         meta = json.loads(meta_text)
     except (json.JSONDecodeError, RecursionError):
-        raise UsageError(f"--load-memory {path}: corrupt segcli metadata") from None
+        raise UsageError(f"{where}: corrupt segcli metadata") from None
     if not isinstance(meta, dict):
-        raise UsageError(f"--load-memory {path}: corrupt segcli metadata")
+        raise UsageError(f"{where}: corrupt segcli metadata")
     if meta.get("format") not in READS:
-        raise UsageError(f"--load-memory {path}: memory file format {meta.get('format')!r}; "
+        raise UsageError(f"{where}: memory file format {meta.get('format')!r}; "
                          f"this segcli reads format {', '.join(map(str, READS))}")
+    for name, t in sorted(tensors.items()):
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "an infinite value"
+            raise UsageError(f"{where}: tensor {name} holds {bad}; a memory holds finite numbers only: the file is "
+                             "damaged, or was saved from a run whose numbers had already failed")
     return meta, tensors
+
+
+def has_digests(meta: dict[str, Any]) -> bool:
+    """Whether a file's tensors are to be checked against digests: format 2 with `tensor_sha256` (format 1 never
+    had them)."""
+    return meta["format"] >= 2 and DIGESTS in meta
+
+
+def check_digests(path: str, meta: dict[str, Any], digests: dict[str, str]) -> None:
+    """One UsageError line unless the file's `tensor_sha256` names exactly its tensors, each with the sha256 of its
+    bytes (`digests`, computed as the file was read). A file without it (format 1, or format 2 from a segcli before
+    the digests) has nothing to check."""
+    if not has_digests(meta):
+        return
+    corrupt = f"--load-memory {path}: the file is corrupt"
+    again = "use another copy, or save the memory again"
+    saved = meta[DIGESTS]
+    if not isinstance(saved, dict):
+        raise UsageError(f"{corrupt}: its tensor digests ({DIGESTS}) are missing or damaged; {again}")
+    for name in sorted(set(saved) | set(digests)):
+        if name not in saved:
+            raise UsageError(f"{corrupt}: tensor {name} has no sha256 in its metadata; {again}")
+        if name not in digests:
+            raise UsageError(f"{corrupt}: tensor {name} is listed in its metadata but missing; {again}")
+        if saved[name] != digests[name]:
+            raise UsageError(f"{corrupt}: the bytes of tensor {name} do not match the sha256 saved with them; {again}")
+
+
+def recomputed(state: Any, policy) -> Any:
+    """`state` (read from a file) with every statistic it stores beside its tensors computed again from them, as the
+    policy computes them when pairs enter: a window's and a scored state's key and value norms, and scores that are
+    a function of the key (keynorm's norms; tova's and snapkv's zeros). Accumulated scores (h2o's attention) are
+    state, not statistics: the policy's check_state bounds them."""
+    from .memory.scored import ScoredPolicy, ScoredState, norms
+    from .memory.window import Window
+
+    if isinstance(state, Window):
+        def norm(x: Tensor) -> Tensor:  # Window._push_inplace's
+            return torch.linalg.vector_norm(x, dim=-1) if x.dtype == torch.float32 else x.float().norm(dim=-1)
+
+        return dataclasses.replace(state, kn=norm(state.k), vn=norm(state.v))
+    if not (dataclasses.is_dataclass(state) and not isinstance(state, type)):
+        return state
+    changes = {f.name: recomputed(getattr(state, f.name), policy) for f in dataclasses.fields(state)
+               if isinstance(getattr(state, f.name), Window)
+               or (dataclasses.is_dataclass(getattr(state, f.name)) and not isinstance(getattr(state, f.name), type))}
+    if isinstance(state, ScoredState) and isinstance(state.k, Tensor):
+        kn = norms(state.k)
+        if state.kn is not None:
+            changes.update(kn=kn, vn=norms(state.v))
+        if isinstance(policy, ScoredPolicy) and type(policy).scored is ScoredPolicy.scored:  # set as pairs enter
+            score = torch.empty_like(state.score)
+            policy.entering_into(score, kn)
+            changes["score"] = score
+    return dataclasses.replace(state, **changes) if changes else state
 
 
 def count_field(meta: dict[str, Any], key: str, path: str) -> int:
@@ -344,10 +484,19 @@ def count_field(meta: dict[str, Any], key: str, path: str) -> int:
 
 def load_memory(path: str, backend, cfg):
     """The memory saved in `path`, checked against this run's model, tokenizer, policy, dtype and (xl)
-    segment size; a file that is damaged or was not written for this run is one UsageError line."""
+    segment size, its tensors against the digests saved with them; a file that is damaged or was not written for
+    this run is one UsageError line (its strings' control characters escaped: `shown`)."""
+    try:
+        return _load_memory(path, backend, cfg)
+    except UsageError as e:
+        raise UsageError(shown(str(e))) from None
+
+
+def _load_memory(path: str, backend, cfg):
     if backend.kind not in BODIES:
         raise UsageError(f"--load-memory does not work with {backend.kind} models yet")
     meta, tensors = read_memory_file(path)
+    digests = {name: tensor_sha256(t) for name, t in tensors.items()} if has_digests(meta) else {}
     ident = backend.identity
     if meta.get("model_sha256") != ident.get("model_sha256"):
         raise UsageError(f"--load-memory {path}: saved with another model ({meta.get('model')}, "
@@ -372,7 +521,10 @@ def load_memory(path: str, backend, cfg):
         if saved_ns != cfg.segment_size:
             raise UsageError(f"--load-memory {path}: an xl memory is one segment; this one was saved at "
                              f"--segment-size {saved_ns}, this run uses {cfg.segment_size}: pass --segment-size {saved_ns}")
-    return BODIES[backend.kind][1](path, meta, tensors, backend, cfg, policy)
+    memory = BODIES[backend.kind][1](path, meta, tensors, backend, cfg, policy)
+    # Last, so that a file edited by hand (its digests stale) is told what in it does not fit this run first.
+    check_digests(path, meta, digests)
+    return memory
 
 
 def recurrent_memory(path: str, meta: dict[str, Any], tensors: dict[str, Tensor], backend, cfg, policy):
@@ -437,6 +589,7 @@ def native_memory(path: str, meta: dict[str, Any], tensors: dict[str, Tensor], b
                 if hasattr(state, "last_key"):  # `none` never used it
                     state = dataclasses.replace(state, last_key=key)
             policy.check_state(state, **shape)
+            state = recomputed(state, policy)
         except (StateFileError, ValueError) as e:
             raise UsageError(f"--load-memory {path}: layer {i}: {e}; the file is damaged or was not written "
                              "by --save-memory for this run") from None
