@@ -130,7 +130,6 @@ def tokenize(doc: Document, backend_tokenizer, bos_id: int | None) -> TokenizedD
 # -- streaming: every input read and tokenized incrementally -------------------------------------------------------
 
 CHUNK_BYTES = 1 << 16  # bytes per read
-BINARY_PROBE_BYTES = 65536  # NUL bytes in this prefix mean binary data
 MAX_TAIL_CHARS = 1 << 20  # a single pre-token longer than this is cut anyway (see `stream_tokens`)
 
 
@@ -147,8 +146,9 @@ def decode_stream(read: Callable[[int], bytes], name: str, errors: str = "strict
         data = read(chunk_bytes)
         if not data:
             break
-        if consumed < BINARY_PROBE_BYTES and b"\x00" in data[: BINARY_PROBE_BYTES - consumed]:
-            raise UsageError(f"{name}: looks like binary data (NUL bytes); segcli reads UTF-8 text")
+        nul = data.find(b"\x00")
+        if nul >= 0:  # in any block: text has no NUL bytes
+            raise UsageError(f"{name}: looks like binary data (a NUL byte at byte {consumed + nul}); segcli reads UTF-8 text")
         pending = len(decoder.getstate()[0])
         try:
             text = decoder.decode(data)
@@ -174,9 +174,15 @@ def decode_stream(read: Callable[[int], bytes], name: str, errors: str = "strict
 
 
 def can_stream(tokenizer) -> bool:
-    """Incremental tokenization is exact for tokenizers that split text into pre-tokens and
-    normalise nothing (byte-level BPE, the bundled tokenizer); others read the whole text."""
+    """Whether `stream_tokens` (one tokenization per block) is exact: tokenizers that split text into
+    pre-tokens and normalise nothing (byte-level BPE, the bundled tokenizer). Every other tokenizer
+    streams through `stream_tokens_checked`, which verifies each cut by tokenizing twice."""
     return tokenizer.normalizer is None and tokenizer.pre_tokenizer is not None
+
+
+def token_stream(pieces: Iterable[str], tokenizer) -> Iterator["TokenPiece"]:
+    """The tokens of text arriving in pieces, in bounded memory, for any tokenizer."""
+    return (stream_tokens if can_stream(tokenizer) else stream_tokens_checked)(pieces, tokenizer)
 
 
 @dataclass
@@ -231,6 +237,94 @@ def stream_tokens(pieces: Iterable[str], tokenizer) -> Iterator[TokenPiece]:
     enc = tokenizer.encode(buf, add_special_tokens=False)
     if buf or len(enc.ids):
         yield emit(enc, len(enc.ids), len(buf))
+
+
+CHECKED_BLOCK_CHARS = 1 << 14  # new characters gathered before `stream_tokens_checked` tries a cut
+CUT_CONTEXT_CHARS = 256  # characters before a cut that are tokenized again with the text after it
+CUT_MARGIN_CHARS = 256  # tokens ending this close to the buffer's end wait for more text
+CUT_TRIES = 4  # candidate cuts tried per block, from the end backwards
+
+
+def stream_tokens_checked(pieces: Iterable[str], tokenizer, block_chars: int = CHECKED_BLOCK_CHARS,
+                          context: int = CUT_CONTEXT_CHARS, margin: int = CUT_MARGIN_CHARS) -> Iterator[TokenPiece]:
+    """`stream_tokens` for any tokenizer: normalizers (NFC, lowercase), no pre-tokenizer, SentencePiece's
+    prepended '▁' at the start of the text.
+
+    The buffer holds the last `context` characters already emitted (tokenized again as left context,
+    their tokens dropped) and the text after them. A cut at token boundary c, at least `margin`
+    characters before the buffer's end, is taken only when tokenizing the buffer from a boundary s
+    at least `context` characters before c (where the next buffer will start) gives the same tokens
+    from c on, up to the margin, as tokenizing it from its start. Exactness rule: the same ids and
+    offsets as tokenizing the whole text at once whenever a token depends on no more than `context`
+    characters before it and `margin` after it (true of every normalizer and pre-tokenizer in
+    `tokenizers` except those that look at the whole text); a block of MAX_TAIL_CHARS characters
+    in which no cut verifies is cut at its last token boundary anyway, to keep memory bounded.
+    """
+    added = [t.content for t in tokenizer.get_added_tokens_decoder().values()]
+    margin = max([margin, *(len(t) + 1 for t in added)])
+    buf, done, byte_base, run_max = "", 0, 0, 0  # buf[:done] is context already emitted
+
+    def emit(enc, c: int, hi: int) -> TokenPiece:
+        """The tokens [lo, hi) of buf[done:c], lo the first token that starts at or after `done`."""
+        nonlocal byte_base, run_max
+        offsets = enc.offsets
+        lo = next((k for k, (a, _) in enumerate(offsets) if a >= done), len(offsets))
+        text = buf[done:c]
+        byte_at = char_to_byte_offsets(text)
+        char_ends = np.array([e - done for _, e in offsets[lo:hi]], dtype=np.int64)
+        ends = byte_base + byte_at[np.clip(char_ends, 0, len(text))]
+        if len(ends):
+            ends = np.maximum.accumulate(np.maximum(ends, run_max))
+            run_max = int(ends[-1])
+        piece = TokenPiece(list(enc.ids[lo:hi]), ends, text, byte_base)
+        byte_base += int(byte_at[-1])
+        return piece
+
+    def verified_cut(enc) -> tuple[int, int, int] | None:
+        """(s, c, i): a cut c at token i whose tokens from c on do not change when the buffer starts at s instead."""
+        offsets, limit = enc.offsets, len(buf) - margin
+        bounds = [k for k in range(1, len(offsets)) if offsets[k - 1][1] == offsets[k][0] > done]
+        tried = 0
+        for i in reversed(bounds):
+            c = offsets[i][0]
+            if c > limit:
+                continue
+            if tried == CUT_TRIES:
+                break
+            tried += 1
+            s = max((offsets[k][0] for k in bounds if offsets[k][0] <= c - context), default=0)
+            if s == 0:
+                continue  # no room for context: wait for more text
+            tail = [(enc.ids[k], a - s, b - s) for k, (a, b) in enumerate(offsets) if a >= c and b <= limit]
+            again = tokenizer.encode(buf[s:], add_special_tokens=False)
+            tail2 = [(t, a, b) for t, (a, b) in zip(again.ids, again.offsets) if a >= c - s and b <= limit - s]
+            if tail == tail2 and any(b == c - s for _, b in again.offsets):
+                return s, c, i
+        return None
+
+    def forced(enc) -> tuple[int, int, int] | None:
+        offsets = enc.offsets
+        for k in range(len(offsets) - 1, 0, -1):
+            c = offsets[k][0]
+            if offsets[k - 1][1] == c > done and c <= len(buf) - margin:
+                return c, c, k
+        return None
+
+    for text in pieces:
+        buf += text
+        if len(buf) - done < block_chars + margin:
+            continue
+        enc = tokenizer.encode(buf, add_special_tokens=False)
+        cut = verified_cut(enc)
+        if cut is None and len(buf) - done > MAX_TAIL_CHARS:
+            cut = forced(enc)
+        if cut is not None:
+            s, c, i = cut
+            yield emit(enc, c, i)
+            buf, done = buf[s:], c - s
+    enc = tokenizer.encode(buf, add_special_tokens=False)
+    if len(buf) > done:
+        yield emit(enc, len(buf), len(enc.ids))
 
 
 def safe_cut(enc, n_chars: int, margin: int) -> tuple[int, int] | None:
@@ -292,6 +386,7 @@ class StreamedDocument:
         words_all, after_all = 0, False  # words of the whole text
         words_scored, after_scored = 0, False  # words from first_byte on
         truncated = False
+        text_end = 0  # absolute UTF-8 offset where the text read so far ends
         for piece in self.pieces:
             new_ids, new_ends = piece.ids, piece.ends
             if not started and new_ids:  # no BOS: the first token is context only
@@ -314,8 +409,9 @@ class StreamedDocument:
                 words_scored += n
             ids.extend(new_ids)
             ends = np.concatenate([ends, new_ends])
+            text_end = piece.byte_start + len(piece.text.encode("utf-8"))
             at = 0  # windows taken from the front of ids; the rest kept once the piece is done (not per window)
-            while len(ids) - at >= size:
+            while len(ids) - at > size or (truncated and len(ids) - at == size):  # the last token waits for the end
                 yield self._window(ids, ends, size, prev_id, prev_end, at)
                 prev_id, prev_end = ids[at + size - 1], int(ends[at + size - 1])
                 at += size
@@ -324,6 +420,8 @@ class StreamedDocument:
             if truncated:
                 break
         if ids:
+            if not truncated:  # text after the last token's offsets (characters the tokenizer dropped) is its bytes
+                ends[-1] = max(int(ends[-1]), text_end)
             yield self._window(ids, ends, len(ids), prev_id, prev_end)
         if self.n_tokens == 0:
             raise UsageError(f"{self.name}: the document is shorter than one scored token")

@@ -15,6 +15,7 @@ to MAX_RECORD_BYTES.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import stat
@@ -23,9 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Iterator, Sequence
 
 from .corpus import STDIN, Source, expand, parse_record
-from .documents import (
-    CHUNK_BYTES, Document, StreamedDocument, TokenizedDocument, can_stream, decode_stream, stream_tokens, tokenize,
-)
+from .documents import StreamedDocument, TokenizedDocument, decode_stream, token_stream
 from .errors import UsageError
 
 TEXT_PIECE_CHARS = 1 << 16  # a JSON Lines record's text goes to the tokenizer in pieces of this many characters
@@ -136,6 +135,38 @@ class Reader:
         """Whether the document can be read twice (a count before the run, then the run)."""
         return s.line is not None or not self._input(s).once
 
+    def sizes(self, sources: Sequence[Source]) -> list[int]:
+        """Bytes of each reusable source, without reading it: a file's size, a JSON Lines record's line."""
+        ends: dict[str, list[int]] = {}  # a JSON Lines file: its records' offsets and its size
+        for s in sources:
+            if s.line is not None:
+                ends.setdefault(s.path, []).append(s.offset)
+        for path, offsets in ends.items():
+            ends[path] = sorted(offsets) + [os.stat(path).st_size]
+        out = []
+        for s in sources:
+            if s.line is None:
+                out.append(os.stat(s.path).st_size)
+            else:
+                offsets = ends[s.path]
+                at = bisect.bisect_right(offsets, s.offset)
+                out.append(offsets[at] - s.offset)
+        return out
+
+    def bytes_per_token(self, s: Source, backend, sample_chars: int = 1 << 16) -> float:
+        """UTF-8 bytes per token of the first `sample_chars` characters of a reusable source (an estimate
+        of a document's tokens from its size; the stream read for it is closed, the document unread)."""
+        pieces, text = self.pieces(s), ""
+        try:
+            for piece in pieces:
+                text += piece
+                if len(text) >= sample_chars:
+                    break
+        finally:
+            pieces.close()
+        ids = backend.tokenizer.encode(text[:sample_chars], add_special_tokens=False).ids
+        return len(text[:sample_chars].encode("utf-8")) / max(len(ids), 1)
+
     def pieces(self, s: Source) -> Iterator[str]:
         if s.line is None:
             yield from self._input(s).pieces(self.errors)
@@ -144,20 +175,14 @@ class Reader:
         for i in range(0, len(text), TEXT_PIECE_CHARS):
             yield text[i : i + TEXT_PIECE_CHARS]
 
-    def document(self, s: Source, backend) -> StreamedDocument | TokenizedDocument:
-        """The document's tokens, read as its windows are consumed (bounded memory) where the tokenizer
-        allows exact incremental tokenization; otherwise the whole text is tokenized at once."""
-        tok = backend.tokenizer
-        if can_stream(tok):
-            return StreamedDocument(s.id, stream_tokens(self.pieces(s), tok), backend.bos_id, self.max_tokens)
-        text = "".join(self.pieces(s))
-        td = tokenize(Document(s.id, text, len(text.encode("utf-8"))), tok, backend.bos_id)
-        return td if self.max_tokens is None else td.truncated(self.max_tokens, text)
+    def document(self, s: Source, backend) -> StreamedDocument:
+        """The document's tokens, read and tokenized as its windows are consumed (bounded memory, any
+        tokenizer: `documents.token_stream`); reading stops once --max-tokens tokens are scored."""
+        return StreamedDocument(s.id, token_stream(self.pieces(s), backend.tokenizer), backend.bos_id, self.max_tokens)
 
     def tokenized(self, s: Source, backend) -> TokenizedDocument:
         """Every token of the document (up to --max-tokens) at once."""
-        doc = self.document(s, backend)
-        return doc if isinstance(doc, TokenizedDocument) else doc.collect()
+        return self.document(s, backend).collect()
 
 
 def read_record(s: Source, field: str, errors: str) -> str:

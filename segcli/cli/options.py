@@ -8,7 +8,9 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+)
 
 from ..config import RunConfig, default_threads, explicit_keys, resolve_many
 from .common import err_console, value
@@ -58,10 +60,12 @@ def build_config(config: str | None, check_apply: bool = False, **options: Any) 
     return build_configs(config, options, check_apply=check_apply)[0]
 
 
-def make_progress(quiet: bool, total: int | None) -> Progress:
-    """The progress bar on stderr: on a terminal only (elsewhere rich draws nothing but ends with a blank line)."""
+def make_progress(quiet: bool, total: int | None, in_bytes: bool = False) -> Progress:
+    """The progress bar on stderr: on a terminal only (elsewhere rich draws nothing but ends with a blank line).
+    `in_bytes`: the count is the input's bytes (shown as 1.2/24.0 MB), else items (segments, tokens)."""
     return Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("[progress.description]{task.description}"), BarColumn(),
+        DownloadColumn() if in_bytes else MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         console=err_console, transient=True, disable=quiet or not err_console.is_terminal,
     )

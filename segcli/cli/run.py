@@ -106,8 +106,9 @@ def write_run(cfg: RunConfig, opts: RunOptions, docs: list[str], world, format: 
             job.prepare()
             if job.note and not quiet:
                 say(job.note)
-            with make_progress(quiet, job.total_segments) as progress, signals.deferred():
-                task = progress.add_task(escape(f"{cfg.memory} n_s={cfg.segment_size}"), total=job.total_segments, rate="")
+            # progress in the documents' bytes: known from their sizes, so nothing is read twice to count it
+            with make_progress(quiet, job.total_bytes, in_bytes=True) as progress, signals.deferred():
+                task = progress.add_task(escape(f"{cfg.memory} n_s={cfg.segment_size}"), total=job.total_bytes, rate="")
                 tokens, seconds = 0, 0.0
                 for rec in job.records():
                     writer.write(rec)
@@ -116,7 +117,9 @@ def write_run(cfg: RunConfig, opts: RunOptions, docs: list[str], world, format: 
                     if rec["type"] == "segment":
                         spark.add(rec["nll"], rec["tokens"])
                         tokens, seconds = tokens + rec["tokens"], seconds + rec["seconds"]
-                        progress.update(task, advance=1, rate=f"{tokens / max(seconds, 1e-9):,.0f} tok/s")
+                        progress.update(task, advance=rec["bytes"], rate=f"{tokens / max(seconds, 1e-9):,.0f} tok/s")
+                    elif rec["type"] == "document" and job.bytes_through(rec["index"]) is not None:
+                        progress.update(task, completed=job.bytes_through(rec["index"]))  # --max-tokens: past the rest
             ok = main
         finally:
             if writer is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import platform
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -31,7 +32,6 @@ from ..state import check_target, load_memory, save_memory
 from .stream import Stream, Totals, resource_report, span_note
 
 TIMING_FIELDS = ("seconds", "tokens_per_s", "peak_rss_bytes", "peak_cuda_bytes")  # vary run to run; all else is reproducible
-KEEP_TOKENS = 1 << 22  # documents tokenized while counting are kept for the run up to this many tokens in all
 
 
 @dataclass
@@ -139,8 +139,8 @@ class CorpusRun:
         self.reader = Reader(cfg.errors, opts.max_tokens, opts.jsonl_field, opts.glob, blocking)
         self.backend: Backend | None = None
         self.sources: list[Source] = []
-        self.kept: dict[int, Any] = {}  # documents tokenized while counting
-        self.total_segments: int | None = None  # None: unknown up front (a stream read once)
+        self.total_bytes: int | None = None  # the documents' bytes (None: unknown up front, a stream read once)
+        self._cumulative: list[int] | None = None  # bytes through each document (one process, sizes known)
         self.note: str | None = None  # a note for stderr (the model's trained span exceeded)
         if opts.save_memory:
             check_target(opts.save_memory)
@@ -165,39 +165,42 @@ class CorpusRun:
         agreed(self.reader.check, [self.sources[i] for i in mine])
         torch.manual_seed(self.cfg.seed)
         self.backend = agreed(load_backend, self.cfg)
-        sized = all(self.reader.reusable(self.sources[i]) for i in mine)
-        counted = agreed(self._count, mine)
-        n_segments, longest, total = counted
-        if world is not None:
-            n_segments = sum(distributed.all_gather(world, n_segments))
-        self.total_segments = n_segments if sized else None
-        tokens = (longest if self.fresh else total) if sized else None
+        sizes = agreed(self._sizes, mine)  # this process's documents
+        known = [sizes] if world is None else distributed.all_gather(world, sizes)
+        self.total_bytes = None if any(k is None for k in known) else sum(sum(k) for k in known)
+        self._cumulative = None if world is not None or sizes is None else list(itertools.accumulate(sizes))
+        tokens = agreed(self._estimate_tokens, mine, sizes) if sizes is not None else None
         agreed(self.backend.check_memory_budget, self.cfg, tokens)  # settings whose memory cannot fit: refused now
         memory = load_memory(self.opts.load_memory, self.backend, self.cfg) if self.opts.load_memory else None
         self.stream = Stream(self.backend, self.cfg, memory)  # a policy the model cannot take is refused here
-        span = span_note(self.cfg, self.backend.trained_length, tokens)
+        span = span_note(self.cfg, self.backend.trained_length, tokens, estimated=True)
         self.note = "\n".join([*self.backend.notes(self.cfg), *([span] if span else [])]) or None if self.main else None
         return self
 
-    def _count(self, indices: range) -> tuple[int, int, int]:
-        """Tokenize every document that can be read twice (a document too short to score fails here):
-        segments, longest and total tokens; the first KEEP_TOKENS tokens stay tokenized for the run."""
-        kept_tokens = n_segments = longest = total = 0
-        for i in indices:
-            s = self.sources[i]
-            if not self.reader.reusable(s):
-                continue
-            td = self.reader.tokenized(s, self.backend)
-            n_segments += -(-len(td) // self.cfg.segment_size)
-            longest, total = max(longest, len(td)), total + len(td)
-            if kept_tokens + len(td) <= KEEP_TOKENS:
-                self.kept[i] = td
-                kept_tokens += len(td)
-        return n_segments, longest, total
+    def _sizes(self, indices: range) -> list[int] | None:
+        """The bytes of each of these documents (a JSON Lines record: its line), None when one is a stream
+        read once (stdin, a pipe): the progress total, known without reading the documents."""
+        mine = [self.sources[i] for i in indices]
+        return self.reader.sizes(mine) if all(self.reader.reusable(s) for s in mine) else None
+
+    def _estimate_tokens(self, indices: range, sizes: list[int]) -> int | None:
+        """About how many tokens the memory will see (the longest document with fresh memory, else all of
+        them), for the memory budget and the span note: bytes over the bytes per token of the largest
+        document's first block (no document is tokenized whole before the run)."""
+        if not sizes:
+            return None
+        largest = max(range(len(sizes)), key=sizes.__getitem__)
+        per_token = self.reader.bytes_per_token(self.sources[list(indices)[largest]], self.backend)
+        cap = self.opts.max_tokens
+        counts = [min(-(-n // max(per_token, 1e-9)), cap or float("inf")) for n in sizes]
+        return int(max(counts) if self.fresh else sum(counts))
+
+    def bytes_through(self, index: int) -> int | None:
+        """The documents' bytes up to and including document `index` (None: unknown, or sharded)."""
+        return None if self._cumulative is None else self._cumulative[index]
 
     def document(self, i: int):
-        kept = self.kept.pop(i, None)
-        return kept if kept is not None else self.reader.document(self.sources[i], self.backend)
+        return self.reader.document(self.sources[i], self.backend)
 
     # -- the run -------------------------------------------------------------------------------------------------
     def records(self) -> Iterator[dict[str, Any]]:

@@ -418,15 +418,16 @@ def attention_span(cfg: RunConfig, tokens: int | None) -> int | None:
     return capacity + cfg.segment_size if tokens is None else min(tokens, capacity + cfg.segment_size)
 
 
-def span_note(cfg: RunConfig, trained_length: int | None, tokens: int | None) -> str | None:
+def span_note(cfg: RunConfig, trained_length: int | None, tokens: int | None, estimated: bool = False) -> str | None:
     """A note for stderr when queries will see more keys than the model saw in training (its loss can rise
-    there: docs/MODEL_CARD.md); None when they will not or either length is unknown."""
+    there: docs/MODEL_CARD.md); None when they will not or either length is unknown. `estimated`: `tokens`
+    is an estimate from the input's size (the note says "about")."""
     span = attention_span(cfg, tokens)
     if trained_length is None or span is None or span <= trained_length:
         return None
     fits = trained_length - cfg.segment_size  # the largest memory that keeps a query's keys within training
     if cfg.memory == "full":
-        how = f"full memory grows to {span:,} keys on this input"
+        how = f"full memory grows to {'about ' if estimated else ''}{span:,} keys on this input"
         fix = f"a bounded memory such as --memory fifo --memory-size {fits} avoids it" if fits > 0 else None
     else:
         how = f"{cfg.memory} memory with segments of {cfg.segment_size} lets a token attend to up to {span:,} keys"
