@@ -382,7 +382,7 @@ def open_regular(path: str, where: str) -> int:
 
 def read_memory_file(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The metadata and tensors of a memory file; one UsageError line for a path that is not a regular file, a file
-    that is not a segcli memory file, a format this segcli does not read, or a tensor holding NaN or an infinity."""
+    that is not a segcli memory file, or a format this segcli does not read."""
     from safetensors import safe_open
 
     where = f"--load-memory {path}"
@@ -410,11 +410,6 @@ def read_memory_file(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
     if meta.get("format") not in READS:
         raise UsageError(f"{where}: memory file format {meta.get('format')!r}; "
                          f"this segcli reads format {', '.join(map(str, READS))}")
-    for name, t in sorted(tensors.items()):
-        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
-            bad = "NaN" if bool(torch.isnan(t).any()) else "an infinite value"
-            raise UsageError(f"{where}: tensor {name} holds {bad}; a memory holds finite numbers only: the file is "
-                             "damaged, or was saved from a run whose numbers had already failed")
     return meta, tensors
 
 
@@ -442,6 +437,16 @@ def check_digests(path: str, meta: dict[str, Any], digests: dict[str, str]) -> N
             raise UsageError(f"{corrupt}: tensor {name} is listed in its metadata but missing; {again}")
         if saved[name] != digests[name]:
             raise UsageError(f"{corrupt}: the bytes of tensor {name} do not match the sha256 saved with them; {again}")
+
+
+def check_finite(path: str, tensors: dict[str, Tensor]) -> None:
+    """One UsageError line naming the first tensor (by name) that holds NaN or an infinity: a run continues only
+    from finite numbers, and such a memory would fail later, far from its cause (as a non-finite loss)."""
+    for name, t in sorted(tensors.items()):
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "an infinite value"
+            raise UsageError(f"--load-memory {path}: tensor {name} holds {bad}; a memory holds finite numbers only: "
+                             "the file is damaged, or was saved from a run whose numbers had already failed")
 
 
 def recomputed(state: Any, policy) -> Any:
@@ -522,8 +527,10 @@ def _load_memory(path: str, backend, cfg):
             raise UsageError(f"--load-memory {path}: an xl memory is one segment; this one was saved at "
                              f"--segment-size {saved_ns}, this run uses {cfg.segment_size}: pass --segment-size {saved_ns}")
     memory = BODIES[backend.kind][1](path, meta, tensors, backend, cfg, policy)
-    # Last, so that a file edited by hand (its digests stale) is told what in it does not fit this run first.
+    # Last, so that a file edited by hand (its digests stale) is told what in it does not fit this run first; a
+    # corrupt file's flipped bits may well make NaN or an infinity: it is told it is corrupt.
     check_digests(path, meta, digests)
+    check_finite(path, tensors)
     return memory
 
 
