@@ -135,6 +135,45 @@ class Interrupted(BaseException):
         return f"segcli: interrupted by {name}{'; ' + self.detail if self.detail else ''}"
 
 
+_DEFERRED: list[int | None] = [None]  # a signal StopSignals deferred during this command (command_signals resets it)
+_WRITING = [False]  # inside output_write(): the first signal stops at once too
+
+
+def pending_signal() -> int | None:
+    """The signal a StopSignals deferred during this command, or None. A command that finishes with one pending
+    ends as interrupted, not with exit 0."""
+    return _DEFERRED[0]
+
+
+@contextlib.contextmanager
+def output_write() -> Iterator[None]:
+    """A write that may block on someone else (a terminal held by ^S): the first signal raises Interrupted here even
+    inside `StopSignals.deferred()`, since the write could otherwise wait for ever."""
+    old, _WRITING[0] = _WRITING[0], True
+    try:
+        yield
+    finally:
+        _WRITING[0] = old
+
+
+STOP_GRACE = 2.0  # seconds a write may still wait for a pipe's reader once a stop signal is pending
+
+
+def wait_writable(fd: int) -> None:
+    """Wait until the pipe `fd` has room for PIPE_BUF bytes (a write of that much then goes in whole, without
+    blocking). Its reader may have stopped reading, so the first signal ends the wait (Interrupted, nothing
+    written) even inside `StopSignals.deferred()`; with a signal already pending, the wait lasts at most
+    STOP_GRACE seconds."""
+    import select
+
+    with output_write():
+        if _DEFERRED[0] is not None:
+            if not select.select([], [fd], [], STOP_GRACE)[1]:
+                raise Interrupted(_DEFERRED[0])
+        else:
+            select.select([], [fd], [])
+
+
 class StopSignals:
     """SIGINT, SIGTERM, SIGHUP and SIGQUIT handling for a run.
 
@@ -142,8 +181,12 @@ class StopSignals:
     reading files). Inside it, the first signal only sets a flag that the segment
     loop polls between segments (`stop = StopSignals(); stream.segments(doc, stop)`),
     so the current segment and its records are written whole; `immediate()` marks
-    blocking waits (reading stdin) where a signal must still stop at once. A second
-    signal always stops at once.
+    blocking waits (reading stdin) where a signal must still stop at once; so is every
+    wait to write a pipe, terminal or FIFO (`wait_writable`, `output_write`: a reader that
+    stopped reading blocks it for ever). A second signal always stops at once. A signal deferred but
+    never polled (it came after the last segment) still ends the command with 128 + n
+    (`pending_signal`, checked before an output is put in place and when the command
+    returns): a signalled run never exits 0.
     """
 
     SIGNALS = HANDLED_SIGNALS
@@ -170,8 +213,9 @@ class StopSignals:
     def _handle(self, signum: int, frame) -> None:
         first = self.signum is None
         self.signum = signum
-        if not self._defer or not first:
+        if not self._defer or not first or _WRITING[0]:
             raise Interrupted(signum)
+        _DEFERRED[0] = signum  # nobody may have polled it yet: the command's end does (command_signals, Writer.close)
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
@@ -196,11 +240,28 @@ def value(x: Any) -> Any:
     return x.value if isinstance(x, enum.Enum) else x
 
 
+MAX_MESSAGE = 1000  # characters of one stderr line; a longer one is cut in the middle
+
+
+def one_line(message: str, limit: int = MAX_MESSAGE) -> str:
+    """`message` as exactly one line of at most about `limit` characters: control and other unprintable characters
+    escaped as repr escapes them inside a string (a newline as \\n, so a value with a newline cannot forge a second
+    `segcli: error:` line; ESC as \\x1b, so it cannot drive the terminal), and a longer message (a 1 MB value
+    echoed back) cut in the middle with `…`, keeping its start (what was wrong) and end (how to fix it)."""
+    if not message.isprintable():
+        message = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message)
+    if len(message) > limit:
+        head = limit * 3 // 5
+        tail = limit - head - 1
+        message = f"{message[:head]}…{message[len(message) - tail:]}"
+    return message
+
+
 def say(message: str) -> None:
-    """One plain line on stderr: no rich markup or highlighting, never wrapped. A stderr that is
-    gone (a hung-up terminal, `2>&-`) loses the line, not the exit code."""
+    """One plain line on stderr (`one_line`): no rich markup or highlighting, never wrapped. A
+    stderr that is gone (a hung-up terminal, `2>&-`) loses the line, not the exit code."""
     with contextlib.suppress(OSError, ValueError):
-        err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+        err_console.print(one_line(message), markup=False, highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int) -> None:
@@ -285,15 +346,21 @@ def pass_on(signum: int) -> None:
 @contextlib.contextmanager
 def command_signals() -> Iterator[None]:
     """For a whole command: a handled signal raises Interrupted, so cleanups (temporary files)
-    run and handle_errors prints the one line; StopSignals refines this inside a run. The
-    previous handlers come back afterwards (start-up's, see early_signals)."""
+    run and handle_errors prints the one line; StopSignals refines this inside a run. A signal
+    StopSignals deferred and nobody polled (it came after the last segment) raises Interrupted
+    when the command returns. The previous handlers come back afterwards (start-up's, see
+    segcli/__main__.py)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.signal(s, _raise_interrupted) for s in HANDLED_SIGNALS}
+    _DEFERRED[0] = None
     try:
         yield
+        if _DEFERRED[0] is not None:  # deferred after the last poll (the end of a run): still a stopped command
+            raise Interrupted(_DEFERRED[0])
     finally:
+        _DEFERRED[0] = None
         for s, handler in previous.items():
             signal.signal(s, handler)
 

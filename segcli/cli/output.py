@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
+import os
 import re
+import select
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ from rich.text import Text
 
 from ..errors import RunError, UsageError
 from ..files import AtomicOutput
+from .common import Interrupted, output_write, pending_signal, wait_writable
 
 
 def clean(x: Any) -> Any:
@@ -111,12 +116,58 @@ def stdout_stream(has_output_option: bool = True) -> TextIO:
     return stdout
 
 
+def stream_kind(stream: Any) -> str:
+    """How writing `stream` can wait: "pipe" (a pipe, FIFO or socket: on a reader that may stop reading), "device"
+    (a terminal held by ^S, another device), "file" (a regular file, or a stream without a descriptor: a test's)."""
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is both
+        return "file"
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        return "pipe"
+    return "file" if stat.S_ISREG(mode) else "device"
+
+
+def drop_unwritten(stream: Any) -> None:
+    """Throw away what `stream` holds but has not written (a write that a signal cut short, blocked on a reader
+    that stopped reading), so that closing it, or Python's flush at exit, does not block again: the buffer is
+    flushed into /dev/null through its own descriptor, which then points where it did before."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, ValueError, OSError):
+        return
+    saved = devnull = None
+    try:
+        saved = os.dup(fd)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd, inheritable=fd <= 2)
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    except OSError:
+        pass
+    finally:
+        if devnull is not None:
+            os.close(devnull)
+        if saved is not None:
+            with contextlib.suppress(OSError):
+                os.dup2(saved, fd, inheritable=fd <= 2)
+            os.close(saved)
+
+
 class Writer:
     """Collects or streams records in one format; `close(ok)` finishes the output.
 
     `output` (a file, or '-' for stdout) is written through files.AtomicOutput: checked and
     opened here, before any work, and put in place only by `close(True)`; `close(False)` leaves
-    no temporary file. A write that fails (a full disk) is one RunError line (exit 1)."""
+    no temporary file. A write that fails (a full disk) is one RunError line (exit 1).
+
+    Signals: a pipe, FIFO or socket is written PIPE_BUF bytes at a time, each once it has room
+    (`common.wait_writable`): a signal while it waits for a reader that stopped reading stops
+    at once (one SIGTERM, exit 143), and every record written before is whole (a record up to
+    PIPE_BUF bytes goes in whole or not at all); a terminal or device write is
+    `common.output_write()`; what a cut write left in a buffer is dropped, never waited for
+    again. `close(True)` with a signal pending (it came after the run's last poll) puts nothing
+    in place and raises Interrupted: a signalled run does not exit 0."""
 
     def __init__(self, fmt: str, output: str | None, has_output_option: bool = True):
         self.fmt = fmt
@@ -132,17 +183,49 @@ class Writer:
         self.records: list[dict[str, Any]] = []
         self._csv: csv.DictWriter | None = None
         self._csv_fields: list[str] | None = None
+        self._csv_row = io.StringIO()
+        self._kind = stream_kind(self.stream)
+        self._written = 0  # records written whole
+        self._cut = False  # a signal stopped a write: what it left unwritten is dropped, not waited for
+
+    # -- writing ---------------------------------------------------------------
+    def _emit(self, text: str) -> None:
+        """Write `text` (whole records) now; see the class docstring for what a signal does meanwhile."""
+        try:
+            if self._kind == "pipe":
+                with output_write():
+                    self.stream.flush()  # anything written to the stream by other means goes first
+                fd = self.stream.fileno()
+                data = memoryview(text.encode("utf-8"))
+                while data:
+                    wait_writable(fd)
+                    data = data[os.write(fd, data[:select.PIPE_BUF]):]
+            elif self._kind == "device":
+                with output_write():
+                    self.stream.write(text)
+                    self.stream.flush()
+            else:
+                self.stream.write(text)
+                self.stream.flush()
+        except Interrupted as e:
+            self._cut = True
+            waiting = f"stopped after {self._written} records, waiting to write {self.where} (not being read?)"
+            raise Interrupted(e.signum, e.detail or waiting) from None
+        except KeyboardInterrupt:
+            self._cut = True
+            raise
 
     # -- records -------------------------------------------------------------
     def write(self, record: dict[str, Any]) -> None:
         try:
             if self.fmt == "jsonl":
-                self.stream.write(jsonl_line(record))
-                self.stream.flush()
+                self._emit(jsonl_line(record))
+                self._written += 1
                 return
             record = clean(record)
             if self.fmt == "csv":
                 self._write_csv(record)
+                self._written += 1
             else:
                 self.records.append(record)
         except BrokenPipeError:
@@ -154,32 +237,62 @@ class Writer:
         flat = flatten(record)
         if self._csv is None:
             self._csv_fields = list(flat)
-            self._csv = csv.DictWriter(self.stream, fieldnames=self._csv_fields, extrasaction="ignore", lineterminator="\n")
+            self._csv = csv.DictWriter(self._csv_row, fieldnames=self._csv_fields, extrasaction="ignore", lineterminator="\n")
             self._csv.writeheader()
         self._csv.writerow({k: flat.get(k) for k in self._csv_fields or []})
-        self.stream.flush()
+        text = self._csv_row.getvalue()
+        self._csv_row.seek(0)
+        self._csv_row.truncate()
+        self._emit(text)
+
+    def _render(self, draw) -> None:
+        """`draw(file)` writes the collected records (json, a table): into the stream, or for a pipe into a string
+        that is then written like records."""
+        if self._kind == "pipe":
+            text = io.StringIO()
+            draw(text)
+            self._emit(text.getvalue())
+            return
+        try:
+            with output_write() if self._kind == "device" else contextlib.nullcontext():
+                draw(self.stream)
+                self.stream.flush()
+        except (Interrupted, KeyboardInterrupt):
+            self._cut = True
+            raise
 
     # -- end -----------------------------------------------------------------
-    def close(self, ok: bool, render_table=None) -> None:
-        """ok: write what was collected (json, table) and put the file in place. Not ok: drop the
-        file; never raises then (another error or a signal is on its way)."""
+    def _stop_if_signalled(self) -> None:
+        signum = pending_signal()
+        if signum is not None:
+            raise Interrupted(signum)
+
+    def close(self, ok: bool, render_table=None, keep_when_signalled: bool = False) -> None:
+        """ok: write what was collected (json, table) and put the file in place, unless a signal is
+        pending (Interrupted, nothing put in place; `keep_when_signalled`: in place all the same, for
+        a stopped run that keeps what it finished). Not ok: drop the file; never raises then
+        (another error or a signal is on its way)."""
         if not ok:
+            if self._cut:
+                drop_unwritten(self.stream)
             if self._out is not None:
                 self._out.discard()
                 self._out = None
-            else:
+            elif not self._cut:
                 with contextlib.suppress(OSError, ValueError):
                     self.stream.flush()
             return
         try:
+            if not keep_when_signalled:
+                self._stop_if_signalled()
             if self.fmt == "json":
-                json.dump(group(self.records), self.stream, ensure_ascii=False, indent=1)
-                self.stream.write("\n")
+                self._render(lambda f: (json.dump(group(self.records), f, ensure_ascii=False, indent=1), f.write("\n")))
             elif self.fmt == "table" and render_table is not None:
-                tty = _isatty(self.stream)
-                console = PipeConsole(file=self.stream, width=None if tty else 200)  # files and pipes: no wrapping
-                render_table(console, self.records)
+                width = None if _isatty(self.stream) else 200  # files and pipes: no wrapping
+                self._render(lambda f: render_table(PipeConsole(file=f, width=width), self.records))
             self.stream.flush()
+            if not keep_when_signalled:
+                self._stop_if_signalled()
             if self._out is not None:
                 out, self._out = self._out, None
                 out.commit()

@@ -21,7 +21,8 @@ from ..errors import Stopped, UsageError
 from ..files import check_distinct
 from ..memory import CATALOG, POLICY_NAMES
 from ..probe.tasks import TASK_NAMES
-from .common import FormatOpt, Interrupted, OutputOpt, StopSignals, default, handle_errors, say, value
+from .common import (FormatOpt, Interrupted, OutputOpt, StopSignals, default, handle_errors, pending_signal, say,
+                     value)
 from .compare import parse_list
 from .output import Writer, default_format, fmt_num, new_table
 from .options import RUN_OPTIONS, arguments, build_config, make_progress, shared_options
@@ -145,14 +146,17 @@ def _probe(haystack, tasks, lengths, depths, samples, memory, segment_sizes, gen
                 try:
                     for rec in grid.records(on_prompt):
                         writer.write(rec)
+                    if pending_signal() is not None:  # it came after the last poll: a stopped run all the same
+                        raise Stopped(pending_signal() or 2, "")
                 except (Stopped, Interrupted):  # every line written so far is whole
                     keep = resume
                     raise
             ok = True
         except Stopped as e:
-            raise Interrupted(e.signum, e.detail + ("; the finished prompts are kept in " + output if keep else "")) from None
+            kept = f"the finished prompts are kept in {output}" if keep else ""
+            raise Interrupted(e.signum, "; ".join(x for x in (e.detail, kept) if x)) from None
         finally:
-            writer.close(ok or keep, render_table=render_probe_tables)
+            writer.close(ok or keep, render_table=render_probe_tables, keep_when_signalled=keep)
 
 
 # -- the terminal grid ------------------------------------------------------------------------------------------------

@@ -156,19 +156,28 @@ class ProbeGrid:
             for cell in self.cells:
                 if self.key(cfg, cell) in self.done:
                     continue
-                if self.should_stop():
-                    raise Stopped(self.signum() or 2, f"stopped after {n_new} prompts; no summary")
-                rec = self.run_one(cfg, cell)
+                stop = self._stop_check(f"stopped after {n_new} prompts; no summary")
+                stop()
+                rec = self.run_one(cfg, cell, stop)
                 tokens, seconds, n_new = tokens + rec["tokens"], seconds + rec["seconds"], n_new + 1
                 all_records.append(rec)
                 on_prompt(rec)
                 yield rec
+        self._stop_check(f"stopped after {n_new} prompts; no summary")()  # a signal during the last prompt's record
         yield self.summary(all_records, tokens, seconds, n_new)
 
-    def run_one(self, cfg: RunConfig, cell: tuple) -> dict[str, Any]:
+    def _stop_check(self, detail: str) -> Callable[[], None]:
+        """What the prompts' passes call: raises Stopped once `should_stop` says so (a signal came), so that a long
+        prompt stops within a pass, not at its end."""
+        def check() -> None:
+            if self.should_stop():
+                raise Stopped(self.signum() or 2, detail)
+        return check
+
+    def run_one(self, cfg: RunConfig, cell: tuple, check: Callable[[], None] | None = None) -> dict[str, Any]:
         p = self.prompt(*cell)
         extra = len(p.answer_ids) + GENERATE_EXTRA if self.spec.generate else 0
-        s = score(self.backend, cfg, p, extra)
+        s = score(self.backend, cfg, p, extra, check or self._stop_check("stopped during a prompt; no summary"))
         policy = cfg.policy()
         rec = {
             "type": "probe", "model": self.backend.identity.get("model"), "task": p.task, "length": p.length, "depth": depth_value(p.depth), "sample": p.sample,

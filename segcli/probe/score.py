@@ -17,13 +17,16 @@ each continuation steps that last segment's context tokens and its own tokens fr
 from the memory itself), so the segments are exactly those of the context and the continuation streamed as one
 document, and the context's earlier segments are computed once for all continuations. Generation steps the
 same tail, then one token per step, as `segcli generate` does.
+
+`check` (optional, on `Prefix` and `score`) is called before every pass and every decoded token: a stop signal
+ends a long prompt there (the caller's `check` raises), not only between prompts.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -79,13 +82,26 @@ def held(cfg: RunConfig, positions, query: int) -> bool | None:
     return None
 
 
+def checked(passes: Iterable[Any], check: Callable[[], None]) -> Iterator[Any]:
+    """`passes`, with `check()` called before each (it raises to stop: a signal during a long prompt)."""
+    for item in passes:
+        check()
+        yield item
+
+
+def _no_check() -> None:
+    pass
+
+
 class Prefix:
-    """A context streamed through a fresh memory up to the segment its last token falls in."""
+    """A context streamed through a fresh memory up to the segment its last token falls in. `check()` runs before
+    every pass and decoded token (it raises to stop the prompt)."""
 
     @torch.inference_mode()
-    def __init__(self, backend: Backend, cfg: RunConfig, ids: list[int]):
+    def __init__(self, backend: Backend, cfg: RunConfig, ids: list[int], check: Callable[[], None] = _no_check):
         if not ids:
             raise ValueError("a prefix needs at least one token")
+        self.check = check
         self.backend, self.device = backend, backend.device
         self.memory = backend.new_memory(cfg)
         self.step, self.size = pass_stepper(backend, self.memory, cfg.segment_size)
@@ -93,7 +109,7 @@ class Prefix:
         self.tail = ids[start:]
         self.seconds, self.tokens, self.spent = 0.0, start, False
         head = torch.tensor(ids[:start], dtype=torch.long, device=self.device)[None]  # (1, start)
-        for s in stream(self.step, self.memory, split(head, self.size), self.device):
+        for s in stream(self.step, self.memory, checked(split(head, self.size), check), self.device):
             self.memory = s.memory
             self.seconds += s.seconds
 
@@ -107,7 +123,7 @@ class Prefix:
     def _stream(self, ids: list[int], memory) -> tuple[list[torch.Tensor], Any]:
         x = torch.tensor(ids, dtype=torch.long, device=self.device)[None]  # (1, T)
         rows = []
-        for s in stream(self.step, memory, split(x, self.size), self.device):
+        for s in stream(self.step, memory, checked(split(x, self.size), self.check), self.device):
             rows.append(s.logits[0])
             memory = s.memory
             self.seconds += s.seconds
@@ -141,15 +157,17 @@ class Prefix:
             out.append(nxt)
             if stop is not None and stop(out):
                 break
+            self.check()
             step_logits, memory, _ = self.backend.step(torch.tensor([[nxt]], device=self.device), memory)
             logits = step_logits[0, -1].float()
         self.seconds, self.tokens = seconds, tokens
         return out
 
 
-def score(backend: Backend, cfg: RunConfig, prompt: Prompt, generate_tokens: int = 0) -> Score:
+def score(backend: Backend, cfg: RunConfig, prompt: Prompt, generate_tokens: int = 0,
+          check: Callable[[], None] = _no_check) -> Score:
     bos = [] if backend.bos_id is None else [backend.bos_id]
-    pre = Prefix(backend, cfg, bos + prompt.ids)
+    pre = Prefix(backend, cfg, bos + prompt.ids, check)
     generated = None
     if generate_tokens:  # not timed: `seconds` is the probe's cost, one pass
         generated = backend.tokenizer.decode(pre.decode(generate_tokens, eos=backend.eos_id))
