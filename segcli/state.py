@@ -464,9 +464,11 @@ def recomputed(state: Any, policy) -> Any:
         return dataclasses.replace(state, kn=norm(state.k), vn=norm(state.v))
     if not (dataclasses.is_dataclass(state) and not isinstance(state, type)):
         return state
-    changes = {f.name: recomputed(getattr(state, f.name), policy) for f in dataclasses.fields(state)
-               if isinstance(getattr(state, f.name), Window)
-               or (dataclasses.is_dataclass(getattr(state, f.name)) and not isinstance(getattr(state, f.name), type))}
+    changes = {}
+    for f in dataclasses.fields(state):  # parts: a window inside a fifo, sink or compressive state
+        part = getattr(state, f.name)
+        if dataclasses.is_dataclass(part) and not isinstance(part, type):
+            changes[f.name] = recomputed(part, policy)
     if isinstance(state, ScoredState) and isinstance(state.k, Tensor):
         kn = norms(state.k)
         if state.kn is not None:

@@ -29,7 +29,9 @@ from segcli.state import DIGESTS, load_memory
 runner = CliRunner()
 TIMED = ("seconds", "tokens_per_s")
 SIZES = {"fifo": ["--memory-size", "64"], "keynorm": ["--memory-size", "48"], "h2o": ["--memory-size", "48"],
-         "sink": ["--memory-size", "40", "--sink-tokens", "4"], "full": []}
+         "sink": ["--memory-size", "40", "--sink-tokens", "4"], "full": [], "tova": ["--memory-size", "48"],
+         "snapkv": ["--memory-size", "48", "--window", "4"],
+         "compressive": ["--memory-size", "40", "--compress-rate", "3", "--compressed-size", "5"]}
 
 
 def options(policy="fifo"):
@@ -160,15 +162,17 @@ def test_a_file_from_before_the_digests_loads_and_continues(saved, tiny_model_di
 
 # -- statistics are computed again -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("policy", ["fifo", "sink", "full", "keynorm", "h2o"])
+@pytest.mark.parametrize("policy", ["fifo", "sink", "full", "compressive", "keynorm", "h2o", "tova", "snapkv"])
 def test_a_tampered_stored_statistic_is_computed_again(saved, tiny_model_dir, two_docs, tmp_path, policy):
-    """Stored norms x 1000 (keynorm: its scores, the key norms, too), the digests signed again as a writer of these
-    numbers would have: the run reports and evicts as from the true file, not the stored numbers."""
+    """Stored norms x 1000 (and scores that are a function of the key: keynorm's norms, tova's and snapkv's 0s), the
+    digests signed again as a writer of these numbers would have: the run reports and evicts as from the true file,
+    not the stored numbers."""
     meta, tensors = read(saved(policy))
-    stats = [k for k in tensors if k.endswith((".kn", ".vn")) or (policy == "keynorm" and k.endswith(".score"))]
+    scores = policy in ("keynorm", "tova", "snapkv")  # scores set as pairs enter (the key norm, or 0), never changed
+    stats = [k for k in tensors if k.endswith((".kn", ".vn")) or (scores and k.endswith(".score"))]
     assert stats
     for k in stats:
-        tensors[k] = tensors[k] * 1000
+        tensors[k] = tensors[k] * 1000 + 1
     tampered = write(tmp_path / "tampered.safetensors", meta, tensors, sign=True)
     got = segments(continued(tiny_model_dir, two_docs, tampered, policy))
     assert got == segments(continued(tiny_model_dir, two_docs, saved(policy), policy))

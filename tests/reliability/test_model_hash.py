@@ -223,7 +223,7 @@ def test_a_run_s_config_names_the_changed_model(tmp_path):
     cfg = RunConfig(model=str(model), device="cpu")
     first = load_backend(cfg).identity["model_sha256"]
     tensors = load_file(model / "model.safetensors")
-    name = sorted(tensors)[-1]
+    name = max(tensors)
     tensors[name] = tensors[name].clone()
     tensors[name].view(-1)[0] *= -1
     save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
