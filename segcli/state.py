@@ -169,6 +169,14 @@ def check_target(path: str) -> None:
     require_writable(path, "--save-memory")
 
 
+def check_source(path: str) -> None:
+    """Fail before any work when `path` could not be loaded as a memory file: missing, a folder, or not a regular
+    file (a FIFO or device, never opened: it could make the run wait for ever). `read_memory_file` checks again."""
+    where = f"--load-memory {path}"
+    require_file(path, where)
+    os.close(open_regular(path, where))
+
+
 def save_memory(path: str, memory, backend, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write `memory` to `path`, whole or not at all; returns the metadata written. The header (model,
     tokenizer, policy, sizes, position, dtype) is every backend's; the body is its kind's (`BODIES`)."""

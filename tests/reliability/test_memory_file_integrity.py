@@ -255,3 +255,16 @@ def test_load_memory_refuses_what_is_not_a_regular_file_promptly(tiny_model_dir,
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"segcli: error: --load-memory {path}: "), p.stderr
     assert needle in lines[0]
+
+
+def test_check_source_refuses_the_same_before_any_work(saved, tmp_path):
+    """`check_source`: what a command can call before loading its model (it opens nothing that is not a file)."""
+    from segcli.state import check_source
+
+    os.mkfifo(tmp_path / "pipe")
+    check_source(str(saved()))
+    for path, needle in ((tmp_path / "pipe", "is a named pipe (FIFO)"), ("/dev/zero", "is a character device"),
+                         (tmp_path, "is a directory"), (tmp_path / "none", "no such file")):
+        with pytest.raises(UsageError) as e:
+            check_source(str(path))
+        assert str(e.value).startswith(f"--load-memory {path}: {needle}")
