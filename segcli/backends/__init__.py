@@ -16,6 +16,7 @@ import torch
 from ..config import RunConfig
 from ..errors import UsageError
 from ..ops.layout import column_major_linears
+from .folder_checks import captured_warnings, check_bound_fits, check_folder, check_weights, reason
 from .base import BUNDLED_DIR, Backend, resolve_device, resolve_dtype, resolve_model_dir
 from .gguf import SHORT_NAMES, convert, gguf_file_of, short_name_path
 
@@ -70,13 +71,23 @@ def load_backend(cfg: RunConfig, guard: bool = True) -> Backend:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    from .native import seglm_config
-
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    with captured_warnings() as warned:  # library warnings are not the user's output (--debug's traceback shows them)
+        backend = _load(cfg, device, dtype, guard)
+    backend.load_warnings = warned
+    return backend
+
+
+def _load(cfg: RunConfig, device: torch.device, dtype: torch.dtype, guard: bool) -> Backend:
+    from .native import seglm_config
+
     source = gguf_source(cfg.model)
     converted = convert(source) if source is not None else None
     path = converted.folder if converted else resolve_model_dir(cfg.model, cfg.revision)
+    raw = check_folder(path)  # nothing that hangs a reader, config.json a JSON object of possible sizes
+    check_weights(path, every=raw.get("model_type") == "seglm")  # the native loader reads every *.safetensors
+    check_bound_fits(path / "config.json", raw, dtype, device)  # before a model of 10**9 layers is built
     model_cfg = seglm_config(path)  # the native model's, without the Auto classes (issue 29: seconds of imports)
     if model_cfg is None:
         from transformers import AutoConfig
@@ -86,7 +97,7 @@ def load_backend(cfg: RunConfig, guard: bool = True) -> Backend:
         try:
             model_cfg = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         except Exception as e:  # noqa: BLE001
-            raise UsageError(f"{path}: config.json is not a model config ({str(e).splitlines()[0]})") from None
+            raise UsageError(f"{path}: config.json is not a model config ({reason(e)})") from None
     backend = LOADERS[backend_kind(model_cfg)](cfg, path, model_cfg, device, dtype)
     if converted:  # the run's config names the file the user gave, and its hash; the folder is a cache
         backend.identity.update(model=str(source), gguf_sha256=converted.sha256, gguf_converted=str(converted.folder))

@@ -72,13 +72,18 @@ def short_name_path(name: str) -> Path:
 
 
 def gguf_file_of(path: Path) -> Path | None:
-    """The GGUF file `path` names: the file itself, or the only .gguf file of a folder without config.json."""
+    """The GGUF file `path` names: the file itself, or the only .gguf file of a folder without config.json (a FIFO,
+    socket or device there is refused before it is opened: reading one can wait for ever)."""
+    from .folder_checks import regular_file
+
+    if path.exists() and not path.is_dir():
+        regular_file(path)
     if path.is_file():
         return path if path.suffix.lower() == ".gguf" or _has_magic(path) else None
     if path.is_dir() and not (path / "config.json").exists():
         files = sorted(path.glob("*.gguf"))
         if len(files) == 1:
-            return files[0]
+            return regular_file(files[0])
         if len(files) > 1:
             raise UsageError(f"{path}: holds {len(files)} GGUF files; pass one of them as --model")
     return None

@@ -23,6 +23,7 @@ from ..hf import (
     visible_in_stream,
 )
 from . import guard
+from .folder_checks import check_hf_model_fits, reason, refuse_incomplete
 from .base import Backend, cached_sha256, fifo_stats, model_fingerprint
 
 
@@ -260,8 +261,11 @@ def load_hf(cfg: RunConfig, path: Path, model_cfg, device: torch.device, dtype: 
     load_args = dict(path=path, dtype=dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        raise UsageError(f"{path}: cannot load as a causal LM ({str(e).splitlines()[0]})") from None
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - tokenizers and transformers raise many kinds for files they cannot read
+        raise UsageError(f"{path}: cannot load its tokenizer ({reason(e)})") from None
+    check_hf_model_fits(path, model_cfg, dtype, device)  # built on the meta device: its bytes before they are taken
     model = _load_model(**load_args)
     model.to(device).eval()
     backend_tok = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
@@ -287,10 +291,15 @@ def _load_model(path: Path, dtype: torch.dtype, revision, trust_remote_code: boo
     """The checkpoint as a causal LM (attn_implementation None: the one transformers picks for the family)."""
     from transformers import AutoModelForCausalLM
 
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision,
-                                                    trust_remote_code=trust_remote_code,
-                                                    attn_implementation=attn_implementation)
-    except (OSError, ValueError, KeyError, ImportError) as e:
+    try:  # mismatched shapes come back in the loading info (else: an error pointing at a report it does not print)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision,
+                                                           trust_remote_code=trust_remote_code,
+                                                           attn_implementation=attn_implementation,
+                                                           output_loading_info=True, ignore_mismatched_sizes=True)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a checkpoint transformers cannot read (segcli's checks came first)
         what = f"with attn_implementation={attn_implementation!r}" if attn_implementation else "as a causal LM"
-        raise UsageError(f"{path}: cannot load {what} ({str(e).splitlines()[0]})") from None
+        raise UsageError(f"{path}: cannot load {what} ({reason(e)})") from None
+    refuse_incomplete(path, info)  # tensors made up at random (missing, or of another shape) are not the model
+    return model

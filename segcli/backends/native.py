@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 from ..config import RunConfig
 from ..errors import UsageError
 from ..memory.base import LayerStats
+from .folder_checks import check_model_fits, reason
 from .base import BUNDLED_DIR, Backend, cached_sha256, model_fingerprint
 
 
@@ -82,7 +83,7 @@ def load_tokenizer(path: Path):
         try:
             return Tokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as e:  # noqa: BLE001 - the library raises plain Exceptions
-            raise UsageError(f"{path}/tokenizer.json: cannot load tokenizer ({e})") from None
+            raise UsageError(f"{path}/tokenizer.json: cannot load tokenizer ({reason(e)})") from None
     raise UsageError(f"{path}: no tokenizer.json next to the model")
 
 
@@ -109,6 +110,7 @@ def load_native(cfg: RunConfig, path: Path, model_cfg, device: torch.device, dty
 
     with shapes_only():  # no memory: name a missing or misshapen tensor before loading
         shapes = SegLM(model_cfg)
+    check_model_fits(path / "config.json", shapes, dtype, device)  # its bytes against the free memory, before loading
     _check_weights(path, shapes)
     model = _load_weights(path, shapes, dtype)
     if model is None:  # a layout only transformers' loader knows what to make of: its model, as before
@@ -117,7 +119,7 @@ def load_native(cfg: RunConfig, path: Path, model_cfg, device: torch.device, dty
         try:
             model = SegLMForCausalLM.from_pretrained(path, dtype=dtype)
         except Exception as e:  # noqa: BLE001
-            raise UsageError(f"{path}: cannot load the checkpoint ({str(e).splitlines()[0]})") from None
+            raise UsageError(f"{path}: cannot load the checkpoint ({reason(e)})") from None
     model.to(device).eval()
     tok = load_tokenizer(path)
     identity = {

@@ -33,6 +33,7 @@ from ..memory import MemoryPolicy
 from ..memory.base import LayerStats
 from ..memory.catalog import POLICY_ON_ATTENTION  # policies a hybrid's attention layers follow with its own cache
 from . import guard
+from .folder_checks import check_hf_model_fits, reason, refuse_incomplete
 from .base import Backend, cached_sha256, model_fingerprint
 from .recurrent_families import FAMILIES, Family, layer_types
 from .recurrent_routes import Route, install_routes
@@ -250,10 +251,20 @@ def load_recurrent(cfg: RunConfig, path: Path, model_cfg, device: torch.device, 
 
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=cfg.revision,
-                                                     trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError, KeyError, ImportError) as e:
-        raise UsageError(f"{path}: cannot load as a causal LM ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - tokenizers and transformers raise many kinds for files they cannot read
+        raise UsageError(f"{path}: cannot load its tokenizer ({reason(e)})") from None
+    check_hf_model_fits(path, model_cfg, dtype, device)  # built on the meta device: its bytes before they are taken
+    try:  # mismatched shapes come back in the loading info (else: an error pointing at a report it does not print)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=cfg.revision,
+                                                           trust_remote_code=cfg.trust_remote_code,
+                                                           output_loading_info=True, ignore_mismatched_sizes=True)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a checkpoint transformers cannot read (segcli's checks came first)
+        raise UsageError(f"{path}: cannot load as a causal LM ({reason(e)})") from None
+    refuse_incomplete(path, info)  # tensors made up at random (missing, or of another shape) are not the model
     model.to(device).eval()
     backend_tok = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
     if backend_tok is None:
