@@ -2,7 +2,8 @@
 setting of `compare` cost and bought.
 
 Input is the records `segcli run`, `segcli compare` and `segcli probe` write (JSON Lines, or
-`--format json`). Segment records are grouped into one line per run and document (several runs'
+`--format json`), read one record at a time into bounded aggregates (`Results`): a file of any length
+is drawn in the memory of one record. Segment records are grouped into one line per run and document (several runs'
 outputs can be concatenated into one file: a `summary` record ends each run); probe records make
 the needle-in-a-haystack heatmap, one panel per task and setting. matplotlib is an optional
 dependency (`pip install 'segcli[plot]'`); figures are built with its object API (no pyplot
@@ -11,11 +12,13 @@ state) and written atomically.
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import numpy as np
 
@@ -41,75 +44,157 @@ def check_target(path: str, option: str = "--output") -> None:
 
 
 # -- reading results ----------------------------------------------------------------------------------------------------
+#
+# A results file is read one line at a time and each record is folded into `Results` as it comes: a line per run
+# and document binned to at most MAX_BINS points, a heatmap's cells counted, the first MAX_ROWS compare rows. The
+# records themselves are not kept, so a 500 MB file is read in the memory of one record (a 4.5 GB peak before).
+
+MAX_LINE = 64 << 20  # bytes of one JSON Lines record (a summary of a huge corpus is the longest; far more is not one)
+MAX_JSON = 64 << 20  # bytes of a `--format json` file, which is one JSON value and is read whole
+MAX_BINS = 2048  # points of one line along the document (more than a picture's pixels); beyond, neighbours merge
+MAX_ROWS = 100  # compare bars; more are left out (named in the title)
+MAX_COUNTED = 10_000  # distinct series or panels counted for a title's "first 12 of N"
+
+
+def read_lines(f: BinaryIO, name: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a binary stream, one line at a time: one UsageError line for a line that is not UTF-8
+    or longer than MAX_LINE."""
+    line_no = 0
+    while True:
+        raw = f.readline(MAX_LINE + 1)
+        if not raw:
+            return
+        line_no += 1
+        if len(raw) > MAX_LINE and not raw.endswith(b"\n"):
+            raise UsageError(f"{name}:{line_no}: a line longer than {MAX_LINE >> 20} MiB; not a segcli record (plot reads "
+                             "the JSON Lines of `segcli run`, `segcli compare` or `segcli probe`)")
+        try:
+            yield line_no, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{name}:{line_no}: not UTF-8 text (byte {e.start + 1} of the line); plot reads the JSON "
+                             "Lines of `segcli run`, `segcli compare` or `segcli probe`") from None
+
+
+def _json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where}: not valid JSON ({e.msg}); plot reads the JSON Lines that `segcli run --format "
+                         "jsonl` and `segcli compare --format jsonl` write") from None
+    except RecursionError:
+        raise UsageError(f"{where}: JSON nested too deeply; not a segcli record") from None
+
+
+def read_records(f: BinaryIO, name: str) -> Iterator[dict[str, Any]]:
+    """The records of a results stream, checked (`check_record`), one at a time: JSON Lines, or `--format json`
+    output (records grouped by type, read whole up to MAX_JSON). A line that is not JSON is reported before a record
+    that lacks a field, wherever the two are (a run killed mid-line is the likelier cause): after a bad record the
+    rest is still parsed, not used."""
+    lines = read_lines(f, name)
+    first = next(((n, t) for n, t in lines if t.strip()), None)
+    if first is None:
+        raise UsageError(f"{name}: no records (empty file)")
+    line_no, text = first
+    try:
+        head = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        head = None
+    if head is None and text.lstrip().startswith("{"):  # an indented --format json file: `{` alone on line 1
+        yield from grouped_records(_json(text + read_rest(f, name, len(text)), name), name)
+        return
+    if isinstance(head, dict) and "type" not in head:  # --format json on one line, or a JSON Lines record without type
+        second = next(((n, t) for n, t in lines if t.strip()), None)
+        if second is None:
+            yield from grouped_records(head, name)
+            return
+        lines = itertools.chain([second], lines)
+    error: UsageError | None = None
+    for line_no, text in itertools.chain([(line_no, text)], lines):
+        if not text.strip():
+            continue
+        r = _json(text, f"{name}:{line_no}")
+        if error is None:
+            try:
+                r = check_record(r, f"{name}:{line_no}")
+            except UsageError as e:
+                error = e
+                continue
+            yield r
+    if error is not None:
+        raise error
+
+
+def read_rest(f: BinaryIO, name: str, so_far: int) -> str:
+    data = f.read(MAX_JSON - so_far + 1)
+    if so_far + len(data) > MAX_JSON:
+        raise UsageError(f"{name}: a --format json file over {MAX_JSON >> 20} MiB, which plot would read whole; write "
+                         "the results with --format jsonl (plot streams JSON Lines)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{name}: not UTF-8 text (expected the JSON of segcli run, compare or probe)") from None
+
+
+GROUPS = ("segments", "documents", "rows", "probes", "summaries", "probe_summarys")
+
+
+def grouped_records(whole: Any, name: str) -> Iterator[dict[str, Any]]:
+    """The records of `--format json` output: {"segments": [...], "summary": {...}}."""
+    if not isinstance(whole, dict):
+        raise UsageError(f"{name}: not segcli results (a JSON {type(whole).__name__}); plot reads the JSON Lines of "
+                         "`segcli run`, `segcli compare` or `segcli probe`")
+    for key in GROUPS:
+        items = whole.get(key, [])
+        if not isinstance(items, list):
+            raise UsageError(f"{name}: '{key}' must be a list of records, got {type(items).__name__}")
+        for i, r in enumerate(items):
+            yield check_record(r, f"{name}: {key}[{i}]")
+    if "summary" in whole:
+        yield check_record(whole["summary"], f"{name}: summary")
+
 
 def parse_records(text: str, name: str) -> list[dict[str, Any]]:
-    """Records from JSON Lines, or from `--format json` output (records grouped by type); every
-    segment and row record checked (`check_record`), so a record cut short is one line naming it."""
-    stripped = text.strip()
-    if not stripped:
-        raise UsageError(f"{name}: no records (empty file)")
-    try:
-        whole = json.loads(stripped)
-    except (json.JSONDecodeError, RecursionError):
-        whole = None
-    if isinstance(whole, dict) and "type" not in whole:  # --format json: {"segments": [...], "summary": {...}}
-        out: list[dict[str, Any]] = []
-        for key in ("segments", "documents", "rows", "probes", "summaries", "probe_summarys"):
-            items = whole.get(key, [])
-            if not isinstance(items, list):
-                raise UsageError(f"{name}: '{key}' must be a list of records, got {type(items).__name__}")
-            for i, r in enumerate(items):
-                out.append(check_record(r, f"{name}: {key}[{i}]"))
-        if "summary" in whole:
-            out.append(check_record(whole["summary"], f"{name}: summary"))
-        return out
-    records: list[tuple[int, Any]] = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{name}:{line_no}: not valid JSON ({e.msg}); plot reads the JSON Lines that "
-                             "`segcli run --format jsonl` and `segcli compare --format jsonl` write") from None
-        except RecursionError:
-            raise UsageError(f"{name}:{line_no}: JSON nested too deeply; not a segcli record") from None
-        records.append((line_no, r))
-    return [check_record(r, f"{name}:{line_no}") for line_no, r in records]  # after the JSON: a bad line first
+    """Every record of a results text, checked (see `read_records`; for a text already in memory)."""
+    return list(read_records(io.BytesIO(text.encode("utf-8")), name))
 
 
 _NUMBER = (int, float)
 # fields a picture needs, per record type: name -> (types allowed, may be null, must be there)
 _NEEDS: dict[str, dict[str, tuple[tuple[type, ...], bool, bool]]] = {
-    "segment": {"token_end": ((int,), False, True), "tokens": ((int,), False, True), "nll": (_NUMBER, True, True),
-                "segment_size": ((int,), True, False), "document": ((str,), True, False)},
+    "segment": {"document": ((str,), False, True), "token_end": ((int,), False, True), "tokens": ((int,), False, True),
+                "nll": (_NUMBER, True, True), "loss": (_NUMBER, True, False), "segment_size": ((int,), True, False),
+                "memory": ((dict,), False, True)},
     "row": {"policy": ((str,), False, True), "segment_size": ((int,), False, True), "loss": (_NUMBER, True, False),
             "tokens_per_s": (_NUMBER, True, False), "model": ((str,), True, False)},
     "probe": {"task": ((str,), False, True), "length": ((int,), False, True), "depth": (_NUMBER, False, True),
               "policy": ((str,), False, True), "segment_size": ((int,), False, True), "correct": ((bool,), False, True),
-              "memory_capacity": ((int,), True, False), "sizes": ((dict,), False, False)},
+              "memory_capacity": ((int,), True, False), "sizes": ((dict,), False, False), "model": ((str,), True, False)},
     "probe_summary": {"trained_length": ((int,), True, False)},
+    "summary": {},
 }
-_MEMORY_NEEDS = {"policy": ((str,), True, False), "capacity": ((int,), True, False),
-                 "attn_mass_memory": (_NUMBER, True, False), "bytes": ((int,), True, False)}
+_MEMORY_NEEDS = {"policy": ((str,), False, True), "bytes": ((int,), False, True), "capacity": ((int,), True, False),
+                 "attn_mass_memory": (_NUMBER, True, False)}
 
 
 def check_record(r: Any, where: str) -> dict[str, Any]:
     """A segcli record with the fields its picture needs, of the right types (a run cut short, or
-    a record edited by hand, fails here with one line instead of a KeyError)."""
+    a record edited by hand, fails here with one line instead of a KeyError, or a picture of a
+    policy called "?")."""
     if not isinstance(r, dict) or "type" not in r:
         raise UsageError(f"{where}: not a segcli record (no 'type' field)")
+    if not isinstance(r["type"], str):
+        raise UsageError(f"{where}: field 'type' must be a string, got {json.dumps(r['type'])[:40]}")
     needs = _NEEDS.get(r["type"])
     if needs is None:
         return r
     _check_fields(r, needs, where, r["type"])
-    if r["type"] == "segment" and (r["tokens"] < 1 or r["token_end"] < 0):
-        raise UsageError(f"{where}: segment record with {r['tokens']} tokens ending at token {r['token_end']}; "
-                         "a segment has at least one token")
-    if r["type"] == "segment" and r.get("memory") is not None:
-        if not isinstance(r["memory"], dict):
-            raise UsageError(f"{where}: segment field 'memory' must be an object, got {type(r['memory']).__name__}")
+    if r["type"] == "segment":
+        if r["tokens"] < 1 or r["token_end"] < 0:
+            raise UsageError(f"{where}: segment record with {r['tokens']} tokens ending at token {r['token_end']}; "
+                             "a segment has at least one token")
         _check_fields(r["memory"], _MEMORY_NEEDS, where, "segment memory")
+        if r["memory"]["bytes"] < 0:
+            raise UsageError(f"{where}: segment memory field 'bytes' must be at least 0, got {r['memory']['bytes']}")
     return r
 
 
@@ -124,52 +209,163 @@ def _check_fields(r: dict, needs: dict, where: str, what: str) -> None:
         if v is None and nullable:
             continue
         if (isinstance(v, bool) and bool not in types) or not isinstance(v, types):
-            want = " or ".join({float: "a number", int: "an integer", bool: "true or false", dict: "an object"}.get(t, "a string")
-                               for t in types)
+            want = "a number" if types == _NUMBER else " or ".join(
+                {int: "an integer", bool: "true or false", dict: "an object"}.get(t, "a string") for t in types)
             raise UsageError(f"{where}: {what} field '{key}' must be {want}{' or null' if nullable else ''}, "
                              f"got {json.dumps(v)[:40]}")
 
 
 @dataclass
 class Series:
-    """One line: the segments of one document in one run."""
+    """One line: the segments of one document in one run, in at most MAX_BINS bins of consecutive segments (when
+    the bins are full, neighbours merge pairwise and each then holds twice as many segments)."""
 
     run: int  # index of the run in the input (runs end with a summary record)
     document: str
     policy: str
     segment_size: int | None
     capacity: int | None
-    token_end: list[int] = field(default_factory=list)  # x: tokens into the document
-    tokens: list[int] = field(default_factory=list)
-    nll: list[float] = field(default_factory=list)
-    attn_mass: list[float | None] = field(default_factory=list)
-    memory_bytes: list[int] = field(default_factory=list)
+    token_end: list[int] = field(default_factory=list)  # x, per bin: tokens into the document at its last segment's end
+    tokens: list[int] = field(default_factory=list)  # per bin: tokens scored
+    nll_sum: list[float] = field(default_factory=list)  # per bin: summed NLL of the segments with a finite loss
+    nll_tokens: list[int] = field(default_factory=list)  # ... and their tokens
+    mass_sum: list[float] = field(default_factory=list)  # per bin: attention on memory x tokens, where known
+    mass_tokens: list[int] = field(default_factory=list)
+    memory_bytes: list[int] = field(default_factory=list)  # per bin: the most memory held
+    counts: list[int] = field(default_factory=list)  # per bin: segments
+    per_bin: int = 1  # segments a full bin holds
     label: str = ""
+
+    def add(self, token_end: int, tokens: int, nll: float | None, mass: float | None, memory_bytes: int) -> None:
+        if not self.counts or self.counts[-1] >= self.per_bin:
+            if len(self.counts) >= MAX_BINS:
+                self._halve()
+            if not self.counts or self.counts[-1] >= self.per_bin:
+                for column in (self.token_end, self.tokens, self.nll_tokens, self.mass_tokens, self.memory_bytes, self.counts):
+                    column.append(0)
+                self.nll_sum.append(0.0)
+                self.mass_sum.append(0.0)
+        self.token_end[-1] = token_end
+        self.tokens[-1] += tokens
+        if nll is not None and math.isfinite(nll):  # a non-finite loss is written as null
+            self.nll_sum[-1] += nll
+            self.nll_tokens[-1] += tokens
+        if mass is not None and math.isfinite(mass):
+            self.mass_sum[-1] += mass * tokens
+            self.mass_tokens[-1] += tokens
+        self.memory_bytes[-1] = max(self.memory_bytes[-1], memory_bytes)
+        self.counts[-1] += 1
+
+    def _halve(self) -> None:
+        pairs = range(0, len(self.counts), 2)
+        for name in ("tokens", "nll_sum", "nll_tokens", "mass_sum", "mass_tokens", "counts"):
+            column = getattr(self, name)
+            setattr(self, name, [sum(column[i:i + 2]) for i in pairs])
+        self.token_end = [self.token_end[min(i + 1, len(self.token_end) - 1)] for i in pairs]
+        self.memory_bytes = [max(self.memory_bytes[i:i + 2]) for i in pairs]
+        self.per_bin *= 2
+
+    @property
+    def segments(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def nll(self) -> list[float]:
+        """Summed NLL per bin (NaN where no segment of it has a finite loss)."""
+        return [n if t else math.nan for n, t in zip(self.nll_sum, self.nll_tokens)]
+
+    @property
+    def span(self) -> int:
+        """Tokens the widest bin covers (one segment's, until bins merge)."""
+        starts = [0, *self.token_end[:-1]]
+        return max((e - s for s, e in zip(starts, self.token_end)), default=0)
+
+
+class Results:
+    """What a picture needs of a stream of records, gathered one record at a time in bounded memory: the first
+    MAX_SERIES lines of segment records (one per run and document; `document`: only that one), probe records counted
+    into the first MAX_SERIES heatmaps, the first MAX_ROWS compare rows; and how many of each there were."""
+
+    def __init__(self, document: str | None = None):
+        self.document = document
+        self.run = 0  # runs so far: a summary record ends one
+        self.series: dict[tuple[int, str], Series] = {}
+        self.more_series: set[tuple[int, str]] = set()  # keys of series not drawn, up to MAX_COUNTED
+        self.segments = 0  # segment records of any document
+        self.panels: dict[tuple, Panel] = {}
+        self.more_panels: set[tuple] = set()
+        self.probes = 0
+        self.rows: list[dict[str, Any]] = []
+        self.n_rows = 0
+        self.trained_length: int | None = None
+
+    def add(self, r: dict[str, Any]) -> None:
+        t = r.get("type")
+        if t == "summary":
+            self.run += 1
+        elif t == "segment":
+            self.segments += 1
+            if self.document is None or r["document"] == self.document:
+                self._segment(r)
+        elif t == "probe":
+            self.probes += 1
+            self._probe(r)
+        elif t == "row":
+            self.n_rows += 1
+            if len(self.rows) < MAX_ROWS:
+                self.rows.append(r)
+        elif t == "probe_summary" and r.get("trained_length") is not None:
+            self.trained_length = r["trained_length"]
+
+    def _segment(self, r: dict[str, Any]) -> None:
+        mem = r["memory"]
+        key = (self.run, r["document"])
+        s = self.series.get(key)
+        if s is None:
+            if len(self.series) >= MAX_SERIES:
+                if len(self.more_series) < MAX_COUNTED:
+                    self.more_series.add(key)
+                return
+            s = self.series[key] = Series(self.run, r["document"], mem["policy"], r.get("segment_size"), mem.get("capacity"))
+        s.add(r["token_end"], r["tokens"], r["nll"], mem.get("attn_mass_memory"), mem["bytes"])
+
+    def _probe(self, r: dict[str, Any]) -> None:
+        sizes = r.get("sizes") or {}
+        key = (r["task"], r.get("model"), r["policy"], r["segment_size"], json.dumps(sizes, sort_keys=True))
+        p = self.panels.get(key)
+        if p is None:
+            if len(self.panels) >= MAX_SERIES:
+                if len(self.more_panels) < MAX_COUNTED:
+                    self.more_panels.add(key)
+                return
+            p = self.panels[key] = Panel(r["task"], r["policy"], r["segment_size"], sizes, r.get("memory_capacity"),
+                                         r.get("model"))
+        p.add(r)
+
+    def series_list(self) -> list[Series]:
+        series = list(self.series.values())
+        label_series(series)
+        return series
+
+    @staticmethod
+    def _of(shown: int, more: set) -> int | str:
+        return f"more than {shown + MAX_COUNTED:,}" if len(more) >= MAX_COUNTED else shown + len(more)
+
+    @property
+    def n_series(self) -> int | str:
+        return self._of(len(self.series), self.more_series)
+
+    @property
+    def n_panels(self) -> int | str:
+        return self._of(len(self.panels), self.more_panels)
 
 
 def segment_series(records: Iterable[dict[str, Any]], document: str | None = None) -> list[Series]:
-    """Group segment records by (run, document), in the order they appear."""
-    groups: dict[tuple[int, str], Series] = {}
-    run = 0
+    """Segment records grouped by (run, document), in the order they appear (the first MAX_SERIES)."""
+    results = Results(document)
     for r in records:
-        t = r.get("type")
-        if t == "summary":
-            run += 1
-        if t != "segment" or (document is not None and r.get("document") != document):
-            continue
-        mem = r.get("memory") or {}
-        key = (run, str(r.get("document")))
-        s = groups.get(key)
-        if s is None:
-            s = groups[key] = Series(run, key[1], mem.get("policy", "?"), r.get("segment_size"), mem.get("capacity"))
-        s.token_end.append(int(r["token_end"]))
-        s.tokens.append(int(r["tokens"]))
-        s.nll.append(math.nan if r["nll"] is None else float(r["nll"]))  # a non-finite loss is written as null
-        s.attn_mass.append(mem.get("attn_mass_memory"))
-        s.memory_bytes.append(int(mem.get("bytes") or 0))
-    series = list(groups.values())
-    label_series(series)
-    return series
+        results.add(r)
+    return results.series_list()
 
 
 def label_series(series: list[Series]) -> None:
@@ -186,19 +382,16 @@ def label_series(series: list[Series]) -> None:
                 s.label += extra(s)
 
 
-def rolling(series: Series, values: list[float | None], window: int) -> np.ndarray:
-    """Token-weighted mean of `values` over the segments that end within `window` tokens
-    before each segment's end (NaN where none has a value)."""
-    v = np.array([np.nan if x is None else float(x) for x in values])
-    w = np.array(series.tokens, dtype=float)
-    ok = np.isfinite(v)
-    num = np.concatenate([[0.0], np.cumsum(np.where(ok, v * w, 0.0))])
-    den = np.concatenate([[0.0], np.cumsum(np.where(ok, w, 0.0))])
+def rolling(series: Series, num: list[float], den: list[float], window: int) -> np.ndarray:
+    """Per bin: the sum of `num` over the bins that end within `window` tokens before its end, over the sum of
+    `den` there (a token-weighted mean: num holds value x tokens, den the tokens; NaN where den is 0)."""
+    num_c = np.concatenate([[0.0], np.cumsum(np.asarray(num, dtype=float))])
+    den_c = np.concatenate([[0.0], np.cumsum(np.asarray(den, dtype=float))])
     ends = np.array(series.token_end)
-    first = np.searchsorted(ends, ends - window, side="right")  # first segment inside the window
+    first = np.searchsorted(ends, ends - window, side="right")  # first bin inside the window
     idx = np.arange(len(ends)) + 1
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (num[idx] - num[first]) / (den[idx] - den[first])
+        return (num_c[idx] - num_c[first]) / (den_c[idx] - den_c[first])
 
 
 def byte_unit(n: float) -> tuple[float, str]:
@@ -210,16 +403,20 @@ def byte_unit(n: float) -> tuple[float, str]:
 
 # -- figures ------------------------------------------------------------------------------------------------------------
 
-def segments_figure(series: list[Series], smooth: int | None = None, title: str | None = None):
-    """Three panels along the document: loss, attention mass on memory, memory held."""
+def segments_figure(series: list[Series], smooth: int | None = None, title: str | None = None,
+                    total: int | str | None = None):
+    """Three panels along the document: loss, attention mass on memory, memory held. `total`: how many series
+    there were, when more than those given (the title says the first MAX_SERIES are drawn)."""
     from matplotlib.figure import Figure
 
     if not series:
         raise UsageError("no segment records to plot (give the output of `segcli run --format jsonl`)")
-    shown, left_out = series[:MAX_SERIES], len(series) - MAX_SERIES
+    shown = series[:MAX_SERIES]
+    total = len(series) if total is None else total
     longest = max(s.token_end[-1] for s in shown)
     ns = max((s.segment_size or 1) for s in shown)
     window = smooth if smooth is not None else ns * max(1, round(longest / 64 / ns))  # whole segments
+    window = max(window, max(s.span for s in shown))  # a bin of merged segments is the finest step there is
     fig = Figure(figsize=(9, 7.5), layout="constrained")
     ax_loss, ax_mass, ax_mem = fig.subplots(3, 1, sharex=True, height_ratios=[3, 2, 2])
     held = [b for s in shown for b in s.memory_bytes if b > 0]
@@ -228,8 +425,8 @@ def segments_figure(series: list[Series], smooth: int | None = None, title: str 
     for i, s in enumerate(shown):
         color = f"C{i % 10}"
         x = np.array(s.token_end)
-        ax_loss.plot(x, rolling(s, [n / t for n, t in zip(s.nll, s.tokens)], window), color=color, lw=1.4, label=s.label)
-        ax_mass.plot(x, rolling(s, s.attn_mass, window), color=color, lw=1.4)
+        ax_loss.plot(x, rolling(s, s.nll_sum, s.nll_tokens, window), color=color, lw=1.4, label=s.label)
+        ax_mass.plot(x, rolling(s, s.mass_sum, s.mass_tokens, window), color=color, lw=1.4)
         ax_mem.step(x, np.array(s.memory_bytes) / scale, where="post", color=color, lw=1.4)
     mean = f"mean over {window:,} tokens" if window > ns else "per segment"
     ax_loss.set_ylabel(f"loss, nats/token\n({mean})")
@@ -247,18 +444,21 @@ def segments_figure(series: list[Series], smooth: int | None = None, title: str 
     docs = sorted({s.document for s in shown})
     heading = title or (f"{Path(docs[0]).name}: loss and memory per segment" if len(docs) == 1
                         else f"{len(docs)} documents: loss and memory per segment")
-    if left_out > 0:
-        heading += f" (first {MAX_SERIES} of {len(series)} series)"
+    if total != len(shown):
+        heading += f" (first {len(shown)} of {total} series)"
     fig.suptitle(heading)
     return fig
 
 
-def compare_figure(rows: list[dict[str, Any]], title: str | None = None):
-    """Bars of loss and of tokens/s, one per (policy, segment size) row of `compare`."""
+def compare_figure(rows: list[dict[str, Any]], title: str | None = None, total: int | None = None):
+    """Bars of loss and of tokens/s, one per (policy, segment size) row of `compare` (the first MAX_ROWS; `total`:
+    how many there were)."""
     from matplotlib.figure import Figure
 
     if not rows:
         raise UsageError("no compare rows to plot (give the output of `segcli compare --format jsonl`)")
+    total = len(rows) if total is None else total
+    rows = rows[:MAX_ROWS]
     models = {r.get("model") for r in rows}
     labels = [(f"{Path(str(r.get('model'))).name} · " if len(models) > 1 else "") + f"{r['policy']} n_s={r['segment_size']}"
               for r in rows]
@@ -288,13 +488,16 @@ def compare_figure(rows: list[dict[str, Any]], title: str | None = None):
     ax_speed.set_xlim(0, (max([v for v in speed if math.isfinite(v)], default=1) or 1) * 1.18)
     for ax in (ax_loss, ax_speed):
         ax.grid(True, axis="x", alpha=0.3)
-    fig.suptitle(title or "compare: what each setting costs and buys")
+    heading = title or "compare: what each setting costs and buys"
+    if total > len(rows):
+        heading += f" (first {len(rows)} of {total} rows)"
+    fig.suptitle(heading)
     return fig
 
 
 @dataclass
 class Panel:
-    """One heatmap: the probe records of one task under one setting."""
+    """One heatmap: the probe records of one task under one setting, counted per (depth, length)."""
 
     task: str
     policy: str
@@ -302,40 +505,36 @@ class Panel:
     sizes: dict[str, Any]
     capacity: int | None  # memory slots (None: unbounded)
     model: str | None
-    records: list[dict[str, Any]] = field(default_factory=list)
+    cells: dict[tuple[float, int], list[int]] = field(default_factory=dict)  # (depth, length) -> [correct, prompts]
 
     @property
     def label(self) -> str:
         sizes = ", ".join(f"{k}={v}" for k, v in self.sizes.items())
         return f"{self.task} · {self.policy} n_s={self.segment_size}" + (f" ({sizes})" if sizes else "")
 
+    def add(self, r: dict[str, Any]) -> None:
+        cell = self.cells.setdefault((float(r["depth"]), int(r["length"])), [0, 0])
+        cell[0] += bool(r["correct"])
+        cell[1] += 1
+
     def grid(self) -> tuple[list[int], list[float], np.ndarray]:
         """Lengths (x), depths (y) and the accuracy at each (NaN where no prompt ran)."""
-        lengths = sorted({int(r["length"]) for r in self.records})
-        depths = sorted({float(r["depth"]) for r in self.records})
-        hits = np.zeros((len(depths), len(lengths)))
-        n = np.zeros_like(hits)
-        for r in self.records:
-            i, j = depths.index(float(r["depth"])), lengths.index(int(r["length"]))
-            hits[i, j] += bool(r["correct"])
-            n[i, j] += 1
-        with np.errstate(invalid="ignore"):
-            return lengths, depths, np.where(n > 0, hits / np.maximum(n, 1), np.nan)
+        lengths = sorted({n for _, n in self.cells})
+        depths = sorted({d for d, _ in self.cells})
+        acc = np.full((len(depths), len(lengths)), np.nan)
+        column, row = {n: j for j, n in enumerate(lengths)}, {d: i for i, d in enumerate(depths)}
+        for (d, n), (hits, count) in self.cells.items():
+            acc[row[d], column[n]] = hits / count
+        return lengths, depths, acc
 
 
 def probe_panels(records: Iterable[dict[str, Any]]) -> list[Panel]:
-    """Probe records grouped by task and setting (model, policy, sizes, segment size), in order of appearance."""
-    panels: dict[tuple, Panel] = {}
+    """Probe records grouped by task and setting (model, policy, sizes, segment size), in order of appearance
+    (the first MAX_SERIES)."""
+    results = Results()
     for r in records:
-        if r.get("type") != "probe":
-            continue
-        sizes = r.get("sizes") or {}
-        key = (r["task"], r.get("model"), r["policy"], r["segment_size"], json.dumps(sizes, sort_keys=True))
-        p = panels.get(key)
-        if p is None:
-            p = panels[key] = Panel(r["task"], r["policy"], r["segment_size"], sizes, r.get("memory_capacity"), r.get("model"))
-        p.records.append(r)
-    return list(panels.values())
+        results.add(r)
+    return list(results.panels.values())
 
 
 def column_position(value: float, lengths: list[int]) -> float:
@@ -351,17 +550,18 @@ def column_position(value: float, lengths: list[int]) -> float:
     return x
 
 
-def probe_figure(records: list[dict[str, Any]], title: str | None = None):
+def probe_figure(panels: list[Panel], title: str | None = None, trained: int | None = None,
+                 total: int | str | None = None):
     """The needle-in-a-haystack heatmap: depth (y) x prompt length (x), coloured by accuracy, one panel per task
     and setting; dashed lines at the memory budget (its slots plus a segment: the most tokens a query can see)
-    and dotted at the model's trained length (from the probe summary) where they fall on the grid."""
+    and dotted at the model's trained length (`trained`, from the probe summary) where they fall on the grid.
+    `total`: how many panels there were, when more than those given."""
     from matplotlib.figure import Figure
 
-    panels = probe_panels(records)
     if not panels:
         raise UsageError("no probe records to plot (give the JSON Lines of `segcli probe`)")
-    shown, left_out = panels[:MAX_SERIES], len(panels) - MAX_SERIES
-    trained = next((r.get("trained_length") for r in reversed(records) if r.get("type") == "probe_summary"), None)
+    shown = panels[:MAX_SERIES]
+    total = len(panels) if total is None else total
     cols = min(3, len(shown))
     rows = math.ceil(len(shown) / cols)
     fig = Figure(figsize=(4.2 * cols + 1.0, 3.4 * rows + 0.6), layout="constrained")
@@ -395,27 +595,35 @@ def probe_figure(records: list[dict[str, Any]], title: str | None = None):
     if image is not None:
         fig.colorbar(image, ax=axes[: len(shown)].tolist(), label="accuracy", shrink=0.8)
     heading = title or "Does the memory remember? accuracy by needle depth and prompt length"
-    if left_out > 0:
-        heading += f" (first {MAX_SERIES} of {len(panels)} panels)"
+    if total != len(shown):
+        heading += f" (first {len(shown)} of {total} panels)"
     fig.suptitle(heading)
     return fig
 
 
-def figure_for(records: list[dict[str, Any]], smooth: int | None = None, document: str | None = None,
-               title: str | None = None):
-    """Segment records: lines along the document; probe records: the heatmap; otherwise compare rows: bars."""
-    if any(r.get("type") == "probe" for r in records):
-        return probe_figure(records, title)
-    if any(r.get("type") == "segment" for r in records):
-        series = segment_series(records, document)
+def figure(results: Results, smooth: int | None = None, title: str | None = None):
+    """Probe records: the heatmap; else segment records: lines along the document; else compare rows: bars."""
+    if results.probes:
+        return probe_figure(list(results.panels.values()), title, results.trained_length, results.n_panels)
+    if results.segments:
+        series = results.series_list()
         if not series:
-            raise UsageError(f"no segments of document {document!r} in the results")
-        return segments_figure(series, smooth, title)
-    rows = [r for r in records if r.get("type") == "row"]
-    if rows:
-        return compare_figure(rows, title)
+            raise UsageError(f"no segments of document {results.document!r} in the results (--document names a "
+                             "segment record's 'document')")
+        return segments_figure(series, smooth, title, results.n_series)
+    if results.rows:
+        return compare_figure(results.rows, title, results.n_rows)
     raise UsageError("no segment, row or probe records to plot (give the JSON Lines of `segcli run`, `segcli compare` "
                      "or `segcli probe`)")
+
+
+def figure_for(records: Iterable[dict[str, Any]], smooth: int | None = None, document: str | None = None,
+               title: str | None = None):
+    """The picture of `records` (see `figure`)."""
+    results = Results(document)
+    for r in records:
+        results.add(r)
+    return figure(results, smooth, title)
 
 
 def save(fig, path: str, dpi: int = 110, option: str = "--output") -> int | None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, BinaryIO, Iterator, Optional
 
 import typer
 
@@ -42,21 +43,28 @@ def _plot(results, output, smooth, document, title, quiet, debug):
     check_distinct({"--output": output}, list(results))
     if smooth is not None and smooth < 1:
         raise UsageError(f"--smooth must be a positive number of tokens, got {smooth}")
-    records = []
+    gathered = plots.Results(document)  # one record at a time: a file of any length in bounded memory
     for name in results:
-        records.extend(plots.parse_records(read_text(name), "<stdin>" if name == "-" else name))
-    size = plots.save(plots.figure_for(records, smooth, document, title), output)
+        with open_results(name) as f:
+            for record in plots.read_records(f, "<stdin>" if name == "-" else name):
+                gathered.add(record)
+    size = plots.save(plots.figure(gathered, smooth, title), output)
     if not quiet:
         say(f"wrote {output}" + (f" ({size / 1024:.0f} KiB)" if size is not None else ""))
 
 
-def read_text(name: str) -> str:
+@contextlib.contextmanager
+def open_results(name: str) -> Iterator[BinaryIO]:
+    """A results file (or stdin for '-') opened for reading as bytes: plot reads it one line at a time."""
     if name == "-":
-        return sys.stdin.read()
+        yield sys.stdin.buffer
+        return
     p = require_file(name, name, "results file")
     try:
-        return p.read_text(encoding="utf-8")
+        f = open(p, "rb")
     except PermissionError:
         raise UsageError(f"{name}: permission denied") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{name}: not UTF-8 text (expected JSON Lines from segcli run or compare)") from None
+    except OSError as e:
+        raise UsageError(f"{name}: cannot read ({e.strerror or e})") from None
+    with f:
+        yield f
