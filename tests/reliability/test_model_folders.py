@@ -393,3 +393,18 @@ def test_reason_drops_exception_names():
     assert fc.reason(ValueError("Class validation error for validator 'v':\n    ValueError: hidden 64 heads 5")) == \
         "hidden 64 heads 5"
     assert fc.reason(KeyError()) == "KeyError"
+
+
+def test_a_gpu_load_needs_the_gpu_memory_too(monkeypatch, tmp_path):
+    """On CUDA the weights are read into CPU memory, then moved: both must hold them (mem_get_info: the GPU's)."""
+    from transformers import LlamaConfig
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 80 << 30))
+    cpu, gpu = fc.free_memory(torch.device("cuda", 0))
+    assert cpu[0] == "of memory available (MemAvailable)" and gpu == ("free on cuda:0", 1 << 30)
+    meta = fc.meta_model(LlamaConfig(**{**LLAMA, "vocab_size": 1 << 22}), tmp_path / "config.json")
+    need = fc.tensor_bytes_of(meta, 2)
+    assert need > 1 << 30  # two embeddings of 2**22 x 64 in bfloat16: 1 GiB, and the layers
+    with pytest.raises(UsageError, match=rf"needs 1.0 GiB \({need:,} bytes\), more than the 1.0 GiB free on cuda:0"):
+        fc.check_model_fits(tmp_path, meta, torch.bfloat16, torch.device("cuda", 0),
+                            available=[("of memory available (MemAvailable)", 64 << 30), gpu])
