@@ -109,13 +109,13 @@ def read_records(f: BinaryIO, name: str) -> Iterator[dict[str, Any]]:
             return
         lines = itertools.chain([second], lines)
     error: UsageError | None = None
-    for line_no, text in itertools.chain([(line_no, text)], lines):
-        if not text.strip():
+    for n, line in itertools.chain([first], lines):
+        if not line.strip():
             continue
-        r = _json(text, f"{name}:{line_no}")
+        r = _json(line, f"{name}:{n}")
         if error is None:
             try:
-                r = check_record(r, f"{name}:{line_no}")
+                r = check_record(r, f"{name}:{n}")
             except UsageError as e:
                 error = e
                 continue

@@ -166,12 +166,14 @@ def wait_writable(fd: int) -> None:
     STOP_GRACE seconds."""
     import select
 
+    poll = select.poll()  # not select.select: any descriptor number
+    poll.register(fd, select.POLLOUT)
     with output_write():
         if _DEFERRED[0] is not None:
-            if not select.select([], [fd], [], STOP_GRACE)[1]:
+            if not poll.poll(STOP_GRACE * 1000):
                 raise Interrupted(_DEFERRED[0])
         else:
-            select.select([], [fd], [])
+            poll.poll()
 
 
 class StopSignals:

@@ -141,8 +141,9 @@ def test_sigterm_at_the_end_of_a_probe_is_not_exit_0(model, tmp_path, at, kept):
     p = driven(at, signal.SIGTERM, *short, *model, "--resume", "-o", tmp_path / "r.jsonl")
     assert p.returncode == 143, p.stderr
     assert [json.loads(x)["type"] for x in (tmp_path / "r.jsonl").read_text().splitlines()] == kept
-    assert steps_and_lines(p)[1] == [f"segcli: interrupted by SIGTERM; {'stopped after 1 prompts; no summary; ' if len(kept) == 1 else ''}"
-                                     f"the finished prompts are kept in {tmp_path / 'r.jsonl'}"], p.stderr
+    stopped = "stopped after 1 prompts; no summary; " if len(kept) == 1 else ""
+    kept_in = f"the finished prompts are kept in {tmp_path / 'r.jsonl'}"
+    assert steps_and_lines(p)[1] == [f"segcli: interrupted by SIGTERM; {stopped}{kept_in}"], p.stderr
 
 
 # -- stdout blocked on a reader that stopped reading --------------------------------------------------------------------
