@@ -4,8 +4,8 @@ docs. (Lines built from shell variables, `$p`, are skipped: their options are ch
 
 from __future__ import annotations
 
-import re
 import shlex
+import sys
 from pathlib import Path
 
 import click
@@ -14,23 +14,10 @@ import typer.main
 
 from segcli.cli import app
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-START = re.compile(r"^(?:[A-Z_]+=\S+\s+)*(?:segcli|\S*python\S*\s+-m\s+segcli|torchrun\s.*?-m\s+segcli)\s+(.*)$")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from readme_commands import segcli_lines  # noqa: E402  (the one extraction; scripts/readme_commands.py runs them)
 
-
-def readme_commands() -> list[str]:
-    out = []
-    for block in re.findall(r"```(?:sh|bash)\n(.*?)```", README.read_text(encoding="utf-8"), re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split(" #", 1)[0].strip()
-            for part in re.split(r"\|\||&&|\||;|\bdo\b|\bdone\b", line):
-                m = START.match(part.strip())
-                if m and "$" not in m.group(1):
-                    out.append(re.split(r"\s(?:<|>>|>|2>)", m.group(1))[0].strip())
-    return out
-
-
-COMMANDS = readme_commands()
+COMMANDS = segcli_lines()
 
 
 def test_the_readme_has_commands_to_check():
