@@ -15,6 +15,13 @@ and written with `AtomicOutput`:
   as it stands (a `>> log` redirection keeps appending).
 
 `check_distinct` refuses an output that is one of the inputs or another output.
+
+A path means what the kernel means by it: `..` is taken after the symbolic link before it is
+followed, as open() does, never by editing the text. With `link -> real/deep`, `link/../doc.txt`
+is `real/doc.txt` (the shell's `> link/../doc.txt` writes there too), so `-o link/../out.jsonl`
+writes real/out.jsonl, and is refused where real/doc.txt is an input. Each folder on the way is
+checked by the kernel (os.stat: a missing folder, a file used as a folder, a link loop) and then
+named by its real path, which is where the temporary file and the rename go.
 """
 
 from __future__ import annotations
@@ -79,32 +86,65 @@ def _own_fd(path: str) -> int | None:
 
 def _follow(path: str, where: str) -> tuple[str, int | None]:
     """Follow symbolic links one hop at a time (a dangling link names the file it would create).
-    Returns the final path, or the descriptor number when a hop is one of the process's own
-    descriptors (/dev/stdout, /proc/self/fd/1): those are magic links to pipes and terminals
-    that have no path of their own."""
-    current = os.path.abspath(path)
+    Returns the final path, its folder a real path (no links, no '..'), or the descriptor number
+    when a hop is one of the process's own descriptors (/dev/stdout, /proc/self/fd/1): those are
+    magic links to pipes and terminals that have no path of their own.
+
+    The text is never normalised (os.path.abspath would turn `link/..` into the folder holding
+    the link, not the link target's parent): each hop's folder is resolved by `_real_folder`."""
+    current = os.path.join(os.getcwd(), path)
     for _ in range(_MAX_LINKS):
         fd = _own_fd(current)
         if fd is not None:
             return current, fd
         head, tail = os.path.split(current)
-        current = os.path.join(os.path.realpath(head), tail)  # the folders' own links, as the kernel sees them
+        if tail in ("", ".", ".."):  # names a folder ('x/', 'x/.', 'x/..'): the kernel resolves it whole
+            return _real_folder(current, where) or current, None
+        folder = _real_folder(head, where)
+        if folder is None:
+            return current, None  # a folder that does not exist (output_target says so)
+        current = os.path.join(folder, tail)  # the folders' own links and '..', as the kernel sees them
         fd = _own_fd(current)
         if fd is not None:
             return current, fd
         try:
             link = os.readlink(current)
         except FileNotFoundError:
-            return current, None  # a new file, or a folder that does not exist (checked below)
-        except NotADirectoryError:
-            parent = _first_non_folder(current)
-            raise UsageError(f"{where}: {parent} is not a folder") from None
+            return current, None  # a new file
         except OSError as e:
-            if e.errno == 22:  # EINVAL: not a symbolic link
+            if e.errno == errno.EINVAL:  # not a symbolic link
                 return current, None
             raise UsageError(f"{where}: {e.strerror}") from None
-        current = os.path.join(os.path.dirname(current), link)  # folders resolved at the next hop
+        current = os.path.join(folder, link)  # a relative target is read from the link's own folder
     raise UsageError(f"{where}: too many levels of symbolic links")
+
+
+def _real_folder(folder: str, where: str) -> str | None:
+    """The real path of the folder the kernel opens for `folder` (links followed where they stand,
+    then '..'), None where it does not exist. The kernel does the walk (os.stat), so a file used
+    as a folder (`afile/../x`) and a link loop are refused as open() would refuse them;
+    os.path.realpath then only spells a folder that exists, which it does exactly, and the
+    spelling is checked against the kernel's answer by device and inode."""
+    try:
+        st = os.stat(folder)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        raise UsageError(f"{where}: {_first_non_folder(folder)} is not a folder") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UsageError(f"{where}: too many levels of symbolic links") from None
+        raise UsageError(f"{where}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{where}: {folder} is not a folder")
+    real = os.path.realpath(folder)
+    try:
+        same = os.stat(real)
+    except OSError:
+        same = None
+    if same is None or (same.st_dev, same.st_ino) != (st.st_dev, st.st_ino):
+        raise UsageError(f"{where}: folder {folder} has no path of its own (or changed while it was checked)")
+    return real
 
 
 def _first_non_folder(path: str) -> str:
@@ -186,18 +226,25 @@ def require_writable(path: str, option: str) -> Path:
 
 def _identity(path: str) -> tuple[str, object] | None:
     """What a path names, for the files a write could replace: ("inode", (dev, ino)) for an
-    existing regular file (stdin '-' by what descriptor 0 is open on), ("path", its resolved
-    spelling) for a file that does not exist yet, None for the rest (a device, FIFO or terminal
-    is written in place, not replaced; two writers of /dev/null harm nothing)."""
+    existing regular file (stdin '-' by what descriptor 0 is open on), ("new", (dev, ino of its
+    folder, name)) for a file that does not exist yet (("path", its spelling) where the folder
+    is missing too), None for the rest (a device, FIFO or terminal is written in place, not
+    replaced; two writers of /dev/null harm nothing). Symbolic links and '..' are taken as the
+    kernel takes them (`_follow`)."""
     try:
         if path == "-":
             st = os.fstat(0)
         else:
             resolved, fd = _follow(path, path)
             try:
-                st = os.fstat(fd) if fd is not None else os.stat(resolved)
-            except FileNotFoundError:
-                return ("path", os.path.join(os.path.realpath(os.path.dirname(resolved)), os.path.basename(resolved)))
+                st = os.stat(resolved) if fd is None else os.fstat(fd)
+            except FileNotFoundError:  # a new file: the folder it would be made in (by inode) and its name
+                folder, name = os.path.split(resolved)
+                try:
+                    parent = os.stat(folder)
+                except OSError:
+                    return ("path", resolved)
+                return ("new", (parent.st_dev, parent.st_ino, name))
     except (OSError, UsageError):
         return None
     return ("inode", (st.st_dev, st.st_ino)) if stat.S_ISREG(st.st_mode) else None
@@ -210,8 +257,9 @@ def check_distinct(outputs: dict[str, str | None], inputs: list[str | None] = ()
     `outputs` maps an option to its path ({"--output": "out.jsonl", "--save-memory": None}; None is
     skipped); `inputs` are the documents the run reads ('-' is stdin, compared by what descriptor 0
     is open on); `named` are other inputs by option ({"--config": "c.yaml"}), named in the message.
-    Files compare by device and inode (hard links, other spellings, symbolic links), files that do
-    not exist yet by their resolved path; devices, FIFOs and terminals are written in place, never
+    Files compare by device and inode (hard links, other spellings, symbolic links, `link/..`
+    taken as the kernel takes it), files that do not exist yet by their folder's device and inode
+    and their name; devices, FIFOs and terminals are written in place, never
     replaced, and may be shared."""
     seen: dict[tuple[str, object], str] = {}
     labelled = [("stdin" if p == "-" else f"input {p}", p) for p in inputs]
@@ -343,6 +391,19 @@ class AtomicOutput:
         return RunError(f"{self.target.where}: {e.strerror or e}")
 
     # -- finishing -----------------------------------------------------------------------------
+    def sync(self) -> None:
+        """Flush and sync what was written, before `commit` (a full disk fails here, nothing renamed yet)."""
+        try:
+            if self._file is not None:
+                self._file.flush()
+                if self._tmp is not None:
+                    os.fsync(self._file.fileno())
+            elif self._fd is not None and self._tmp is not None:
+                os.fsync(self._fd)
+        except OSError as e:
+            self.discard()
+            raise self._error(e) from None
+
     def commit(self) -> None:
         """Finish the output: flush, and for a temporary file sync and rename it over the target.
         On failure the temporary file is removed and a RunError (a full disk) raised."""

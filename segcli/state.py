@@ -178,8 +178,17 @@ def check_source(path: str) -> None:
 
 
 def save_memory(path: str, memory, backend, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write `memory` to `path`, whole or not at all; returns the metadata written. The header (model,
-    tokenizer, policy, sizes, position, dtype) is every backend's; the body is its kind's (`BODIES`)."""
+    """Write `memory` to `path`, whole or not at all; returns the metadata written."""
+    data, meta = memory_file(memory, backend, extra)
+    with AtomicOutput(path, "--save-memory", binary=True) as out:
+        out.file.write(data)
+    return meta
+
+
+def memory_file(memory, backend, extra: dict[str, Any] | None = None) -> tuple[bytes, dict[str, Any]]:
+    """The bytes of a memory file holding `memory`, and its metadata (a command puts them in place together
+    with its other outputs). The header (model, tokenizer, policy, sizes, position, dtype) is every
+    backend's; the body is its kind's (`BODIES`)."""
     from safetensors.torch import save
 
     if backend.kind not in BODIES:
@@ -199,10 +208,7 @@ def save_memory(path: str, memory, backend, extra: dict[str, Any] | None = None)
         **(extra or {}),
         DIGESTS: {name: tensor_sha256(t) for name, t in sorted(tensors.items())},
     }
-    data = save(tensors, metadata={META_KEY: json.dumps(meta)})
-    with AtomicOutput(path, "--save-memory", binary=True) as out:
-        out.file.write(data)
-    return meta
+    return save(tensors, metadata={META_KEY: json.dumps(meta)}), meta
 
 
 def native_body(memory, backend) -> tuple[dict[str, Tensor], dict[str, Any]]:

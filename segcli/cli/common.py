@@ -139,6 +139,16 @@ _DEFERRED: list[int | None] = [None]  # a signal StopSignals deferred during thi
 _WRITING = [False]  # inside output_write(): the first signal stops at once too
 
 
+_COMMITTED = [False]  # every output of the command is in place: a signal now changes nothing (exit 0 stands)
+
+
+def outputs_committed() -> None:
+    """Called (signals held) once every output of the command is in place: a signal from now on, or one held
+    while they were put in place, is ignored; the command has finished and says so with exit 0."""
+    _COMMITTED[0] = True
+    _DEFERRED[0] = None
+
+
 def pending_signal() -> int | None:
     """The signal a StopSignals deferred during this command, or None. A command that finishes with one pending
     ends as interrupted, not with exit 0."""
@@ -213,6 +223,8 @@ class StopSignals:
         return self.signum is not None
 
     def _handle(self, signum: int, frame) -> None:
+        if _COMMITTED[0]:
+            return
         first = self.signum is None
         self.signum = signum
         if not self._defer or not first or _WRITING[0]:
@@ -329,7 +341,8 @@ def guard_std_streams() -> None:
 # -- signals outside a run ----------------------------------------------------------------------------------------------
 
 def _raise_interrupted(signum: int, frame) -> None:
-    raise Interrupted(signum)
+    if not _COMMITTED[0]:
+        raise Interrupted(signum)
 
 
 OWN_PROCESS = False  # True when segcli is the program (main()), not a command called in-process (a test, a notebook)
@@ -356,13 +369,13 @@ def command_signals() -> Iterator[None]:
         yield
         return
     previous = {s: signal.signal(s, _raise_interrupted) for s in HANDLED_SIGNALS}
-    _DEFERRED[0] = None
+    _DEFERRED[0], _COMMITTED[0] = None, False
     try:
         yield
         if _DEFERRED[0] is not None:  # deferred after the last poll (the end of a run): still a stopped command
             raise Interrupted(_DEFERRED[0])
     finally:
-        _DEFERRED[0] = None
+        _DEFERRED[0], _COMMITTED[0] = None, False
         for s, handler in previous.items():
             signal.signal(s, handler)
 

@@ -19,7 +19,7 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Sequence, TextIO
 
 from rich.cells import cell_len
 from rich.console import Console
@@ -27,8 +27,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import RunError, UsageError
-from ..files import AtomicOutput
-from .common import Interrupted, output_write, pending_signal, wait_writable
+from ..files import AtomicOutput, signals_blocked
+from .common import Interrupted, output_write, outputs_committed, pending_signal, wait_writable
 
 
 def clean(x: Any) -> Any:
@@ -267,12 +267,16 @@ class Writer:
         if signum is not None:
             raise Interrupted(signum)
 
-    def close(self, ok: bool, render_table=None, keep_when_signalled: bool = False) -> None:
+    def close(self, ok: bool, render_table=None, keep_when_signalled: bool = False,
+              together: Sequence[AtomicOutput] = ()) -> None:
         """ok: write what was collected (json, table) and put the file in place, unless a signal is
         pending (Interrupted, nothing put in place; `keep_when_signalled`: in place all the same, for
         a stopped run that keeps what it finished). Not ok: drop the file; never raises then
-        (another error or a signal is on its way)."""
+        (another error or a signal is on its way). `together`: the command's other outputs (--save-memory),
+        written and not yet in place: put in place with this one (`commit_together`), or dropped with it."""
         if not ok:
+            for other in together:
+                other.discard()
             if self._cut:
                 drop_unwritten(self.stream)
             if self._out is not None:
@@ -293,18 +297,36 @@ class Writer:
             self.stream.flush()
             if not keep_when_signalled:
                 self._stop_if_signalled()
-            if self._out is not None:
-                out, self._out = self._out, None
-                out.commit()
+            outs = [o for o in (self._out, *together) if o is not None]
+            self._out = None
+            if together:
+                commit_together(outs)
+            elif outs:
+                outs[0].commit()
         except BrokenPipeError:
-            self.close(False)
+            self.close(False, together=together)
             raise
         except OSError as e:
-            self.close(False)
+            self.close(False, together=together)
             raise RunError(f"cannot write {self.where}: {e.strerror or e}") from None
         except BaseException:
-            self.close(False)
+            self.close(False, together=together)
             raise
+
+
+def commit_together(outputs: Sequence[AtomicOutput]) -> None:
+    """Put every output of a command in place, or none (an interrupted run leaves them all as they were): each is
+    flushed and synced first (a full disk fails here, nothing renamed), then renamed with signals held; a signal
+    that came before is Interrupted (`check`), one held during the renames changes nothing: the command has
+    finished (`common.outputs_committed`)."""
+    for out in outputs:
+        out.sync()
+    with signals_blocked():
+        if pending_signal() is not None:
+            raise Interrupted(pending_signal())
+        for out in outputs:
+            out.commit()
+        outputs_committed()
 
 
 def group(records: list[dict[str, Any]]) -> dict[str, Any]:

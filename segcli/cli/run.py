@@ -14,6 +14,7 @@ from rich.markup import escape
 from .. import distributed
 from ..config import RunConfig
 from ..errors import Stopped
+from ..files import AtomicOutput
 from .common import (
     FormatOpt, Interrupted, MaxTokensOpt, OutputOpt, PolicyOpt, SegmentSizeOpt, StopSignals, err_console, handle_errors, say,
 )
@@ -99,6 +100,9 @@ def write_run(cfg: RunConfig, opts: RunOptions, docs: list[str], world, format: 
         job = CorpusRun(cfg, opts, docs, world, should_stop=signals, blocking=signals.immediate,
                         signum=lambda: signals.signum, outputs={"--output": output}, other_inputs={"--config": config})
         writer = job.agreed(lambda: Writer(fmt, output) if main else None)  # --output: rank 0 writes it
+        memory_out = None  # --save-memory: written after the summary, put in place together with --output
+        if main and opts.save_memory:
+            memory_out = AtomicOutput(opts.save_memory, "--save-memory", binary=True).open()
         spark = SparkBins()
         summary: dict[str, Any] | None = None
         ok = False
@@ -120,10 +124,15 @@ def write_run(cfg: RunConfig, opts: RunOptions, docs: list[str], world, format: 
                         progress.update(task, advance=rec["bytes"], rate=f"{tokens / max(seconds, 1e-9):,.0f} tok/s")
                     elif rec["type"] == "document" and job.bytes_through(rec["index"]) is not None:
                         progress.update(task, completed=job.bytes_through(rec["index"]))  # --max-tokens: past the rest
+            if memory_out is not None and job.memory_file is not None:
+                memory_out.file.write(job.memory_file)
             ok = main
         finally:
             if writer is not None:
-                writer.close(ok, render_table=lambda console, records: render_run_table(console, records, spark))
+                writer.close(ok, render_table=lambda console, records: render_run_table(console, records, spark),
+                             together=[memory_out] if memory_out is not None else [])
+            elif memory_out is not None:
+                memory_out.discard()
     if ok and not quiet and fmt != "table" and err_console.is_terminal:  # the records went to a file or a pipe
         if summary is not None:
             err_console.print(headline(summary), markup=False, highlight=False)

@@ -28,7 +28,7 @@ from ..corpus import Source
 from ..errors import SegcliError, Stopped, UsageError
 from ..files import check_distinct
 from ..reader import Blocking, Reader
-from ..state import check_target, load_memory, save_memory
+from ..state import check_source, check_target, load_memory, memory_file
 from .stream import Stream, Totals, resource_report, span_note
 
 TIMING_FIELDS = ("seconds", "tokens_per_s", "peak_rss_bytes", "peak_cuda_bytes")  # vary run to run; all else is reproducible
@@ -142,8 +142,11 @@ class CorpusRun:
         self.total_bytes: int | None = None  # the documents' bytes (None: unknown up front, a stream read once)
         self._cumulative: list[int] | None = None  # bytes through each document (one process, sizes known)
         self.note: str | None = None  # a note for stderr (the model's trained span exceeded)
+        self.memory_file: bytes | None = None  # --save-memory: the file's bytes once the run is done
         if opts.save_memory:
             check_target(opts.save_memory)
+        if opts.load_memory:
+            check_source(opts.load_memory)  # a FIFO or a device is refused before the model loads
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def prepare(self) -> "CorpusRun":
@@ -237,8 +240,8 @@ class CorpusRun:
             return
         ids = [s.id for s in self.sources]
         extra: dict[str, Any] = dataclasses.asdict(self.opts)  # with the RunConfig: every option of the run
-        if self.opts.save_memory:
-            save_memory(self.opts.save_memory, stream.memory, backend, {"documents": ids, "segment_size": cfg.segment_size})
+        if self.opts.save_memory:  # the command puts it in place with its other outputs, after the summary
+            self.memory_file, _ = memory_file(stream.memory, backend, {"documents": ids, "segment_size": cfg.segment_size})
             extra["memory_file"] = self.opts.save_memory
         yield {"type": "summary", "documents": ids, **totals.summary(), **resources,
                "config": config_block(cfg, backend) | extra}
