@@ -59,6 +59,16 @@ def test_run_writes_segments_and_a_summary_in_a_pipe(ran):
     summary = recs[-1]
     assert summary["documents"] == ["doc.txt"] and summary["tokens"] == sum(r["tokens"] for r in recs[:-1])
     assert summary["bytes"] == (ran["work"] / "doc.txt").stat().st_size and 0 < summary["bits_per_byte"] < 8
+    # README, "Output fields": what it lists for `segment`, its `memory`, and `summary`
+    assert {"document", "segment", "segment_size", "token_start", "token_end", "tokens", "bytes", "nll", "loss", "ppl",
+            "bits_per_byte", "cum_ppl", "seconds", "tokens_per_s", "memory"} <= set(recs[0])
+    assert {"policy", "slots", "capacity", "bytes", "key_norm", "value_norm", "attn_mass_memory", "oldest_age",
+            "tokens_per_slot", "evicted", "mean_age"} <= set(recs[0]["memory"])
+    assert {"documents", "tokens", "bytes", "words", "segments", "nll", "loss", "loss_stderr", "ppl", "ppl_stderr",
+            "bits_per_byte", "word_ppl", "boundary", "loss_by_position", "attn_mass_memory", "seconds",
+            "tokens_per_s", "memory_updates", "max_memory_bytes", "peak_rss_bytes", "config"} <= set(summary)
+    assert {"model", "model_sha256", "tokenizer_sha256", "parameters", "device", "dtype", "bos_prepended",
+            "versions", "threads"} <= set(summary["config"])
 
 
 @pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not on PATH")
