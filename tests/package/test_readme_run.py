@@ -132,6 +132,24 @@ def test_the_policy_table_lists_what_segcli_policies_lists():
     assert [line.split("`")[1] for line in table.splitlines()[2:]] == listed
 
 
+def test_the_readme_lists_every_option_of_run():
+    """README's "Options of `segcli run`" paragraph names each of its long options, and only those."""
+    import re
+
+    import click
+    import typer.main
+
+    from segcli.cli import app
+
+    group = typer.main.get_command(app)
+    run = group.get_command(click.Context(group), "run")
+    actual = {o for p in run.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")} - {"--help"}
+    text = rc.README.read_text(encoding="utf-8")
+    start = text.index("Options of `segcli run`")
+    listed = set(re.findall(r"--[a-z][a-z0-9-]*", text[start: text.index("\n\n", start)]))
+    assert listed == actual - {"--no-trust-remote-code"}
+
+
 def test_the_script_skips_what_cannot_run_here_with_a_reason():
     """Every README command is either run by the script or skipped with a reason; the network ones are skipped."""
     commands = rc.shell_commands()
