@@ -16,7 +16,9 @@ import torch
 from ..config import RunConfig
 from ..errors import UsageError
 from ..ops.layout import column_major_linears
-from .folder_checks import captured_warnings, check_bound_fits, check_folder, check_weights, reason
+from .folder_checks import (
+    captured_warnings, check_bound_fits, check_folder, check_model_name, check_weights, reason,
+)
 from .base import BUNDLED_DIR, Backend, resolve_device, resolve_dtype, resolve_model_dir
 from .gguf import SHORT_NAMES, convert, gguf_file_of, short_name_path
 
@@ -82,6 +84,7 @@ def load_backend(cfg: RunConfig, guard: bool = True) -> Backend:
 def _load(cfg: RunConfig, device: torch.device, dtype: torch.dtype, guard: bool) -> Backend:
     from .native import seglm_config
 
+    check_model_name(cfg.model)
     source = gguf_source(cfg.model)
     converted = convert(source) if source is not None else None
     path = converted.folder if converted else resolve_model_dir(cfg.model, cfg.revision)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import stat
 import warnings
 from pathlib import Path
@@ -381,8 +382,11 @@ def refuse_incomplete(where: Path, info: dict | None) -> None:
 def captured_warnings() -> Iterator[list[str]]:
     """Warnings raised inside (torch's, transformers', safetensors') kept as lines in the yielded list instead of
     printed: a load's outcome is one line, its data or its error. An error leaving the block carries them as notes,
-    which a --debug traceback shows."""
+    which a --debug traceback shows. Under --debug (SEGCLI_DEBUG=1) they are printed as they come."""
     lines: list[str] = []
+    if os.environ.get("SEGCLI_DEBUG"):
+        yield lines
+        return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -402,3 +406,18 @@ def _lines(caught) -> list[str]:
         if line not in out:
             out.append(line)
     return out
+
+
+NAME_MAX, PATH_MAX = 255, 4096  # the longest file name and path Linux opens (bytes)
+
+
+def check_model_name(model: str | None) -> None:
+    """A --model that no file system could hold (a part over NAME_MAX bytes, the whole over PATH_MAX) is refused as
+    what it is, before it reaches open() as "File name too long" (exit 1)."""
+    if model is None:
+        return
+    raw = model.encode("utf-8", "surrogateescape")
+    longest = max((len(part) for part in raw.split(b"/")), default=0)
+    if len(raw) > PATH_MAX or longest > NAME_MAX:
+        raise UsageError(f"--model: a name of {len(model):,} characters is no model folder, GGUF file or hub id "
+                         f"(paths hold at most {PATH_MAX} bytes, {NAME_MAX} per name); give a shorter one")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import os
 import platform
 import signal
 import sys
@@ -97,7 +98,8 @@ OutputOpt = Annotated[Optional[str], typer.Option(
     "--output", "-o", metavar="FILE", help="Write results to FILE (atomically) instead of stdout.")]
 SeedOpt = Annotated[Optional[int], typer.Option(metavar="N", help=f"Random seed. {default('seed')}")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages on stderr.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors, and the libraries' warnings.")]
+DEBUG_ENV = "SEGCLI_DEBUG"  # set by --debug: library code shows what it would otherwise keep quiet
 ErrorsOpt = Annotated[Optional[Errors], typer.Option(
     help=f"Invalid UTF-8: strict (error, exit 2) or replace (U+FFFD). {default('errors')}")]
 MaxTokensOpt = Annotated[Optional[int], typer.Option(
@@ -398,50 +400,73 @@ def handle_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         debug = kwargs.get("debug", False)
-        torch = sys.modules.get("torch")
-        threads = torch.get_num_threads() if torch is not None else None
-        try:
-            guard_std_streams()
-            with command_signals(), torch_threads_restored(threads):
-                return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort):
-            raise
-        except Interrupted as e:
-            if debug:
-                raise
-            say(e.message())
-            pass_on(e.signum)
-            raise typer.Exit(e.exit_code) from None
-        except PeerFailure as e:  # another rank of a torchrun run failed; rank 0 prints the error
-            raise typer.Exit(e.exit_code) from None
-        except SegcliError as e:
-            if debug:
-                raise
-            fail(str(e), e.exit_code)
-        except BrokenPipeError:
-            quiet_broken_pipe()
-        except KeyboardInterrupt:
-            if debug:
-                raise
-            say("segcli: interrupted by SIGINT")
-            raise typer.Exit(130) from None
-        except RecursionError:
-            if debug:
-                raise
-            fail("RecursionError: something is nested too deeply (rerun with --debug for the traceback)", 1)
-        except MemoryError as e:
-            if debug:
-                raise
-            detail = f" ({str(e).splitlines()[0]})" if str(e) else ""
-            fail(f"out of memory{detail}; try a smaller --memory-size, --segment-size or --max-tokens "
-                 "(rerun with --debug for the traceback)", 1)
-        except Exception as e:  # noqa: BLE001 - the last line of defence
-            if debug:
-                raise
-            first = str(e).splitlines()[0] if str(e) else ""
-            fail(f"{type(e).__name__}: {first} (rerun with --debug for the traceback)", 1)
+        with debug_env(debug):
+            return _handled(fn, debug, *args, **kwargs)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def debug_env(debug: bool) -> Iterator[None]:
+    """Under --debug, SEGCLI_DEBUG=1 for the command: library warnings (while loading a model) are shown, not kept
+    quiet (backends.folder_checks); the environment as it was afterwards (a command run in-process)."""
+    old = os.environ.get(DEBUG_ENV)
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+    try:
+        yield
+    finally:
+        if debug:
+            if old is None:
+                os.environ.pop(DEBUG_ENV, None)
+            else:
+                os.environ[DEBUG_ENV] = old
+
+
+def _handled(fn: Callable, debug: bool, /, *args, **kwargs):
+    """`fn`, with one stderr line and the contract's exit code per error."""
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        guard_std_streams()
+        with command_signals(), torch_threads_restored(threads):
+            return fn(*args, **kwargs)
+    except (typer.Exit, typer.Abort):
+        raise
+    except Interrupted as e:
+        if debug:
+            raise
+        say(e.message())
+        pass_on(e.signum)
+        raise typer.Exit(e.exit_code) from None
+    except PeerFailure as e:  # another rank of a torchrun run failed; rank 0 prints the error
+        raise typer.Exit(e.exit_code) from None
+    except SegcliError as e:
+        if debug:
+            raise
+        fail(str(e), e.exit_code)
+    except BrokenPipeError:
+        quiet_broken_pipe()
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        say("segcli: interrupted by SIGINT")
+        raise typer.Exit(130) from None
+    except RecursionError:
+        if debug:
+            raise
+        fail("RecursionError: something is nested too deeply (rerun with --debug for the traceback)", 1)
+    except MemoryError as e:
+        if debug:
+            raise
+        detail = f" ({str(e).splitlines()[0]})" if str(e) else ""
+        fail(f"out of memory{detail}; try a smaller --memory-size, --segment-size or --max-tokens "
+             "(rerun with --debug for the traceback)", 1)
+    except Exception as e:  # noqa: BLE001 - the last line of defence
+        if debug:
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        fail(f"{type(e).__name__}: {first} (rerun with --debug for the traceback)", 1)
 
 
 def quiet_broken_pipe() -> None:

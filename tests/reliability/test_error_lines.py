@@ -56,8 +56,15 @@ def doc(tmp_path):
 def test_huge_model_string_is_one_short_line(doc):
     res = runner.invoke(app, ["run", str(doc), "--model", "x" * 1_000_000, "-q"])
     lines = stderr_lines(res.stderr)
-    assert res.exit_code in (1, 2) and len(lines) == 1, res.stderr[:2000]
-    assert lines[0].startswith("segcli: error: ") and "xxxx…xxxx" in lines[0] and len(lines[0]) <= MAX_MESSAGE
+    assert res.exit_code == 2 and len(lines) == 1, res.stderr[:2000]  # a usage error, not open()'s "name too long"
+    assert lines[0] == ("segcli: error: --model: a name of 1,000,000 characters is no model folder, GGUF file or hub "
+                        "id (paths hold at most 4096 bytes, 255 per name); give a shorter one")
+
+
+@pytest.mark.parametrize("name", ["d/" + "x" * 256, "/".join(["abc"] * 1100)])
+def test_a_model_name_no_file_system_holds_is_a_usage_error(doc, name):
+    res = runner.invoke(app, ["run", str(doc), "--model", name, "-q"])
+    assert res.exit_code == 2 and "is no model folder, GGUF file or hub id" in res.stderr
 
 
 def test_yaml_model_with_a_newline_cannot_forge_a_line(doc, tmp_path):

@@ -388,6 +388,23 @@ def test_warnings_while_loading_are_kept_off_stderr_and_on_the_error():
         "warning while loading: UserWarning: zero-element tensors")
 
 
+def test_warnings_while_loading_are_shown_under_debug(monkeypatch):
+    monkeypatch.setenv("SEGCLI_DEBUG", "1")  # what --debug sets for the command (cli.common.debug_env)
+    with pytest.warns(UserWarning, match="shown"):
+        with fc.captured_warnings() as lines:
+            warnings.warn("shown", UserWarning)
+    assert lines == []
+
+
+def test_debug_env_is_the_commands_only(monkeypatch):
+    from segcli.cli.common import debug_env
+
+    monkeypatch.delenv("SEGCLI_DEBUG", raising=False)
+    with debug_env(True):
+        assert os.environ["SEGCLI_DEBUG"] == "1"
+    assert "SEGCLI_DEBUG" not in os.environ
+
+
 def test_reason_drops_exception_names():
     assert fc.reason(RuntimeError("Error while deserializing header: x\nmore")) == "Error while deserializing header: x"
     assert fc.reason(ValueError("Class validation error for validator 'v':\n    ValueError: hidden 64 heads 5")) == \
