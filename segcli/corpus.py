@@ -10,6 +10,7 @@ inputs to the same list; documents are then addressed by their index in it.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,15 +99,48 @@ def scan_jsonl(path: Path, field: str, errors: str, max_line_bytes: int) -> list
     return out
 
 
+def check_glob(pattern: str) -> None:
+    """Refuse (exit 2) a --glob that would leave the folder it is matched in: an absolute pattern
+    or one with a '..' component."""
+    parts = pattern.replace(os.sep, "/").split("/")
+    if os.path.isabs(pattern) or pattern.startswith("/"):
+        fixed = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts) - 1)
+        folder, rest = "/".join(parts[:fixed]) or "/", "/".join(parts[fixed:]) or "*.txt"
+        raise UsageError(f"--glob {pattern!r}: an absolute pattern; --glob is matched inside each input folder, so "
+                         f"give the folder as an input and a pattern inside it (e.g. segcli run {folder} --glob "
+                         f"'{rest}')")
+    if ".." in parts:
+        raise UsageError(f"--glob {pattern!r}: a '..' component leaves the folder; give the other folder as an input "
+                         "instead, with a pattern inside it (e.g. segcli run ../other --glob '*.txt')")
+
+
+def _inside(path: Path, root: str) -> bool:
+    real = os.path.realpath(path)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
 def expand_folder(folder: Path, pattern: str) -> list[Path]:
-    """Files under `folder` matching `pattern` (`**` recurses), sorted by their path inside it."""
+    """Files under `folder` matching `pattern` (`**` recurses), sorted by their path inside it.
+
+    The pattern stays inside the folder: an absolute one or one with a '..' component is refused
+    (exit 2; give the other folder as an input instead). A match is read where it is reached
+    through folders that are inside `folder` once symbolic links are followed; a match reached
+    through a symbolic link to a folder elsewhere (`data/shared -> /srv/shared`, matched by
+    '*/*.txt') is skipped, as `**` never enters such a link: give that folder as an input to
+    read it. The match itself may be a symbolic link to a file anywhere: a link the user put in
+    the folder is a file of the folder."""
+    check_glob(pattern)
     try:
         found = [p for p in folder.glob(pattern) if p.is_file()]
-    except ValueError as e:  # e.g. an empty or absolute pattern
+    except ValueError as e:  # e.g. an empty pattern
         raise UsageError(f"--glob {pattern!r}: {e}") from None
-    if not found:
-        raise UsageError(f"{folder}: no files match --glob {pattern!r} (use '**/*.txt' to search subfolders)")
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+    root = os.path.realpath(folder)
+    kept = [p for p in found if _inside(p.parent, root)]
+    if not kept:
+        outside = f"; {len(found)} match(es) lie in symbolically linked folders outside it (give such a folder as " \
+                  "an input to read it)" if found else " (use '**/*.txt' to search subfolders)"
+        raise UsageError(f"{folder}: no files match --glob {pattern!r}{outside}")
+    return sorted(kept, key=lambda p: p.relative_to(folder).as_posix())
 
 
 def expand(inputs: list[str], glob: str = "*.txt", jsonl_field: str = "text", errors: str = "strict",
