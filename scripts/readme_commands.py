@@ -31,6 +31,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -268,7 +269,9 @@ def environment() -> dict[str, str]:
 
 def _first_error(stderr: str) -> str:
     lines = [x.strip() for x in stderr.splitlines() if x.strip()]
-    errors = [x for x in lines if re.search(r"error|Error|Traceback", x)]
+    if any(x.startswith("Traceback") for x in lines):  # a crash: its exception, the last line
+        return lines[-1][:200]
+    errors = [x for x in lines if re.search(r"error|Error", x)]
     return (errors or lines or ["(nothing on stderr)"])[0][:200]
 
 
@@ -288,20 +291,27 @@ def run(cmd: Command, work: Path, small_tokens: int | None = None, timeout: floa
     os.close(fd)
     script = "\n".join([*cmd.setup, text, f'printf "%s " "${{PIPESTATUS[@]}}" > {shlex.quote(status_file)}'])
     t0 = time.monotonic()
+    # its own process group, so that a timeout or Ctrl-C ends the whole pipeline, torchrun's workers included
+    p = subprocess.Popen(["bash", "-c", script], cwd=work, env=environment(), text=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        p = subprocess.run(["bash", "-c", script], cwd=work, env=environment(), text=True, capture_output=True,
-                           stdin=subprocess.DEVNULL, timeout=timeout)
+        stdout, stderr = p.communicate(timeout=timeout)
         stages = [int(x) for x in Path(status_file).read_text().split()] or [p.returncode]
-    except subprocess.TimeoutExpired as e:
-        return Result(text, "FAIL", time.monotonic() - t0, f"timed out after {timeout:.0f} s",
-                      stderr=e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or ""))
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        stdout, stderr = p.communicate()
+        return Result(text, "FAIL", time.monotonic() - t0, f"timed out after {timeout:.0f} s", stdout=stdout,
+                      stderr=stderr)
     finally:
+        if p.poll() is None:  # interrupted: end what it started
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
         os.unlink(status_file)
     secs = time.monotonic() - t0
     code = next((s for s in stages if s not in (0, 141)), stages[-1])
-    res = Result(text, "ok", secs, returncode=code, stdout=p.stdout, stderr=p.stderr)
+    res = Result(text, "ok", secs, returncode=code, stdout=stdout, stderr=stderr)
     if code != 0:
-        res.status, res.why = "FAIL", f"exit {code}: {_first_error(p.stderr)}"
+        res.status, res.why = "FAIL", f"exit {code}: {_first_error(stderr)}"
     else:
         missing = [n for n in expected if not (work / n).is_file() or (work / n).stat().st_size == 0]
         if missing:
