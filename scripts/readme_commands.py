@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run every shell command of the README's ```sh / ```bash blocks, in order, in a temporary working folder.
 
-    python scripts/readme_commands.py --small        # every command that can run here, on small inputs (~3 min)
+    python scripts/readme_commands.py --small        # every command that can run here, on small inputs (2-4 min on 2 cores)
     python scripts/readme_commands.py                # as written (the sample documents whole: many minutes)
     python scripts/readme_commands.py --list         # what would run, what is skipped and why; runs nothing
 
