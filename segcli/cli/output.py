@@ -23,6 +23,7 @@ from typing import Any, Sequence, TextIO
 
 from rich.cells import cell_len
 from rich.console import Console
+from rich.segment import Segment, Segments
 from rich.table import Table
 from rich.text import Text
 
@@ -95,6 +96,16 @@ def default_format(requested: str | None, output: str | None) -> str:
 def _isatty(stream: Any) -> bool:
     try:
         return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def same_terminal(a: Any, b: Any) -> bool:
+    """Whether streams `a` and `b` write to one terminal (the same object, or descriptors on the same device)."""
+    if a is b:
+        return _isatty(a)
+    try:
+        return _isatty(a) and _isatty(b) and os.path.samestat(os.fstat(a.fileno()), os.fstat(b.fileno()))
     except (AttributeError, ValueError, OSError):
         return False
 
@@ -257,6 +268,32 @@ class Writer:
             with output_write() if self._kind == "device" else contextlib.nullcontext():
                 draw(self.stream)
                 self.stream.flush()
+        except (Interrupted, KeyboardInterrupt):
+            self._cut = True
+            raise
+
+    # -- a table shown as it comes -------------------------------------------------
+    @property
+    def on_terminal(self) -> bool:
+        """A table for a terminal: its rows can be shown as they come (`terminal`, `show`). To a file or a pipe the
+        whole table is written at `close`, as it always was."""
+        return self.fmt == "table" and _isatty(self.stream)
+
+    def terminal(self, beside: Console | None = None) -> Console:
+        """The console that shows rows as they come: `beside` (the progress bar's, on stderr) when it is drawing on
+        the same terminal as this stream, so that rich redraws the bar below each row instead of tearing it; else
+        a console on this stream."""
+        if beside is not None and beside.is_terminal and same_terminal(self.stream, beside.file):
+            return beside
+        return PipeConsole(file=self.stream)
+
+    def show(self, console: Console, renderable: Any) -> None:
+        """Print `renderable` on `console` (`terminal`) now; a terminal held by ^S: a signal stops at once
+        (`common.output_write`), and the stream's leftovers are dropped at close."""
+        try:
+            with output_write():
+                console.print(renderable)
+                console.file.flush()
         except (Interrupted, KeyboardInterrupt):
             self._cut = True
             raise
@@ -481,38 +518,60 @@ def table_width(widths: list[int]) -> int:
     return sum(widths) + 3 * len(widths) + 1
 
 
-def fitted_table(title: str, cols: list[Col], rows: list[list[Any]], width: int) -> tuple[Table | None, list[str]]:
-    """A table of `rows` that fits `width` characters with every number whole: columns are dropped (highest `drop`
-    first) until it fits; returns the table (None when even the `drop` 0 columns do not fit: show the rows one by
-    one, see `vertical_rows`) and the names of the columns left out."""
+def _longest(rows: list[list[Any]], i: int) -> int:
+    return max((_cell_width(r[i]) for r in rows), default=0)
+
+
+def _fit(cols: list[Col], widths: list[int], longest: list[int], width: int) -> tuple[list[int], list[int]] | None:
+    """Which columns fit `width` characters, and how wide each kept one is drawn: columns are dropped (highest `drop`
+    first) until the table fits, room left over unwraps headers, then widens free text up to its `longest` cell.
+    `widths`: each column's own width (`_widths`). None: even the `drop` 0 columns do not fit."""
     keep = list(range(len(cols)))
-    widths = _widths(cols, rows)
+    widths = list(widths)
     while table_width([widths[i] for i in keep]) > width:
         droppable = [i for i in keep if cols[i].drop > 0]
         if not droppable:
-            return None, [c.name for c in cols]
+            return None
         keep.remove(max(droppable, key=lambda i: (cols[i].drop, i)))
-    dropped = [cols[i].name for i in range(len(cols)) if i not in keep]
     spare = width - table_width([widths[i] for i in keep])
     for i in keep:  # room left over unwraps headers, left to right
         if not cols[i].text and spare > 0 and cell_len(cols[i].name) > widths[i]:
             extra = min(cell_len(cols[i].name) - widths[i], spare)
             widths[i] += extra
             spare -= extra
-    table = PlainTable(title=Text(title), title_justify="left", header_style="bold")
-    for i in keep:
-        c, w = cols[i], widths[i]
-        if c.text:  # free text takes what room is left, up to its longest cell
-            cells = max((_cell_width(r[i]) for r in rows), default=0)
-            extra = min(max(cells - w, 0), spare)
+    for i in keep:  # free text takes what room is left, up to its longest cell
+        if cols[i].text:
+            extra = min(max(longest[i] - widths[i], 0), spare)
             spare -= extra
-            table.add_column(Text(_header(c.name, w + extra)), justify=c.justify, width=w + extra,  # type: ignore[arg-type]
-                             overflow="fold")
+            widths[i] += extra
+    return keep, [widths[i] for i in keep]
+
+
+def _drawn_table(title: str | None, cols: list[Col], keep: list[int], widths: list[int], rows: list[list[Any]],
+                 show_header: bool = True) -> Table:
+    """The table of `rows` with the columns `keep`, drawn `widths` wide (`_fit`)."""
+    table = PlainTable(title=None if title is None else Text(title), title_justify="left", header_style="bold",
+                       show_header=show_header)
+    for i, w in zip(keep, widths):
+        c = cols[i]
+        if c.text:
+            table.add_column(Text(_header(c.name, w)), justify=c.justify, width=w, overflow="fold")  # type: ignore[arg-type]
         else:
             table.add_column(Text(_header(c.name, w)), justify=c.justify, width=w, no_wrap=True)  # type: ignore[arg-type]
     for r in rows:
         table.add_row(*(r[i] for i in keep))
-    return table, dropped
+    return table
+
+
+def fitted_table(title: str, cols: list[Col], rows: list[list[Any]], width: int) -> tuple[Table | None, list[str]]:
+    """A table of `rows` that fits `width` characters with every number whole: columns are dropped (highest `drop`
+    first) until it fits; returns the table (None when even the `drop` 0 columns do not fit: show the rows one by
+    one, see `vertical_rows`) and the names of the columns left out."""
+    fit = _fit(cols, _widths(cols, rows), [_longest(rows, i) for i in range(len(cols))], width)
+    if fit is None:
+        return None, [c.name for c in cols]
+    keep, widths = fit
+    return _drawn_table(title, cols, keep, widths, rows), [cols[i].name for i in range(len(cols)) if i not in keep]
 
 
 def vertical_rows(cols: list[Col], rows: list[list[Any]]) -> list[Text]:
@@ -544,3 +603,89 @@ def print_fitted(console: Console, title: str, cols: list[Col], rows: list[list[
         console.print(Text(f"not shown at this width: {', '.join(dropped)} (--format jsonl has every field)",
                            style="dim"))
     return dropped
+
+
+class LiveTable:
+    """A fitted table (`print_fitted`) shown a row at a time, as its rows come: the title and header with the first
+    row, each row when it is added, the bottom rule and the note on left-out columns at `end()`; drawn as the
+    whole table would be, line for line.
+
+    The rows are not known when the header is drawn, so the columns are fitted to `sample` rows: the widest cells
+    the caller expects (every document's name, the last segment's token range, a loss of 99.9999). A later cell
+    wider than its column widens the column and starts a new header below (a number is never cut). Too narrow
+    even for the `drop` 0 columns: the title once, then each row as one block (`vertical_rows`). `show(renderable)`
+    prints (by default `console.print`; a caller passes its own to guard the write or share a progress bar)."""
+
+    def __init__(self, console: Console, title: str, cols: list[Col], sample: list[list[Any]], show=None):
+        self.console, self.title, self.cols = console, title, cols
+        self.show = show or console.print
+        self.width = console.width
+        self.widths = _widths(cols, sample)
+        self.longest = [_longest(sample, i) for i in range(len(cols))]
+        self.fit: tuple[list[int], list[int]] | None = None  # the columns kept and their drawn widths, once started
+        self.started = self.vertical = False
+
+    @property
+    def dropped(self) -> list[str]:
+        keep = self.fit[0] if self.fit is not None else []
+        return [] if self.vertical else [c.name for i, c in enumerate(self.cols) if i not in keep]
+
+    def _lines(self, table: Table) -> list[list[Segment]]:
+        return list(Segment.split_lines(self.console.render(table, self.console.options.update(width=self.width))))
+
+    def _print_lines(self, lines: list[list[Segment]]) -> None:
+        self.show(Segments([seg for line in lines for seg in (*line, Segment.line())]))
+
+    def _header(self, title: str | None) -> list[list[Segment]]:
+        """The title, top rule, header and header rule of the table (a table of no rows, less its bottom rule)."""
+        assert self.fit is not None
+        return self._lines(_drawn_table(title, self.cols, *self.fit, []))[:-1]
+
+    def _body(self, row: list[Any]) -> list[list[Segment]]:
+        """The lines of one row, between the rules (a header-less table of that row, less its top and bottom)."""
+        assert self.fit is not None
+        return self._lines(_drawn_table(None, self.cols, *self.fit, [row], show_header=False))[1:-1]
+
+    def _bottom(self) -> list[list[Segment]]:
+        assert self.fit is not None
+        return self._lines(_drawn_table(None, self.cols, *self.fit, [], show_header=False))[-1:]
+
+    def _refit(self) -> None:
+        fit = _fit(self.cols, self.widths, self.longest, self.width)
+        self.fit, self.vertical = fit, fit is None
+
+    def add(self, row: list[Any]) -> None:
+        for i, c in enumerate(self.cols):  # a cell wider than its column widens it (free text wraps instead)
+            if not c.text:
+                self.widths[i] = max(self.widths[i], _cell_width(row[i]))
+            self.longest[i] = max(self.longest[i], _cell_width(row[i]))
+        lines: list[list[Segment]] = []
+        if not self.started:
+            self.started = True
+            self._refit()
+            if self.vertical:
+                self.show(Text(self.title, style="bold"))
+            else:
+                lines = self._header(self.title)
+        elif not self.vertical:
+            keep, drawn = self.fit  # type: ignore[misc]
+            if any(self.widths[i] > w for i, w in zip(keep, drawn) if not self.cols[i].text):
+                lines = self._bottom()  # this table ends; a wider one starts below, under a header of its own
+                self._refit()
+                if not self.vertical:
+                    lines += self._header(None)
+        if self.vertical:
+            if lines:
+                self._print_lines(lines)
+            self.show(vertical_rows(self.cols, [row])[0])
+            return
+        self._print_lines(lines + self._body(row))
+
+    def end(self) -> None:
+        """The bottom rule and, when columns were left out, the note that names them (nothing if no row came)."""
+        if not self.started or self.vertical:
+            return
+        self._print_lines(self._bottom())
+        if self.dropped:
+            self.show(Text(f"not shown at this width: {', '.join(self.dropped)} (--format jsonl has every field)",
+                           style="dim"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 
@@ -19,10 +20,12 @@ from .common import (
     FormatOpt, Interrupted, MaxTokensOpt, OutputOpt, PolicyOpt, SegmentSizeOpt, StopSignals, err_console, handle_errors, say,
 )
 from .options import RUN_OPTIONS, OutputOptions, arguments, build_configs, make_progress, shared_options
-from .output import Col, SparkBins, Writer, default_format, fmt_bytes, fmt_num, new_table, print_fitted
+from .output import (
+    Col, LiveTable, SparkBins, Writer, default_format, fmt_bytes, fmt_num, new_table, print_fitted,
+)
 
 if TYPE_CHECKING:
-    from ..engine.run import RunOptions
+    from ..engine.run import CorpusRun, RunOptions
 
 
 @shared_options(*RUN_OPTIONS)
@@ -105,6 +108,7 @@ def write_run(cfg: RunConfig, opts: RunOptions, docs: list[str], world, format: 
             memory_out = AtomicOutput(opts.save_memory, "--save-memory", binary=True).open()
         spark = SparkBins()
         summary: dict[str, Any] | None = None
+        live: LiveRunTable | None = None  # the table shown as it comes (a terminal), else drawn whole at close
         ok = False
         try:
             job.prepare()
@@ -113,9 +117,14 @@ def write_run(cfg: RunConfig, opts: RunOptions, docs: list[str], world, format: 
             # progress in the documents' bytes: known from their sizes, so nothing is read twice to count it
             with make_progress(quiet, job.total_bytes, in_bytes=True) as progress, signals.deferred():
                 task = progress.add_task(escape(f"{cfg.memory} n_s={cfg.segment_size}"), total=job.total_bytes, rate="")
+                if writer is not None and writer.on_terminal:  # rows as they come, above the bar when it shares the terminal
+                    live = LiveRunTable(writer, writer.terminal(None if progress.disable else progress.console), job,
+                                        opts.max_tokens)
                 tokens, seconds = 0, 0.0
                 for rec in job.records():
                     writer.write(rec)
+                    if live is not None:
+                        live.add(rec)
                     if rec["type"] == "summary":
                         summary = rec
                     if rec["type"] == "segment":
@@ -129,7 +138,8 @@ def write_run(cfg: RunConfig, opts: RunOptions, docs: list[str], world, format: 
             ok = main
         finally:
             if writer is not None:
-                writer.close(ok, render_table=lambda console, records: render_run_table(console, records, spark),
+                draw = live.finish if live is not None else render_run_table  # a live table: its end and the summary
+                writer.close(ok, render_table=lambda console, records: draw(console, records, spark),
                              together=[memory_out] if memory_out is not None else [])
             elif memory_out is not None:
                 memory_out.discard()
@@ -149,36 +159,93 @@ def headline(s: dict[str, Any]) -> str:
             f"ppl {fmt_num(s['ppl'], 3)} ± {fmt_num(s['ppl_stderr'], 3)} · {fmt_num(s['tokens_per_s'], 0)} tok/s")
 
 
+# on a narrow console the low-priority columns go first (`drop`), never digits of a number
+SEGMENT_COLS = [Col("seg"), Col("tokens", drop=4), Col("loss"), Col("ppl", drop=2), Col("bits/byte"), Col("cum ppl", drop=5),
+                Col("slots", drop=7), Col("mem bytes", drop=6), Col("attn→mem", drop=3), Col("tok/s", drop=1)]
+DOCUMENT_COLS = [Col("#"), Col("document", "left", text=True), Col("tokens", drop=3), Col("loss"), Col("ppl", drop=2),
+                 Col("bits/byte"), Col("attn→mem", drop=4), Col("loss per segment", "left", drop=5)]
+DOC_SPARK = 24  # marks in a document's 'loss per segment'
+
+
+def segment_row(r: dict[str, Any]) -> list[str]:
+    m = r["memory"]
+    cap = "∞" if m["capacity"] is None else m["capacity"]
+    return [str(r["segment"]), f"{r['token_start']}–{r['token_end']}", fmt_num(r["loss"]), fmt_num(r["ppl"], 2),
+            fmt_num(r["bits_per_byte"]), fmt_num(r["cum_ppl"], 2), f"{m['slots']}/{cap}", fmt_bytes(m["bytes"]),
+            fmt_num(m["attn_mass_memory"], 3), fmt_num(r["tokens_per_s"], 0)]
+
+
+def document_row(d: dict[str, Any], bins: SparkBins) -> list[str]:
+    return [str(d["index"]), d["document"], str(d["tokens"]), fmt_num(d["loss"]), fmt_num(d["ppl"], 2),
+            fmt_num(d["bits_per_byte"]), fmt_num(d["attn_mass_memory"], 3), bins.render()]
+
+
+class LiveRunTable:
+    """run's table on a terminal, shown as the run goes: a row as each segment finishes (one document), or as each
+    document does (a corpus: the 'documents' table), the header with the first; `finish` adds the bottom rule, the
+    note on left-out columns and the summary block. Drawn as `render_run_table` draws the whole table, its columns
+    fitted to the widest rows expected (`sample`), since the rows are not known yet."""
+
+    def __init__(self, writer: Writer, console: Console, job: CorpusRun, max_tokens: int | None):
+        self.writer, self.console, self.job = writer, console, job
+        self.corpus = len(job.sources) > 1
+        # a token holds at least a byte of its document (one more for a BOS): the widest token count to expect
+        bound = job.total_bytes + 1 if job.total_bytes is not None else 99_999  # a stream: unknown, widened if need be
+        self.max_tokens = min(bound, max_tokens) if max_tokens else bound
+        self.table: LiveTable | None = None  # started by the first row, whose cells the sample takes too
+        self.bins: dict[str, SparkBins] = {}  # a corpus: each document's loss per segment
+
+    def sample(self, first: list[str], rec: dict[str, Any]) -> list[list[str]]:
+        """The widest cells expected: the last segment's numbers, a loss to 9.9999 and a perplexity to 9999.99
+        (a wider one widens its column), memory to 999.9 MiB, every document's name."""
+        n = self.max_tokens
+        if self.corpus:
+            name = max((s.id for s in self.job.sources), key=cell_len)
+            return [first, [str(len(self.job.sources) - 1), name, str(n), "9.9999", "9999.99", "9.9999", "0.000",
+                            "▁" * DOC_SPARK]]
+        cap = rec["memory"]["capacity"]
+        slots = f"{n}/∞" if cap is None else f"{cap}/{cap}"
+        return [first, [str(n // max(rec["segment_size"], 1)), f"{n}–{n}", "9.9999", "9999.99", "9.9999", "9999.99",
+                        slots, "999.9 MiB", "0.000", "99999"]]
+
+    def add(self, rec: dict[str, Any]) -> None:
+        if rec["type"] == "segment" and self.corpus:
+            self.bins.setdefault(rec["document"], SparkBins(DOC_SPARK)).add(rec["nll"], rec["tokens"])
+            return
+        if rec["type"] != ("document" if self.corpus else "segment"):
+            return
+        row = document_row(rec, self.bins.get(rec["document"], SparkBins(DOC_SPARK))) if self.corpus else segment_row(rec)
+        if self.table is None:
+            title, cols = ("documents", DOCUMENT_COLS) if self.corpus else ("segments", SEGMENT_COLS)
+            self.table = LiveTable(self.console, title, cols, self.sample(row, rec),
+                                   show=lambda r: self.writer.show(self.console, r))
+        self.table.add(row)
+
+    def finish(self, console: Console, records: list[dict[str, Any]], spark: SparkBins | None = None) -> None:
+        if self.table is not None:
+            self.table.end()
+        render_summary(console, records, spark)
+
+
 def render_run_table(console: Console, records: list[dict[str, Any]], spark: SparkBins | None = None) -> None:
     segs = [r for r in records if r["type"] == "segment"]
     documents = [r for r in records if r["type"] == "document"]
     if documents:  # a corpus: one row per document (the segments are in --format jsonl)
-        by_doc: dict[str, list[float | None]] = {}
-        for r in segs:
-            by_doc.setdefault(r["document"], []).append(r["loss"])
-        cols = [Col("#"), Col("document", "left", text=True), Col("tokens", drop=3), Col("loss"), Col("ppl", drop=2),
-                Col("bits/byte"), Col("attn→mem", drop=4), Col("loss per segment", "left", drop=5)]
         rows = []
         for d in documents:
-            bins = SparkBins(24)
+            bins = SparkBins(DOC_SPARK)
             for r in (r for r in segs if r["document"] == d["document"]):
                 bins.add(r["nll"], r["tokens"])
-            rows.append([str(d["index"]), d["document"], str(d["tokens"]), fmt_num(d["loss"]), fmt_num(d["ppl"], 2),
-                         fmt_num(d["bits_per_byte"]), fmt_num(d["attn_mass_memory"], 3), bins.render()])
-        print_fitted(console, "documents", cols, rows)
-    else:  # on a narrow console the low-priority columns go first (`drop`), never digits of a number
-        cols = [Col("seg"), Col("tokens", drop=4), Col("loss"), Col("ppl", drop=2), Col("bits/byte"),
-                Col("cum ppl", drop=5), Col("slots", drop=7), Col("mem bytes", drop=6), Col("attn→mem", drop=3),
-                Col("tok/s", drop=1)]
-        rows = []
-        for r in segs:
-            m = r["memory"]
-            cap = "∞" if m["capacity"] is None else m["capacity"]
-            rows.append([str(r["segment"]), f"{r['token_start']}–{r['token_end']}", fmt_num(r["loss"]),
-                         fmt_num(r["ppl"], 2), fmt_num(r["bits_per_byte"]), fmt_num(r["cum_ppl"], 2),
-                         f"{m['slots']}/{cap}", fmt_bytes(m["bytes"]), fmt_num(m["attn_mass_memory"], 3),
-                         fmt_num(r["tokens_per_s"], 0)])
-        print_fitted(console, "segments", cols, rows)
+            rows.append(document_row(d, bins))
+        print_fitted(console, "documents", DOCUMENT_COLS, rows)
+    else:
+        print_fitted(console, "segments", SEGMENT_COLS, [segment_row(r) for r in segs])
+    render_summary(console, records, spark)
+
+
+def render_summary(console: Console, records: list[dict[str, Any]], spark: SparkBins | None = None) -> None:
+    """The summary block under run's table (its 'documents' row for a corpus), then the loss sparkline."""
+    documents = any(r["type"] == "document" for r in records)
     for s in (r for r in records if r["type"] == "summary"):
         cfg = s["config"]
         b = s["boundary"]
