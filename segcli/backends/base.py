@@ -104,6 +104,11 @@ class Backend:
                 return fast
         return memory.stats()
 
+    def row_memory(self, memory, b: int, batch: int) -> Any | None:
+        """Stream `b` of a memory of `batch` streams (`new_memory(cfg, batch)`), for its statistics; None where this
+        backend's memory has no such view (then documents are not batched: `engine.stream.one_segment_batch`)."""
+        return None
+
     def sliding_window(self, memory, segment_size: int) -> int | None:
         """W when streaming `memory` at `segment_size` (1) is a causal sliding window of W keys that `step_window`
         computes many tokens at a time; None when it must go token by token."""

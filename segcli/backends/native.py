@@ -9,6 +9,7 @@ an untied head left out) goes through `from_pretrained` as before.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 from typing import Iterator
@@ -19,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..config import RunConfig
 from ..errors import UsageError
-from ..memory.base import LayerStats
+from ..memory.base import LayerStats, state_row
 from .folder_checks import check_model_fits, reason
 from .base import BUNDLED_DIR, Backend, cached_sha256, model_fingerprint
 
@@ -42,6 +43,9 @@ class NativeBackend(Backend):
         out = self.model(ids, memory)
         mass = None if out.memory_mass is None else float(out.memory_mass.float().mean())
         return out.logits, out.memory, mass
+
+    def row_memory(self, memory, b: int, batch: int):
+        return dataclasses.replace(memory, states=[state_row(s, b, batch) for s in memory.states])
 
     def sliding_window(self, memory, segment_size: int) -> int | None:
         """The pass bound when segment size 1 has a parallel form under this policy (fifo: its window; sink,

@@ -29,8 +29,10 @@ from ..errors import SegcliError, Stopped, UsageError
 from ..files import check_distinct
 from ..reader import Blocking, Reader
 from ..state import check_source, check_target, load_memory, memory_file
-from .stream import Stream, Totals, resource_report, span_note
+from .stream import BATCH_DOCS, BATCH_TOKENS, Stream, Totals, one_segment_batch, resource_report, span_note
 
+GROUP_DOCS = 1024  # small documents gathered before they are batched by length (their records then come in order)
+SMALL_BYTES_PER_TOKEN = 8  # a document of at most this many bytes per token of a segment may fit in one: tokenized whole
 TIMING_FIELDS = ("seconds", "tokens_per_s", "peak_rss_bytes", "peak_cuda_bytes")  # vary run to run; all else is reproducible
 
 
@@ -141,6 +143,7 @@ class CorpusRun:
         self.sources: list[Source] = []
         self.total_bytes: int | None = None  # the documents' bytes (None: unknown up front, a stream read once)
         self._cumulative: list[int] | None = None  # bytes through each document (one process, sizes known)
+        self._local_sizes: list[int] | None = None  # bytes of each document of this process (None: a stream)
         self.note: str | None = None  # a note for stderr (the model's trained span exceeded)
         self.memory_file: bytes | None = None  # --save-memory: the file's bytes once the run is done
         if opts.save_memory:
@@ -169,14 +172,15 @@ class CorpusRun:
         torch.manual_seed(self.cfg.seed)
         self.backend = agreed(load_backend, self.cfg)
         sizes = agreed(self._sizes, mine)  # this process's documents
+        self._local_sizes = sizes
         known = [sizes] if world is None else distributed.all_gather(world, sizes)
         self.total_bytes = None if any(k is None for k in known) else sum(sum(k) for k in known)
         self._cumulative = None if world is not None or sizes is None else list(itertools.accumulate(sizes))
-        tokens = agreed(self._estimate_tokens, mine, sizes) if sizes is not None else None
+        tokens, exact = agreed(self._estimate_tokens, mine, sizes) if sizes is not None else (None, False)
         agreed(self.backend.check_memory_budget, self.cfg, tokens)  # settings whose memory cannot fit: refused now
         memory = load_memory(self.opts.load_memory, self.backend, self.cfg) if self.opts.load_memory else None
         self.stream = Stream(self.backend, self.cfg, memory)  # a policy the model cannot take is refused here
-        span = span_note(self.cfg, self.backend.trained_length, tokens, estimated=True)
+        span = span_note(self.cfg, self.backend.trained_length, tokens, estimated=not exact)
         self.note = "\n".join([*self.backend.notes(self.cfg), *([span] if span else [])]) or None if self.main else None
         return self
 
@@ -186,17 +190,20 @@ class CorpusRun:
         mine = [self.sources[i] for i in indices]
         return self.reader.sizes(mine) if all(self.reader.reusable(s) for s in mine) else None
 
-    def _estimate_tokens(self, indices: range, sizes: list[int]) -> int | None:
+    def _estimate_tokens(self, indices: range, sizes: list[int]) -> tuple[int | None, bool]:
         """About how many tokens the memory will see (the longest document with fresh memory, else all of
         them), for the memory budget and the span note: bytes over the bytes per token of the largest
-        document's first block (no document is tokenized whole before the run)."""
+        document's first block (no document is tokenized whole before the run); and whether that is exact (every
+        document estimated at twice --max-tokens or more, which then counts it)."""
         if not sizes:
-            return None
+            return None, False
         largest = max(range(len(sizes)), key=sizes.__getitem__)
         per_token = self.reader.bytes_per_token(self.sources[list(indices)[largest]], self.backend)
         cap = self.opts.max_tokens
-        counts = [min(-(-n // max(per_token, 1e-9)), cap or float("inf")) for n in sizes]
-        return int(max(counts) if self.fresh else sum(counts))
+        estimates = [-(-n // max(per_token, 1e-9)) for n in sizes]
+        counts = [min(e, cap or float("inf")) for e in estimates]
+        exact = cap is not None and all(e >= 2 * cap for e in estimates)  # far past it: the estimate cannot matter
+        return int(max(counts) if self.fresh else sum(counts)), exact
 
     def bytes_through(self, index: int) -> int | None:
         """The documents' bytes up to and including document `index` (None: unknown, or sharded)."""
@@ -213,15 +220,14 @@ class CorpusRun:
         many = len(self.sources) > 1
         totals = Totals(cfg.segment_size)
         stream = self.stream
-        if world is None:
+        if world is None and self.fresh:
+            yield from self._fresh_records(totals)
+        elif world is None:
             for i in range(len(self.sources)):
                 doc_totals = Totals(cfg.segment_size)
-                s = Stream(backend, cfg) if self.fresh else stream
-                yield from document_records(s, backend, self.document(i), i, doc_totals, self.opts.per_token,
+                yield from document_records(stream, backend, self.document(i), i, doc_totals, self.opts.per_token,
                                             self.should_stop, many)
-                if self.should_stop():
-                    raise Stopped(self.signum() or 2, f"stopped after {totals.segments + doc_totals.segments} "
-                                                      "segments; no summary")
+                self._stop_if_asked(totals.segments + doc_totals.segments)
                 totals.merge(doc_totals)
         else:
             written = 0
@@ -245,6 +251,71 @@ class CorpusRun:
             extra["memory_file"] = self.opts.save_memory
         yield {"type": "summary", "documents": ids, **totals.summary(), **resources,
                "config": config_block(cfg, backend) | extra}
+
+    def _stop_if_asked(self, segments: int) -> None:
+        if self.should_stop():
+            raise Stopped(self.signum() or 2, f"stopped after {segments} segments; no summary")
+
+    def _fresh_records(self, totals: Totals) -> Iterator[dict[str, Any]]:
+        """Every document from an empty memory, in one process. Documents of one segment (small files and records:
+        per-document overhead, not tokens, would rule a corpus of them) are gathered GROUP_DOCS at a time and go
+        through the model BATCH_DOCS to a forward, those of one length together (`one_segment_batch`); the
+        rest stream one by one. The records come in document order either way."""
+        cfg, backend, ns = self.cfg, self.backend, self.cfg.segment_size
+        many = len(self.sources) > 1
+        sizes = self._local_sizes
+        pending: list[tuple[int, Any]] = []
+        batching = backend.row_memory(backend.new_memory(cfg, 2), 0, 2) is not None
+
+        def one(i: int, doc, results: list | None) -> Iterator[dict[str, Any]]:
+            doc_totals = Totals(ns)
+            if results is None:
+                yield from document_records(Stream(backend, cfg), backend, doc, i, doc_totals, self.opts.per_token,
+                                            self.should_stop, many)
+            else:
+                for r in results:
+                    doc_totals.add(r)
+                    yield r.record()
+                    if self.opts.per_token:
+                        yield from token_records(backend, r)
+                doc_totals.add_document(doc)
+                if many:
+                    yield {"type": "document", "document": doc.name, "index": i, **doc_totals.summary()}
+            self._stop_if_asked(totals.segments + doc_totals.segments)
+            totals.merge(doc_totals)
+
+        def flush() -> Iterator[dict[str, Any]]:
+            nonlocal batching
+            self._stop_if_asked(totals.segments)
+            results: dict[int, list] = {}
+            by_length: dict[int, list[tuple[int, Any]]] = {}
+            for i, doc in pending:
+                by_length.setdefault(len(doc), []).append((i, doc))
+            for length, items in by_length.items():
+                size = max(1, min(BATCH_DOCS, BATCH_TOKENS // length))
+                for k in range(0, len(items), size):
+                    chunk = items[k : k + size]
+                    got = one_segment_batch(backend, cfg, [d for _, d in chunk]) if batching and len(chunk) > 1 else None
+                    batching = batching and (got is not None or len(chunk) == 1)  # refused once: not again
+                    for j, (i, _) in enumerate(chunk):
+                        results[i] = None if got is None else [got[j]]
+            for i, doc in pending:
+                yield from one(i, doc, results[i])
+            pending.clear()
+
+        for i, source in enumerate(self.sources):
+            if batching and sizes is not None and sizes[i] <= SMALL_BYTES_PER_TOKEN * ns:
+                doc = self.reader.tokenized(source, backend)  # small: held whole
+                if len(doc) <= ns:
+                    pending.append((i, doc))
+                    if len(pending) >= GROUP_DOCS:
+                        yield from flush()
+                    continue
+            else:
+                doc = None
+            yield from flush()
+            yield from one(i, doc if doc is not None else self.document(i), None)
+        yield from flush()
 
     def _work(self, i: int) -> DocumentResult | distributed.Failure:
         """One document on this rank, fresh memory: its records, or what stopped it."""

@@ -259,6 +259,55 @@ class Stream:
                 index += 1
 
 
+BATCH_DOCS = 64  # documents of one segment each in one batched forward (`one_segment_batch`)
+BATCH_TOKENS = 4096  # and at most this many tokens in it
+
+
+def one_segment_batch(backend: Backend, cfg: RunConfig, docs: list[TokenizedDocument]) -> list[SegmentResult] | None:
+    """Documents of one segment each (the same number of tokens, at most n_s), each from an empty memory, in one
+    forward with one batch row per document: what `Stream(backend, cfg).segments(doc)` yields for each, the step's
+    time shared evenly. Rows of equal length need no padding, so every row's logits are its document's alone
+    (a batch may round a float differently from one row: the same numbers to float32 precision). None where the
+    backend's memory has no per-row view or the step reports an attention mass for the whole batch: then each
+    document is streamed on its own."""
+    ns, batch = cfg.segment_size, len(docs)
+    t = len(docs[0])
+    assert all(len(d) == t for d in docs) and 0 < t <= ns, "one segment each, of one length"
+    memory = backend.new_memory(cfg, batch)
+    if backend.row_memory(memory, 0, batch) is None:
+        return None
+    device = backend.device
+    windows = [next(d.windows(ns)) for d in docs]
+    pair = torch.tensor([[i for w in windows for i in w.input_ids], [i for w in windows for i in w.target_ids]],
+                        dtype=torch.long, device=device).view(2, batch, t)  # (2, B, T)
+    steps = stream(backend.step, memory, [(pair[0], None)], device)
+    with torch.inference_mode():
+        s = next(steps)
+        if s.info is not None:
+            return None
+        logits = s.logits if s.logits.dtype == torch.float32 else s.logits.float()  # (B, T, V)
+        nll = F.cross_entropy(logits.reshape(batch * t, -1), pair[1].reshape(-1), reduction="none").view(batch, t)
+        nll = nll.cpu()
+        rows, sums = nll.tolist(), nll.sum(1).tolist()  # a row's loss summed as Stream sums a segment's
+        stats = [backend.memory_stats(backend.row_memory(s.memory, b, batch)) for b in range(batch)]
+    share = s.seconds / batch
+    out = []
+    for doc, w, nll_list, total, layer_stats in zip(docs, windows, rows, sums, stats):
+        if not math.isfinite(total):
+            raise RunError(f"{doc.name}: segment 0 (tokens 0-{t}) produced a non-finite loss ({total}); "
+                           "try --dtype float32")
+        end_bytes = as_list(w.end_bytes)
+        n_bytes = end_bytes[-1] - w.byte_start
+        out.append(SegmentResult(
+            type="segment", document=doc.name, segment=0, segment_size=ns, token_start=0, token_end=t, tokens=t,
+            bytes=n_bytes, nll=total, loss=total / t, ppl=safe_exp(total / t), bits_per_byte=total / LN2 / max(n_bytes, 1),
+            cum_ppl=safe_exp(total / t), seconds=share, tokens_per_s=t / share if share > 0 else float("inf"),
+            memory=memory_report(layer_stats, cfg.memory, None), token_nll=nll_list, token_ids=as_list(w.target_ids),
+            byte_start=w.byte_start, token_end_bytes=end_bytes,
+        ))
+    return out
+
+
 def window_tensors(w, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A window's model input (1, T) and targets (T,): rows of one (2, T) tensor when both are lists (one tensor
     built per window, not two), else one tensor each (a numpy array is converted whole)."""

@@ -51,6 +51,8 @@ from a file: it names the first thing an `update` could not have produced.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -252,3 +254,19 @@ class MemoryPolicy(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.describe().items())
         return f"{type(self).__name__}({args})"
+
+
+def state_row(state: Any, b: int, batch: int) -> Any:
+    """Stream `b` of a state holding `batch` streams: every tensor whose first dimension is the batch cut to row b
+    (kept 3-D/4-D: (1, ...)), through dataclasses, lists and tuples; everything else shared. A view, not a copy: for
+    reading one stream's statistics (`Backend.row_memory`), not for updating it."""
+    if isinstance(state, Tensor):
+        return state[b : b + 1] if state.ndim and state.shape[0] == batch else state
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        row = copy.copy(state)
+        for f in dataclasses.fields(state):
+            object.__setattr__(row, f.name, state_row(getattr(state, f.name), b, batch))
+        return row
+    if isinstance(state, (list, tuple)):
+        return type(state)(state_row(x, b, batch) for x in state)
+    return state
