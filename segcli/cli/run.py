@@ -21,7 +21,7 @@ from .common import (
 )
 from .options import RUN_OPTIONS, OutputOptions, arguments, build_configs, make_progress, shared_options
 from .output import (
-    Col, LiveTable, SparkBins, Writer, default_format, fmt_bytes, fmt_num, new_table, print_fitted,
+    Col, LiveTable, SparkBins, Writer, clean, default_format, fmt_bytes, fmt_num, new_table, print_fitted,
 )
 
 if TYPE_CHECKING:
@@ -214,6 +214,7 @@ class LiveRunTable:
             return
         if rec["type"] != ("document" if self.corpus else "segment"):
             return
+        rec = clean(rec)  # as the writer keeps it for the whole table: a NaN is '-'
         row = document_row(rec, self.bins.get(rec["document"], SparkBins(DOC_SPARK))) if self.corpus else segment_row(rec)
         if self.table is None:
             title, cols = ("documents", DOCUMENT_COLS) if self.corpus else ("segments", SEGMENT_COLS)
