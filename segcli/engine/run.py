@@ -31,7 +31,7 @@ from ..reader import Blocking, Reader
 from ..state import check_source, check_target, load_memory, memory_file
 from .stream import BATCH_DOCS, BATCH_TOKENS, Stream, Totals, one_segment_batch, resource_report, span_note
 
-GROUP_DOCS = 1024  # small documents gathered before they are batched by length (their records then come in order)
+GROUP_DOCS = 2048  # small documents gathered before they are batched by length (their records then come in order)
 SMALL_BYTES_PER_TOKEN = 8  # a document of at most this many bytes per token of a segment may fit in one: tokenized whole
 TIMING_FIELDS = ("seconds", "tokens_per_s", "peak_rss_bytes", "peak_cuda_bytes")  # vary run to run; all else is reproducible
 

@@ -259,8 +259,8 @@ class Stream:
                 index += 1
 
 
-BATCH_DOCS = 64  # documents of one segment each in one batched forward (`one_segment_batch`)
-BATCH_TOKENS = 4096  # and at most this many tokens in it
+BATCH_DOCS = 128  # documents of one segment each in one batched forward (`one_segment_batch`)
+BATCH_TOKENS = 4096  # and at most this many tokens in it (its logits: tokens x vocabulary floats)
 
 
 def one_segment_batch(backend: Backend, cfg: RunConfig, docs: list[TokenizedDocument]) -> list[SegmentResult] | None:
