@@ -50,6 +50,16 @@ _WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO, errno.EROFS
 CLOSED_AT_START: set[int] = set()  # of 0, 1, 2: closed when segcli started (cli.common.guard_std_streams)
 
 
+def file_kind(mode: int) -> str:
+    """What a stat mode that is not a regular file's describes, in words (for "is a FIFO (named pipe), not ...")."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def require_file(path: str, label: str, kind: str | None = None) -> Path:
     """An existing file to read; `label` starts the message, `kind` names what a folder is not."""
     p = Path(path)

@@ -56,15 +56,14 @@ import hashlib
 import json
 import os
 import stat
-import unicodedata
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import __version__
-from .errors import UsageError
-from .files import AtomicOutput, require_file, require_writable
+from .errors import UsageError, one_line
+from .files import AtomicOutput, file_kind, require_file, require_writable
 
 FORMAT = 2
 READS = (1, 2)  # formats this segcli loads
@@ -338,31 +337,10 @@ def restore_attention(body: Any, tensors: dict[str, Tensor], cache, shapes: dict
         pos.restore(packed_state(state), seen)
 
 
-def shown(text: str) -> str:
-    """`text` kept on one line: control characters (a newline, a carriage return, an escape sequence's ESC) and
-    line separators written as escapes (`\\n`, `\\x1b`, `\\u2028`). A memory file's strings reach error messages."""
-    return "".join(_escaped(c) if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text)
-
-
-def _escaped(c: str) -> str:
-    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
-
-
 def tensor_sha256(t: Tensor) -> str:
     """sha256 of a tensor's bytes as a memory file stores them (C order, little-endian)."""
     t = t.detach().to("cpu").contiguous()
     return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
-
-
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-def _not_regular(mode: int) -> str | None:
-    """What a file of `mode` is where it is not a regular file (None: it is one)."""
-    if stat.S_ISREG(mode):
-        return None
-    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
 
 
 def open_regular(path: str, where: str) -> int:
@@ -378,19 +356,19 @@ def open_regular(path: str, where: str) -> int:
                                           else e.strerror or type(e).__name__))
 
     try:
-        what = _not_regular(os.stat(path).st_mode)
+        mode = os.stat(path).st_mode
     except OSError as e:
         raise failed(e) from None
-    if what:
-        raise refuse(what)
+    if not stat.S_ISREG(mode):
+        raise refuse(file_kind(mode))
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise failed(e) from None
-    what = _not_regular(os.fstat(fd).st_mode)
-    if what:
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
         os.close(fd)
-        raise refuse(what)
+        raise refuse(file_kind(mode))
     return fd
 
 
@@ -510,7 +488,7 @@ def load_memory(path: str, backend, cfg):
     try:
         return _load_memory(path, backend, cfg)
     except UsageError as e:
-        raise UsageError(shown(str(e))) from None
+        raise UsageError(one_line(str(e))) from None
 
 
 def _load_memory(path: str, backend, cfg):

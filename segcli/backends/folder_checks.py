@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import SegcliError, UsageError
+from ..files import file_kind
 
 MAX_JSON_BYTES = 64 << 20  # a config or tokenizer_config.json larger than this is not one (and is not read whole)
 LAYER_OVERHEAD = 16 << 10  # bytes of Python objects per layer's modules at the least (measured: 20-37 KiB)
@@ -63,16 +64,6 @@ def reason(e: BaseException, limit: int = 200) -> str:
 
 
 # -- files ---------------------------------------------------------------------------------------------------------------
-
-def file_kind(mode: int) -> str:
-    """What a stat mode describes, in words."""
-    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISDIR, "a directory")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
 
 def regular_file(path: Path) -> Path:
     """`path` when it is a regular file (symlinks followed); UsageError naming what it is otherwise. Checked before

@@ -18,7 +18,7 @@ from rich.console import Console
 from .. import __version__
 from ..config import RunConfig, default_threads
 from ..distributed import PeerFailure
-from ..errors import SegcliError, UsageError
+from ..errors import MAX_MESSAGE, SegcliError, UsageError, one_line  # noqa: F401  (MAX_MESSAGE: for tests)
 from ..memory import POLICY_NAMES
 
 err_console = Console(stderr=True, highlight=False)
@@ -254,23 +254,6 @@ class StopSignals:
 
 def value(x: Any) -> Any:
     return x.value if isinstance(x, enum.Enum) else x
-
-
-MAX_MESSAGE = 1000  # characters of one stderr line; a longer one is cut in the middle
-
-
-def one_line(message: str, limit: int = MAX_MESSAGE) -> str:
-    """`message` as exactly one line of at most about `limit` characters: control and other unprintable characters
-    escaped as repr escapes them inside a string (a newline as \\n, so a value with a newline cannot forge a second
-    `segcli: error:` line; ESC as \\x1b, so it cannot drive the terminal), and a longer message (a 1 MB value
-    echoed back) cut in the middle with `…`, keeping its start (what was wrong) and end (how to fix it)."""
-    if not message.isprintable():
-        message = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message)
-    if len(message) > limit:
-        head = limit * 3 // 5
-        tail = limit - head - 1
-        message = f"{message[:head]}…{message[len(message) - tail:]}"
-    return message
 
 
 def say(message: str) -> None:

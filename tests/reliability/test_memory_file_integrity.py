@@ -232,7 +232,7 @@ def test_load_memory_refuses_what_is_not_a_regular_file_promptly(tiny_model_dir,
     if kind == "fifo":
         path = tmp_path / "pipe"
         os.mkfifo(path)
-        needle = "is a named pipe (FIFO), not a regular file"
+        needle = "is a FIFO (named pipe), not a regular file"
     elif kind == "socket":
         path = tmp_path / "sock"
         held = socket.socket(socket.AF_UNIX)
@@ -263,7 +263,7 @@ def test_check_source_refuses_the_same_before_any_work(saved, tmp_path):
 
     os.mkfifo(tmp_path / "pipe")
     check_source(str(saved()))
-    for path, needle in ((tmp_path / "pipe", "is a named pipe (FIFO)"), ("/dev/zero", "is a character device"),
+    for path, needle in ((tmp_path / "pipe", "is a FIFO (named pipe)"), ("/dev/zero", "is a character device"),
                          (tmp_path, "is a directory"), (tmp_path / "none", "no such file")):
         with pytest.raises(UsageError) as e:
             check_source(str(path))
