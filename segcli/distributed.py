@@ -15,6 +15,9 @@ LOCAL_RANK). Only Python objects are exchanged (`all_gather_object`, `gather_obj
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterator
@@ -50,6 +53,18 @@ def detect() -> World | None:
     if not 0 <= rank < size:
         raise UsageError(f"RANK={rank} is outside WORLD_SIZE={size}")
     return World(rank, size, local)
+
+
+MAIN_FAILS_FIRST_S = 10.0  # how long another rank waits for rank 0 to report an error they all found
+
+
+def let_main_fail_first() -> None:
+    """On a rank other than 0 that found the error every rank finds (its options): give rank 0 the time to say it
+    and exit, so torchrun's first failure is rank 0's and its SIGTERM ends this rank quietly (the default action,
+    no second line); a rank 0 that does not exit in MAIN_FAILS_FIRST_S leaves this one to exit all the same."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(MAIN_FAILS_FIRST_S)
 
 
 def current_rank() -> int:

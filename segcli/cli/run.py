@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from .. import distributed
 from ..config import RunConfig
-from ..errors import Stopped
+from ..errors import Stopped, UsageError
 from ..files import AtomicOutput
 from .common import (
     FormatOpt, Interrupted, MaxTokensOpt, OutputOpt, PolicyOpt, SegmentSizeOpt, StopSignals, err_console, handle_errors, say,
@@ -67,9 +67,15 @@ def run(
 def _run(docs: list[str], config: str | None = None, quiet: bool = False, debug: bool = False, **options) -> None:
     from ..engine.run import RunOptions  # the engine imports torch: here, so that `segcli run --help` does not
 
-    cfg, opts, out = build_configs(config, options, RunOptions, OutputOptions)
-    fresh = not opts.memory_across_documents
     world = distributed.detect()
+    try:
+        cfg, opts, out = build_configs(config, options, RunOptions, OutputOptions)
+    except UsageError as e:  # the same options on every rank of a torchrun run, the same error: rank 0 says it
+        if world is not None and not world.is_main:
+            distributed.let_main_fail_first()
+            raise distributed.PeerFailure(distributed.Failure(str(e), e.exit_code)) from None
+        raise
+    fresh = not opts.memory_across_documents
     if world is not None:
         problem = None
         if not fresh:

@@ -106,3 +106,19 @@ def test_detect_reads_torchrun_environment(monkeypatch):
     assert list(w.shard(11)) == [2, 6, 10]
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert distributed.detect() is None
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_an_option_error_is_one_line_from_rank_0(rank, monkeypatch):
+    """Every rank finds the same bad option; before, each printed it (two `segcli: error:` lines under torchrun)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    waited = []
+    monkeypatch.setattr(distributed, "let_main_fail_first", lambda: waited.append(1))
+    res = CliRunner().invoke(app, ["run", "x.txt", "--memory", "lru"])
+    assert res.exit_code == 2
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    if rank == 0:
+        assert len(lines) == 1 and "unknown memory policy 'lru'" in lines[0] and not waited
+    else:
+        assert lines == [] and waited == [1]  # it waits for rank 0 to fail first, then says nothing
