@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -15,8 +15,11 @@ from ..config import unknown_policy
 from ..errors import UsageError
 from ..memory import POLICY_NAMES
 from .common import FormatOpt, MaxTokensOpt, OutputOpt, default, err_console, handle_errors, say, value
-from .output import Col, SparkBins, Writer, default_format, fmt_bytes, fmt_num, print_fitted
+from .output import Col, LiveTable, SparkBins, Writer, clean, default_format, fmt_bytes, fmt_num, print_fitted
 from .options import RUN_OPTIONS, arguments, build_config, make_progress, shared_options
+
+if TYPE_CHECKING:
+    from ..engine.compare import Comparison
 
 
 def parse_list(text: str, what: str, convert=str, kind: str = "integers") -> list:
@@ -83,6 +86,7 @@ def _compare(doc, segment_sizes, memory, model, reference, config, format, outpu
     settings = [(m, c) for m in names for c in configs]  # the rows, in order
     sparks = {(m, c.memory, c.segment_size): SparkBins(32) for m, c in settings}
     rows: list[dict[str, Any]] = []
+    live: LiveCompareTable | None = None  # the table shown as it comes (a terminal), else drawn whole at close
     ok = False
     try:
         job = Comparison(base, configs, doc, max_tokens, reference=reference, models=models).prepare()
@@ -92,6 +96,9 @@ def _compare(doc, segment_sizes, memory, model, reference, config, format, outpu
             # by tokens (every setting streams the same ones), naming the setting: segments over settings of
             # different sizes made the bar read 99% with a third of the time to go
             task = progress.add_task("compare", total=job.total_tokens, rate="")
+            if writer.on_terminal:  # a row as each setting finishes, above the bar when it shares the terminal
+                live = LiveCompareTable(writer, writer.terminal(None if progress.disable else progress.console), job,
+                                        reference)
             started: dict[tuple, int] = {}
 
             def on_segment(cfg, r) -> None:
@@ -105,6 +112,8 @@ def _compare(doc, segment_sizes, memory, model, reference, config, format, outpu
             for rec in job.records(on_segment, extra):
                 rows.append(rec)
                 writer.write(rec)
+                if live is not None:
+                    live.add(rec)
         if plot:
             plots.save(plots.compare_figure(rows[:-1], f"{job.tokens.name}: what each setting costs and buys"), plot)
         ok = True
@@ -112,7 +121,8 @@ def _compare(doc, segment_sizes, memory, model, reference, config, format, outpu
         label = model_names(names)
         labelled = [(f"{label[m] + ' · ' if len(names) > 1 else ''}{c.memory} n_s={c.segment_size}",
                      sparks[(m, c.memory, c.segment_size)]) for m, c in settings]
-        writer.close(ok, render_table=lambda console, records: render_compare_table(console, records, labelled))
+        draw = live.finish if live is not None else render_compare_table  # a live table: its end and the notes
+        writer.close(ok, render_table=lambda console, records: draw(console, records, labelled))
     if not quiet and err_console.is_terminal:
         if fmt != "table":
             show_sparks(err_console, labelled)
@@ -151,13 +161,8 @@ def show_sparks(console: Console, sparks: list[tuple[str, SparkBins]]) -> None:
         console.print(f"  {label:<{width}}  {spark.render(lo, hi)}", markup=False, highlight=False)
 
 
-def render_compare_table(console: Console, records: list[dict[str, Any]],
-                         sparks: list[tuple[str, SparkBins]] | None = None) -> None:
-    lo, hi = spark_scale(sparks or [])
-    rows = [r for r in records if r["type"] == "row"]
-    label = model_names(list(dict.fromkeys(r.get("model") for r in rows)))
-    many = len(label) > 1
-    divergence = any("kl_div" in r for r in rows)
+def compare_cols(many: bool, divergence: bool, spark: bool) -> list[Col]:
+    """compare's columns: the model's with several models, the divergence's with --reference, the sparkline's last."""
     # on a narrow console the low-priority columns go first (`drop`), never digits of a number
     cols = ([Col("model", "left", text=True)] if many else []) + [
         Col("policy"), Col("n_s"), Col("tokens", drop=7), Col("loss"), Col("ppl", drop=5), Col("bits/byte"),
@@ -165,28 +170,103 @@ def render_compare_table(console: Console, records: list[dict[str, Any]],
         Col("updates", drop=10)]
     if divergence:
         cols += [Col("KL ± se"), Col("top-1", drop=3), Col("Δloss", drop=1), Col("key loss (n)", drop=4)]
-    if lo is not None:
+    if spark:
         cols.append(Col("loss per segment", "left", drop=11))
+    return cols
+
+
+def compare_cells(r: dict[str, Any], label: dict[Any, str], many: bool, divergence: bool) -> list[str]:
+    """A row record's cells, all but its sparkline."""
+    cells = ([label[r.get("model")]] if many else []) + [
+        r["policy"], str(r["segment_size"]), str(r["tokens"]), fmt_num(r["loss"]), fmt_num(r["ppl"], 2),
+        fmt_num(r["bits_per_byte"]), fmt_num(r["boundary_gap"]), fmt_num(r["tokens_per_s"], 0),
+        f"{fmt_num(r['speedup'], 2)}×", fmt_bytes(r["memory_bytes"]), str(r["memory_updates"])]
+    if divergence:
+        key = "-" if r.get("key_tokens") is None else f"{fmt_num(r.get('key_token_loss'), 3)} ({r['key_tokens']})"
+        cells += [f"{fmt_num(r.get('kl_div'))} ± {fmt_num(r.get('kl_div_stderr'))}",
+                  fmt_num(r.get("top1_agreement"), 3), fmt_num(r.get("delta_loss")), key]
+    return cells
+
+
+def divergence_note(console: Console, rows: list[dict[str, Any]]) -> None:
+    ref = rows[0].get("reference")
+    console.print(f"KL(reference ‖ row) in nats per token, reference {ref} at each row's segment size; "
+                  "key tokens: loss under the reference < 2 nats and under none > 2 nats higher", style="dim",
+                  markup=False)
+
+
+def render_compare_table(console: Console, records: list[dict[str, Any]],
+                         sparks: list[tuple[str, SparkBins]] | None = None) -> None:
+    lo, hi = spark_scale(sparks or [])
+    rows = [r for r in records if r["type"] == "row"]
+    label = model_names(list(dict.fromkeys(r.get("model") for r in rows)))
+    many = len(label) > 1
+    divergence = any("kl_div" in r for r in rows)
+    cols = compare_cols(many, divergence, lo is not None)
     table_rows = []
     for i, r in enumerate(rows):
-        cells = ([label[r.get("model")]] if many else []) + [
-            r["policy"], str(r["segment_size"]), str(r["tokens"]), fmt_num(r["loss"]), fmt_num(r["ppl"], 2),
-            fmt_num(r["bits_per_byte"]), fmt_num(r["boundary_gap"]), fmt_num(r["tokens_per_s"], 0),
-            f"{fmt_num(r['speedup'], 2)}×", fmt_bytes(r["memory_bytes"]), str(r["memory_updates"])]
-        if divergence:
-            key = "-" if r.get("key_tokens") is None else f"{fmt_num(r.get('key_token_loss'), 3)} ({r['key_tokens']})"
-            cells += [f"{fmt_num(r.get('kl_div'))} ± {fmt_num(r.get('kl_div_stderr'))}",
-                      fmt_num(r.get("top1_agreement"), 3), fmt_num(r.get("delta_loss")), key]
+        cells = compare_cells(r, label, many, divergence)
         if lo is not None:
             cells.append(sparks[i][1].render(lo, hi) if sparks is not None and i < len(sparks) else "")
         table_rows.append(cells)
     dropped = print_fitted(console, "compare", cols, table_rows)
     if divergence:
-        ref = rows[0].get("reference")
-        console.print(f"KL(reference ‖ row) in nats per token, reference {ref} at each row's segment size; "
-                      "key tokens: loss under the reference < 2 nats and under none > 2 nats higher", style="dim",
-                      markup=False)
+        divergence_note(console, rows)
     if lo is not None and "loss per segment" in dropped:
         show_sparks(console, sparks or [])
     elif lo is not None:
         console.print(f"loss per segment: {lo:.2f} (▁) to {hi:.2f} (█), same scale in every row", style="dim")
+
+
+class LiveCompareTable:
+    """compare's table on a terminal, a row as each setting finishes (the header with the first); `finish` adds the
+    bottom rule, the note on left-out columns, the divergence note and the loss per segment. Drawn as
+    `render_compare_table` draws the whole table, less its 'loss per segment' column: the sparklines share one
+    scale, known only when every setting has run, so they come under the table, as the whole table shows them
+    where that column does not fit. Every other cell (the divergence from --reference too, streamed beside each
+    row, and the speed-up over the first row) is known when its row finishes. The columns are fitted to the
+    widest rows expected (`sample`), since the rows are not known yet."""
+
+    def __init__(self, writer: Writer, console: Console, job: Comparison, reference: str | None):
+        self.writer, self.console, self.job = writer, console, job
+        self.label = model_names(list(dict.fromkeys(r.identity.get("model") for r in job.runs)))
+        self.many = len(self.label) > 1
+        self.divergence = reference is not None
+        self.cols = compare_cols(self.many, self.divergence, spark=False)
+        self.table: LiveTable | None = None  # started by the first row, whose cells the sample takes too
+
+    def sample(self, first: list[str]) -> list[list[str]]:
+        """The widest cells expected: every model's and policy's name, the largest segment size, token count and
+        memory update count, a loss to 9.9999 (a boundary gap or Δloss to -9.9999), a perplexity to 9999.99,
+        99999 tokens/s, a speed-up to 99.99×, memory to 999.9 MiB; a wider cell widens its column."""
+        n = max(len(r.tokens) for r in self.job.runs)
+        sizes = [c.segment_size for c in self.job.configs]
+        updates = max(-(-n // max(s, 1)) for s in sizes)
+        out = [first]
+        for name in [*self.label.values()] if self.many else [None]:
+            for policy in dict.fromkeys(c.memory for c in self.job.configs):
+                cells = ([name] if self.many else []) + [
+                    policy, str(max(sizes)), str(n), "9.9999", "9999.99", "9.9999", "-9.9999", "99999", "99.99×",
+                    "999.9 MiB", str(updates)]
+                if self.divergence:
+                    cells += ["9.9999 ± 9.9999", "1.000", "-9.9999", f"9.999 ({n})"]
+                out.append(cells)
+        return out
+
+    def add(self, rec: dict[str, Any]) -> None:
+        if rec["type"] != "row":
+            return
+        row = compare_cells(clean(rec), self.label, self.many, self.divergence)  # as the writer keeps it: NaN is '-'
+        if self.table is None:
+            self.table = LiveTable(self.console, "compare", self.cols, self.sample(row),
+                                   show=lambda r: self.writer.show(self.console, r))
+        self.table.add(row)
+
+    def finish(self, console: Console, records: list[dict[str, Any]],
+               sparks: list[tuple[str, SparkBins]] | None = None) -> None:
+        if self.table is not None:
+            self.table.end()
+        rows = [r for r in records if r["type"] == "row"]
+        if rows and any("kl_div" in r for r in rows):
+            divergence_note(console, rows)
+        show_sparks(console, sparks or [])
