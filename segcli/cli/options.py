@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
+import stat
+import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from rich.text import Text
 from rich.progress import (
     BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
 )
@@ -60,15 +65,58 @@ def build_config(config: str | None, check_apply: bool = False, **options: Any) 
     return build_configs(config, options, check_apply=check_apply)[0]
 
 
+LINE_EVERY_S = 10.0  # LineProgress: seconds between its lines
+
+
+def stdout_is_pipe() -> bool:
+    """Whether stdout is a pipe or socket (`segcli run doc | jq`): what goes down it may come out on this terminal."""
+    try:
+        mode = os.fstat(sys.stdout.fileno()).st_mode
+    except (AttributeError, ValueError, OSError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+class LineProgress(Progress):
+    """Progress on a terminal whose records go down a pipe (`segcli run doc | jq`): the other end may print them on
+    this same terminal, where a redrawn bar would share their lines (rich moves the cursor back over what it drew
+    last, and over what they printed). Instead a whole line on stderr every LINE_EVERY_S seconds of work, which
+    their lines can only come before or after. The tasks are kept as rich keeps them; nothing is drawn live."""
+
+    def __init__(self, *columns: Any, in_bytes: bool = False, **kwargs: Any):
+        super().__init__(*columns, **{**kwargs, "disable": True})
+        self.in_bytes = in_bytes
+        self._last = time.monotonic()
+
+    def update(self, task_id: Any, **kwargs: Any) -> None:
+        super().update(task_id, **kwargs)
+        now = time.monotonic()
+        if now - self._last >= LINE_EVERY_S:
+            self._last = now
+            self.console.print(self.line(self._tasks[task_id]), markup=False, highlight=False, soft_wrap=True)
+
+    def line(self, task: Any) -> str:
+        def amount(n: float) -> str:
+            return f"{n / 1e6:,.1f} MB" if self.in_bytes else f"{n:,.0f}"
+
+        done = amount(task.completed) + (f" of {amount(task.total)} ({task.completed / task.total:.0%})"
+                                         if task.total else "")
+        rate = task.fields.get("rate") or ""
+        what = Text.from_markup(task.description).plain  # as the bar shows it (descriptions are escaped markup)
+        return f"segcli: {what}: {done}" + (f", {rate}" if rate else "") + f", {task.elapsed or 0:,.0f} s"
+
+
 def make_progress(quiet: bool, total: int | None, in_bytes: bool = False) -> Progress:
-    """The progress bar on stderr: on a terminal only (elsewhere rich draws nothing but ends with a blank line).
-    `in_bytes`: the count is the input's bytes (shown as 1.2/24.0 MB), else items (segments, tokens)."""
-    return Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(),
-        DownloadColumn() if in_bytes else MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=err_console, transient=True, disable=quiet or not err_console.is_terminal,
-    )
+    """The progress bar on stderr: on a terminal only (elsewhere rich draws nothing but ends with a blank line); a
+    line every few seconds instead where stdout is a pipe (`LineProgress`). `in_bytes`: the count is the input's
+    bytes (shown as 1.2/24.0 MB), else items (segments, tokens)."""
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(),
+               DownloadColumn() if in_bytes else MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    live = not quiet and err_console.is_terminal
+    if live and stdout_is_pipe():
+        return LineProgress(*columns, in_bytes=in_bytes, console=err_console)
+    return Progress(*columns, console=err_console, transient=True, disable=not live)
 
 
 # -- options every command that runs a model shares, written once ----------------------------------------------------
