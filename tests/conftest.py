@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,10 @@ from segcli.models.seglm import SegLMConfig, SegLMForCausalLM
 # In-process runs use tiny models, which are launch-bound: one thread is as fast, and it cannot be slowed by a
 # second process contending for the other core (a shared machine slowed two-thread steps ~50x).
 torch.set_num_threads(1)
+
+# Every check runs every time (segcli.backends.checks): tests patch segcli's code in memory, and subprocesses inherit
+# this; tests of the remembered answers set it back for themselves.
+os.environ["SEGCLI_CHECK_CACHE"] = "0"
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_TOKENIZER = ROOT / "segcli" / "bundled" / "tokenizer.json"

@@ -16,6 +16,7 @@ import torch
 from ..config import RunConfig
 from ..errors import UsageError
 from ..ops.layout import column_major_linears
+from .checks import stamp_model
 from .folder_checks import (
     captured_warnings, check_bound_fits, check_folder, check_model_name, check_weights, reason,
 )
@@ -107,6 +108,8 @@ def _load(cfg: RunConfig, device: torch.device, dtype: torch.dtype, guard: bool)
         backend.load_notes = [converted.note] if converted.note else []
     if device.type == "cpu":
         column_major_linears(backend.model)  # faster CPU matmuls, same values (segcli/ops/layout.py)
+    if hasattr(backend, "model"):
+        stamp_model(backend.model, backend.identity, dtype, device)  # what its checks' answers are kept under
     if guard and hasattr(backend, "check_continuation"):
         backend.check_continuation()  # every family, every release: its cache and routes are transformers code
     return backend

@@ -23,6 +23,7 @@ from ..hf import (
     visible_in_stream,
 )
 from . import guard
+from .checks import remembered
 from .folder_checks import check_hf_model_fits, reason, refuse_incomplete
 from .base import Backend, cached_sha256, fifo_stats, model_fingerprint
 
@@ -113,10 +114,10 @@ class HFBackend(Backend):
         forward of the model; a difference is one UsageError line."""
         cfg = self.model.config.get_text_config()
         try:
-            gap = guard.continuation_gap(
+            gap = remembered(self.model, "continuation", lambda: guard.continuation_gap(
                 lambda ids, pos: self.model(input_ids=ids, position_ids=pos).logits,
                 lambda: make_cache(self.model, "full"),
-                lambda ids, pos, cache: self.step(ids, cache)[:2], cfg.vocab_size, self.device)
+                lambda ids, pos, cache: self.step(ids, cache)[:2], cfg.vocab_size, self.device))
         except UsageError:
             raise
         except Exception as e:  # noqa: BLE001 - a model whose cache segcli cannot drive
@@ -133,7 +134,9 @@ class HFBackend(Backend):
     def segment_pass(self, memory, segment_size: int) -> int | None:
         """Tokens per forward when segments of `segment_size` (> 1) are computed several at once (`step_segments`): a
         multiple of it, at least two segments; None: they step one by one."""
-        bound = self._pass_bound(memory) if segment_size > 1 else None
+        if segment_size <= 1 or TOKEN_PASS < 2 * segment_size:  # two segments never fit: no check to run for it
+            return None
+        bound = self._pass_bound(memory)
         n = bound // segment_size * segment_size if bound else 0
         return n if n >= 2 * segment_size else None
 
@@ -205,28 +208,33 @@ class HFBackend(Backend):
     def _pass_checked(self, policy) -> bool:
         """Whether passes equal stepping on this model, found once per (policy name, attention): PASS_CHECK tokens
         stepped one by one, and in segments of 2, against the same in one pass each, from an empty memory of 3 slots
-        (fifo), after 2 tokens stepped (a pass that continues a memory)."""
+        (fifo), after 2 tokens stepped (a pass that continues a memory). Remembered across runs (`checks`)."""
         key = (policy.name, self.model.config.get_text_config()._attn_implementation)
         known = self._pass_ok.get(key)
         if known is None:
-            probe = make_policy(policy.name, **({"memory_size": 3} if policy.name == "fifo" else {}))
-            ids = guard.probe_ids(self.model.config.get_text_config().vocab_size, self.device)[:, :PASS_CHECK + 2]
-            try:
-                known = True
-                with torch.inference_mode():
-                    for n in (1, 2):
-                        stepped, passed = make_cache(self.model, probe), make_cache(self.model, probe)
-                        for cache in (stepped, passed):
-                            self.step(ids[:, :2], cache)
-                        want = torch.cat([self.step(ids[:, i:i + n], stepped)[0]
-                                          for i in range(2, PASS_CHECK + 2, n)], 1).float()
-                        got = self._pass(ids[:, 2:], passed, n)[0].float()
-                        gap = float((want - got).abs().max() / want.abs().max().clamp_min(1e-6))
-                        known = known and gap <= guard.tolerance(self.dtype)
-            except (RuntimeError, ValueError, IndexError, TypeError, UsageError):
-                known = False
+            known = remembered(self.model, f"pass:{key[0]}:{key[1]}", lambda: self._pass_equal(policy))
             self._pass_ok[key] = known
         return known
+
+    def _pass_equal(self, policy) -> bool:
+        """PASS_CHECK tokens stepped, and passed, as `_pass_checked` says: whether every logit agrees."""
+        probe = make_policy(policy.name, **({"memory_size": 3} if policy.name == "fifo" else {}))
+        ids = guard.probe_ids(self.model.config.get_text_config().vocab_size, self.device)[:, :PASS_CHECK + 2]
+        try:
+            with torch.inference_mode():
+                for n in (1, 2):
+                    stepped, passed = make_cache(self.model, probe), make_cache(self.model, probe)
+                    for cache in (stepped, passed):
+                        self.step(ids[:, :2], cache)
+                    want = torch.cat([self.step(ids[:, i:i + n], stepped)[0]
+                                      for i in range(2, PASS_CHECK + 2, n)], 1).float()
+                    got = self._pass(ids[:, 2:], passed, n)[0].float()
+                    gap = float((want - got).abs().max() / want.abs().max().clamp_min(1e-6))
+                    if not gap <= guard.tolerance(self.dtype):
+                        return False
+        except (RuntimeError, ValueError, IndexError, TypeError, UsageError):
+            return False
+        return True
 
     def memory_stats(self, memory: SegcliCache):
         """Every cache layer's stats (fifo layers': one batched reduction, `fifo_stats`)."""

@@ -33,6 +33,7 @@ from ..memory import MemoryPolicy
 from ..memory.base import LayerStats
 from ..memory.catalog import POLICY_ON_ATTENTION  # policies a hybrid's attention layers follow with its own cache
 from . import guard
+from .checks import remembered
 from .folder_checks import check_hf_model_fits, reason, refuse_incomplete
 from .base import Backend, cached_sha256, model_fingerprint
 from .recurrent_families import FAMILIES, Family, layer_types
@@ -236,10 +237,10 @@ class RecurrentBackend(Backend):
         forward; a difference, or a state segcli cannot drive, is one UsageError line."""
         vocab = self.model.config.get_text_config().vocab_size
         try:
-            gap = guard.continuation_gap(
+            gap = remembered(self.model, "continuation", lambda: guard.continuation_gap(
                 lambda ids, pos: self.family.forward(self.model, ids, pos, self.family.new_cache(self.model))[0],
                 lambda: self.family.new_cache(self.model),
-                lambda ids, pos, cache: self.family.forward(self.model, ids, pos, cache), vocab, self.device)
+                lambda ids, pos, cache: self.family.forward(self.model, ids, pos, cache), vocab, self.device))
         except Exception as e:  # noqa: BLE001 - a family whose cache segcli cannot drive
             raise UsageError(f"{self.model_type}: segcli cannot stream this family's recurrent state "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it is not supported") from None

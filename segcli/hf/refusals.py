@@ -64,14 +64,17 @@ def bounded_frame(model) -> tuple[str, str | None]:
     stand for position j + seen - m (transformers' own convention), ("relative", None) when only positions counted
     from the oldest visible slot work (ALiBi built over the cache's length: bloom in transformers 5.17, falcon),
     or (frame, why) when neither reproduces the model. Checked once per attention implementation on three tokens:
-    two into a memory of one slot, then one more, against one plain forward masked the same way."""
+    two into a memory of one slot, then one more, against one plain forward masked the same way; remembered across
+    runs (`backends.checks`)."""
     feats = model_features(model)
     done = getattr(model, "_segcli_frame", {})
     if feats.attn in done:
         return done[feats.attn]
     frames = ("absolute",) if any(k.kind == "chunked" for k in feats.layers) else ("absolute", "relative")
+    from ..backends.checks import remembered
+
     for frame in frames:
-        problem = _three_token_check(model, feats, frame)
+        problem = remembered(model, f"frame:{feats.attn}:{frame}", lambda: _three_token_check(model, feats, frame))
         if problem is None:
             break
     model._segcli_frame = {**done, feats.attn: (frame, problem)}
