@@ -7,7 +7,8 @@ first), `--repeats` times, interleaved, median reported:
 
 - guard: `load_backend(cfg)` against `load_backend(cfg, guard=False)` on the bundled model (native: no guard) and on
   SmolLM2-135M (`--model smollm2`, from its cached converted folder), the difference being the guard's cost
-  (segcli.backends.guard: five forwards over 12 tokens);
+  (segcli.backends.guard: five forwards over 12 tokens; since session 13 its answer is remembered per model and
+  software, segcli/backends/checks.py, so after a model's first load the difference is only noise);
 - GGUF: `load_backend(--model smollm2)` with an empty cache folder (dequantize and convert, then load) against the
   same with the cache the first run left (load the converted folder).
 
