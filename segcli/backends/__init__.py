@@ -16,7 +16,7 @@ import torch
 from ..config import RunConfig
 from ..errors import UsageError
 from ..ops.layout import column_major_linears
-from .checks import stamp_model
+from ..cache import stamp_model
 from .folder_checks import (
     captured_warnings, check_bound_fits, check_folder, check_model_name, check_weights, reason,
 )

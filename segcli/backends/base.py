@@ -10,11 +10,8 @@ A backend kind is one subclass (`native.py`, `hf.py`) registered in `segcli.back
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
-import tempfile
 import threading
 import time
 from array import array
@@ -26,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..config import RunConfig
+from ..cache import cache_root, read_cache, write_cache  # noqa: F401  (cache_root: gguf's)
 from ..errors import UsageError
 from ..memory.base import LayerStats, tensor_bytes
 from ..memory.fifo import Fifo, FifoState
@@ -244,14 +242,6 @@ RACY_NS = 2_000_000_000  # a file changed less than this before it was hashed is
 CACHE_ENTRIES = 1024  # files remembered; the oldest are dropped beyond
 
 
-def cache_root() -> Path:
-    """segcli's cache folder: $SEGCLI_CACHE, else $XDG_CACHE_HOME/segcli, else ~/.cache/segcli."""
-    if os.environ.get("SEGCLI_CACHE"):
-        return Path(os.environ["SEGCLI_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "segcli"
-
-
 def hash_cache() -> Path:
     """The file of remembered model-file hashes."""
     return cache_root() / "hashes.json"
@@ -273,31 +263,9 @@ def _identity(st: os.stat_result) -> dict[str, int]:
             "dev": st.st_dev}
 
 
-def _read_cache(index: Path) -> dict[str, Any]:
-    try:
-        known = json.loads(index.read_text())
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
-        return {}
-    return known if isinstance(known, dict) else {}
-
-
 def _usable(entry: Any) -> bool:
     return (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64
             and type(entry.get("hashed_ns")) is int)
-
-
-def _write_cache(index: Path, known: dict[str, Any]) -> None:
-    """Replace `index` with `known` (a temporary file renamed into place); any OSError is left to the caller."""
-    index.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".hashes-", suffix=".json", dir=index.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(known, f)
-        os.replace(tmp, index)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def cached_sha256(path: Path, index: Path | None = None) -> str:
@@ -308,7 +276,7 @@ def cached_sha256(path: Path, index: Path | None = None) -> str:
     key = str(Path(path).resolve())
     before = os.stat(path)
     ident = _identity(before)
-    known = _read_cache(index)
+    known = read_cache(index)
     entry = known.get(key)
     if _usable(entry) and all(entry.get(k) == v for k, v in ident.items()) \
             and max(before.st_mtime_ns, before.st_ctime_ns) < entry["hashed_ns"] - RACY_NS:
@@ -317,12 +285,12 @@ def cached_sha256(path: Path, index: Path | None = None) -> str:
     digest = file_sha256(path)
     if _identity(os.stat(path)) != ident:  # changed while it was read: this digest is of no one version
         return digest
-    known = {k: v for k, v in _read_cache(index).items() if _usable(v) and k != key}  # another run's entries kept
+    known = {k: v for k, v in read_cache(index).items() if _usable(v) and k != key}  # another run's entries kept
     for old in list(known)[: max(0, len(known) - CACHE_ENTRIES + 1)]:
         del known[old]
     known[key] = {**ident, "sha256": digest, "hashed_ns": started}
     try:
-        _write_cache(index, known)
+        write_cache(index, known)
     except OSError:
         pass  # an unwritable cache: hashed again next time
     return digest

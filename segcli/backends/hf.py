@@ -23,7 +23,7 @@ from ..hf import (
     visible_in_stream,
 )
 from . import guard
-from .checks import remembered
+from ..cache import remembered
 from .folder_checks import check_hf_model_fits, reason, refuse_incomplete
 from .base import Backend, cached_sha256, fifo_stats, model_fingerprint
 

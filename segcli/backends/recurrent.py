@@ -33,7 +33,7 @@ from ..memory import MemoryPolicy
 from ..memory.base import LayerStats
 from ..memory.catalog import POLICY_ON_ATTENTION  # policies a hybrid's attention layers follow with its own cache
 from . import guard
-from .checks import remembered
+from ..cache import remembered
 from .folder_checks import check_hf_model_fits, reason, refuse_incomplete
 from .base import Backend, cached_sha256, model_fingerprint
 from .recurrent_families import FAMILIES, Family, layer_types

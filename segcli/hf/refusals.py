@@ -71,7 +71,7 @@ def bounded_frame(model) -> tuple[str, str | None]:
     if feats.attn in done:
         return done[feats.attn]
     frames = ("absolute",) if any(k.kind == "chunked" for k in feats.layers) else ("absolute", "relative")
-    from ..backends.checks import remembered
+    from ..cache import remembered
 
     for frame in frames:
         problem = remembered(model, f"frame:{feats.attn}:{frame}", lambda: _three_token_check(model, feats, frame))

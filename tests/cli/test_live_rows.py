@@ -151,7 +151,8 @@ def test_segment_numbers_are_whole_at_80_columns(monkeypatch, tiny_model_dir, do
 
 
 def test_a_corpus_shows_a_row_per_document_as_it_finishes(monkeypatch, tiny_model_dir, two_docs):
-    a, b = two_docs
+    monkeypatch.chdir(two_docs[0].parent)  # short names: a long temporary path would wrap in its column
+    a, b = two_docs[0].name, two_docs[1].name
     res, text, early = terminal_run(monkeypatch, [a, b, "--model", tiny_model_dir, "-s", 16, "--max-tokens", 48], 120,
                                     progress=True, after_segment=4)  # 3 segments each: the 4th is the second document's
     early, text = plain(early), plain(text)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from segcli.backends import checks, load_backend
+from segcli import cache as checks
+from segcli.backends import load_backend
 from segcli.backends.hf import HFBackend
 from segcli.config import RunConfig
 

@@ -26,7 +26,7 @@ LAYERS = [
     ("backends",),
     ("hf", "models", "reader"),
     ("memory", "config", "corpus", "documents", "distributed"),
-    ("ops", "errors", "files", "__init__"),
+    ("ops", "errors", "files", "cache", "__init__"),
 ]
 RANK = {name: len(LAYERS) - i for i, names in enumerate(LAYERS) for name in names}
 

@@ -1,5 +1,6 @@
-"""Checks a model passes once, remembered across runs: the load-time guard (a stream in pieces equals one forward),
-the memory frame a model takes (`hf.refusals.bounded_frame`), whether its token passes equal stepping. Each runs a
+"""segcli's cache folder (`cache_root`), its small JSON files written whole (`read_cache`, `write_cache`: the model
+files' hashes, GGUF conversions' hashes), and the checks a model passes once, remembered across runs: the load-time
+guard (a stream in pieces equals one forward), the memory frame a model takes (`hf.refusals.bounded_frame`), whether its token passes equal stepping. Each runs a
 few forwards; on a 135M-parameter model that was seconds of every start, for an answer that only changes when the
 model or the software does.
 
@@ -17,17 +18,49 @@ code in memory, which the source files' stamp cannot see).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from .base import _read_cache, _write_cache, cache_root
-
 T = TypeVar("T")
 CHECK_ENTRIES = 512  # answers remembered; the oldest are dropped beyond
+
+
+# -- the cache folder and its JSON files -------------------------------------------------------------------------------
+
+def cache_root() -> Path:
+    """segcli's cache folder: $SEGCLI_CACHE, else $XDG_CACHE_HOME/segcli, else ~/.cache/segcli."""
+    if os.environ.get("SEGCLI_CACHE"):
+        return Path(os.environ["SEGCLI_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "segcli"
+
+
+def read_cache(index: Path) -> dict[str, Any]:
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def write_cache(index: Path, known: dict[str, Any]) -> None:
+    """Replace `index` with `known` (a temporary file renamed into place); any OSError is left to the caller."""
+    index.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{index.stem}-", suffix=".json", dir=index.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(known, f)
+        os.replace(tmp, index)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def checks_file() -> Path:
@@ -40,9 +73,9 @@ def software() -> dict[str, str]:
     import torch
     import transformers
 
-    from .. import __version__
+    from . import __version__
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parent
     h = hashlib.sha256()
     for p in sorted(root.rglob("*.py")):
         st = p.stat()
@@ -67,17 +100,17 @@ def remembered(model, name: str, compute: Callable[[], T]) -> T:
     key = hashlib.sha256(json.dumps({"check": name, "attn": attn, **stamp, **software()}, sort_keys=True).encode()
                          ).hexdigest()
     index = checks_file()
-    known = _read_cache(index)
+    known = read_cache(index)
     entry = known.get(key)
     if isinstance(entry, dict) and "value" in entry:
         return entry["value"]
     value = compute()
-    known = {k: v for k, v in _read_cache(index).items() if k != key}
+    known = {k: v for k, v in read_cache(index).items() if k != key}
     for old in list(known)[: max(0, len(known) - CHECK_ENTRIES + 1)]:
         del known[old]
     known[key] = {"check": name, "value": value}
     try:
-        _write_cache(index, known)
+        write_cache(index, known)
     except OSError:
         pass  # an unwritable cache: checked again next time
     return value
