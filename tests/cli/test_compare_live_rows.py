@@ -14,13 +14,11 @@ import io
 import json
 import os
 import re
-import select
 import signal
 import struct
 import subprocess
 import sys
 import termios
-import time
 
 import pytest
 from rich.console import Console
@@ -33,43 +31,10 @@ from segcli.cli.output import LiveTable, SparkBins, Writer, clean, fmt_num
 from segcli.engine.compare import Comparison
 
 from conftest import ROOT
+from terminal import ENV, FakeTerminal, console, plain, read_until
 
 compare_cli = importlib.import_module("segcli.cli.compare")  # the module (segcli.cli.compare is the command)
 runner = CliRunner()
-ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-class FakeTerminal(io.StringIO):
-    """What a terminal was sent: stdout, and stderr too when a Console on it is given to the progress bar."""
-
-    def isatty(self) -> bool:
-        return True
-
-
-def plain(text: str) -> str:
-    return ANSI.sub("", text)
-
-
-def console(width: int) -> Console:
-    return Console(file=io.StringIO(), width=width, force_terminal=True, color_system="truecolor")
-
-
-def read_until(fd: int, buf: bytearray, done, timeout: float) -> bool:
-    """Read the terminal `fd` into `buf` until `done(text so far)`, the terminal closes or `timeout` seconds pass."""
-    end = time.monotonic() + timeout
-    while not done(plain(buf.decode("utf-8", "replace"))):
-        left = end - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return False
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:  # the process has gone: the terminal is closed
-            return done(plain(buf.decode("utf-8", "replace")))
-        if not chunk:
-            return done(plain(buf.decode("utf-8", "replace")))
-        buf += chunk
-    return True
 
 
 def spy_records(monkeypatch, screen: FakeTerminal | None = None):

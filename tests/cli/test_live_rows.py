@@ -13,13 +13,11 @@ import io
 import json
 import os
 import re
-import select
 import signal
 import struct
 import subprocess
 import sys
 import termios
-import time
 
 import pytest
 from rich.console import Console
@@ -32,26 +30,10 @@ from segcli.cli.output import Col, LiveTable, PipeConsole, SparkBins, clean, fmt
 from segcli.engine.run import CorpusRun
 
 from conftest import ROOT
+from terminal import ENV, FakeTerminal, console, plain, read_until
 
 run_cli = importlib.import_module("segcli.cli.run")  # the module (segcli.cli.run as an attribute is the command)
 runner = CliRunner()
-ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-class FakeTerminal(io.StringIO):
-    """What a terminal was sent: stdout, and stderr too when a Console on it is given to the progress bar."""
-
-    def isatty(self) -> bool:
-        return True
-
-
-def plain(text: str) -> str:
-    return ANSI.sub("", text)
-
-
-def console(width: int) -> Console:
-    return Console(file=io.StringIO(), width=width, force_terminal=True, color_system="truecolor")
 
 
 @pytest.fixture(scope="module")
@@ -200,21 +182,6 @@ def test_not_a_terminal_gets_the_whole_table_at_the_end(monkeypatch, tiny_model_
 
 
 # -- a real terminal: a slow pipe, then a signal ------------------------------------------------------------------------
-
-def read_until(fd: int, buf: bytearray, done, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while not done(plain(buf.decode("utf-8", "replace"))):
-        left = end - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return False
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:  # the process has gone: the terminal is closed
-            return done(plain(buf.decode("utf-8", "replace")))
-        if not chunk:
-            return done(plain(buf.decode("utf-8", "replace")))
-        buf += chunk
-    return True
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
