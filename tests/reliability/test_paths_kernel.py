@@ -26,16 +26,14 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
-from segcli.cli import app
 from segcli.corpus import expand, expand_folder
 from segcli.errors import UsageError
 from segcli.files import AtomicOutput, check_distinct, output_target
 
 from conftest import ROOT, SAMPLE
+from test_output_files import invoke, one_line, parts
 
-runner = CliRunner()
 TEXT = (SAMPLE / "hamlet.txt").read_text(encoding="utf-8")[:400]
 KEEP = "the user's own file\n"
 
@@ -54,31 +52,16 @@ def make_layout(top: Path) -> Path:
     return top / "w"
 
 
-@pytest.fixture
-def w(tmp_path, monkeypatch) -> Path:
-    here = make_layout(tmp_path / "top")
-    monkeypatch.chdir(here)
-    return here
-
-
 @pytest.fixture(scope="module")
 def base(tiny_model_dir):
     return ["--model", str(tiny_model_dir), "--device", "cpu", "-q", "--max-tokens", "20", "-s", "8"]
 
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line(res, code: int, needle: str) -> None:
-    assert res.exit_code == code, (res.exit_code, res.output)
-    lines = [x for x in res.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("segcli: error: ") and needle in lines[0], res.stderr
-    assert "Traceback" not in res.output
-
-
-def parts(top: Path) -> list[Path]:
-    return [p for p in top.rglob("*") if p.name.endswith(".part")]
+@pytest.fixture
+def w(tmp_path, monkeypatch) -> Path:
+    here = make_layout(tmp_path / "top")
+    monkeypatch.chdir(here)
+    return here
 
 
 def jsonl(path: Path) -> list[dict]:
