@@ -215,6 +215,19 @@ def _check_fields(r: dict, needs: dict, where: str, what: str) -> None:
                              f"got {json.dumps(v)[:40]}")
 
 
+def capped(table: dict, more: set, key, make):
+    """table[key], made by `make()` the first time, while the table holds fewer than MAX_SERIES; beyond that None,
+    the key only counted in `more` (up to MAX_COUNTED) for the title's "first 12 of N"."""
+    got = table.get(key)
+    if got is None:
+        if len(table) >= MAX_SERIES:
+            if len(more) < MAX_COUNTED:
+                more.add(key)
+            return None
+        got = table[key] = make()
+    return got
+
+
 @dataclass
 class Series:
     """One line: the segments of one document in one run, in at most MAX_BINS bins of consecutive segments (when
@@ -319,28 +332,18 @@ class Results:
 
     def _segment(self, r: dict[str, Any]) -> None:
         mem = r["memory"]
-        key = (self.run, r["document"])
-        s = self.series.get(key)
-        if s is None:
-            if len(self.series) >= MAX_SERIES:
-                if len(self.more_series) < MAX_COUNTED:
-                    self.more_series.add(key)
-                return
-            s = self.series[key] = Series(self.run, r["document"], mem["policy"], r.get("segment_size"), mem.get("capacity"))
-        s.add(r["token_end"], r["tokens"], r["nll"], mem.get("attn_mass_memory"), mem["bytes"])
+        s = capped(self.series, self.more_series, (self.run, r["document"]),
+                   lambda: Series(self.run, r["document"], mem["policy"], r.get("segment_size"), mem.get("capacity")))
+        if s is not None:
+            s.add(r["token_end"], r["tokens"], r["nll"], mem.get("attn_mass_memory"), mem["bytes"])
 
     def _probe(self, r: dict[str, Any]) -> None:
         sizes = r.get("sizes") or {}
         key = (r["task"], r.get("model"), r["policy"], r["segment_size"], json.dumps(sizes, sort_keys=True))
-        p = self.panels.get(key)
-        if p is None:
-            if len(self.panels) >= MAX_SERIES:
-                if len(self.more_panels) < MAX_COUNTED:
-                    self.more_panels.add(key)
-                return
-            p = self.panels[key] = Panel(r["task"], r["policy"], r["segment_size"], sizes, r.get("memory_capacity"),
-                                         r.get("model"))
-        p.add(r)
+        p = capped(self.panels, self.more_panels, key,
+                   lambda: Panel(r["task"], r["policy"], r["segment_size"], sizes, r.get("memory_capacity"), r.get("model")))
+        if p is not None:
+            p.add(r)
 
     def series_list(self) -> list[Series]:
         series = list(self.series.values())
