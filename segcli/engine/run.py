@@ -17,7 +17,7 @@ import hashlib
 import itertools
 import platform
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -29,7 +29,9 @@ from ..errors import SegcliError, Stopped, UsageError
 from ..files import check_distinct
 from ..reader import Blocking, Reader
 from ..state import check_source, check_target, load_memory, memory_file
-from .stream import BATCH_DOCS, BATCH_TOKENS, Stream, Totals, one_segment_batch, resource_report, span_note
+from .stream import (
+    BATCH_DOCS, BATCH_TOKENS, SegmentResult, Stream, Totals, one_segment_batch, resource_report, span_note,
+)
 
 GROUP_DOCS = 2048  # small documents gathered before they are batched by length (their records then come in order)
 SMALL_BYTES_PER_TOKEN = 8  # a document of at most this many bytes per token of a segment may fit in one: tokenized whole
@@ -91,11 +93,12 @@ def token_records(backend: Backend, r) -> list[dict[str, Any]]:
     return out
 
 
-def document_records(stream: Stream, backend: Backend, doc, index: int, totals: Totals, per_token: bool,
-                     should_stop: Callable[[], bool], with_document_record: bool) -> Iterator[dict[str, Any]]:
-    """A document's segment (and token) records as its segments finish, then its `document` record.
-    Stops between segments when `should_stop()` (the caller checks it again)."""
-    for r in stream.segments(doc, should_stop=should_stop):
+def document_records(results: Iterable[SegmentResult], backend: Backend, doc, index: int, totals: Totals,
+                     per_token: bool, should_stop: Callable[[], bool], with_document_record: bool) -> Iterator[dict[str, Any]]:
+    """A document's segment (and token) records as its `results` come (`Stream.segments(doc, should_stop)` as its
+    segments finish, or those computed already), then its `document` record. Stops when `should_stop()` (the caller
+    checks it again)."""
+    for r in results:
         totals.add(r)
         yield r.record()
         if per_token:
@@ -225,8 +228,9 @@ class CorpusRun:
         elif world is None:
             for i in range(len(self.sources)):
                 doc_totals = Totals(cfg.segment_size)
-                yield from document_records(stream, backend, self.document(i), i, doc_totals, self.opts.per_token,
-                                            self.should_stop, many)
+                doc = self.document(i)
+                yield from document_records(stream.segments(doc, self.should_stop), backend, doc, i, doc_totals,
+                                            self.opts.per_token, self.should_stop, many)
                 self._stop_if_asked(totals.segments + doc_totals.segments)
                 totals.merge(doc_totals)
         else:
@@ -268,19 +272,12 @@ class CorpusRun:
         batching = backend.row_memory(backend.new_memory(cfg, 2), 0, 2) is not None
 
         def one(i: int, doc, results: list | None) -> Iterator[dict[str, Any]]:
+            """Document i's records: from its batched `results`, else streamed on its own."""
             doc_totals = Totals(ns)
             if results is None:
-                yield from document_records(Stream(backend, cfg), backend, doc, i, doc_totals, self.opts.per_token,
-                                            self.should_stop, many)
-            else:
-                for r in results:
-                    doc_totals.add(r)
-                    yield r.record()
-                    if self.opts.per_token:
-                        yield from token_records(backend, r)
-                doc_totals.add_document(doc)
-                if many:
-                    yield {"type": "document", "document": doc.name, "index": i, **doc_totals.summary()}
+                results = Stream(backend, cfg).segments(doc, self.should_stop)
+            yield from document_records(results, backend, doc, i, doc_totals, self.opts.per_token, self.should_stop,
+                                        many)
             self._stop_if_asked(totals.segments + doc_totals.segments)
             totals.merge(doc_totals)
 
@@ -321,8 +318,10 @@ class CorpusRun:
         """One document on this rank, fresh memory: its records, or what stopped it."""
         try:
             doc_totals = Totals(self.cfg.segment_size)
-            recs = list(document_records(Stream(self.backend, self.cfg), self.backend, self.document(i), i, doc_totals,
-                                         self.opts.per_token, self.should_stop, len(self.sources) > 1))
+            doc = self.document(i)
+            results = Stream(self.backend, self.cfg).segments(doc, self.should_stop)
+            recs = list(document_records(results, self.backend, doc, i, doc_totals, self.opts.per_token,
+                                         self.should_stop, len(self.sources) > 1))
         except SegcliError as e:
             return distributed.Failure(str(e), e.exit_code, index=i)
         if self.should_stop():

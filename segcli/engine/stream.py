@@ -226,37 +226,47 @@ class Stream:
                 start, end = part.start, part.start + len(part.target_ids)
                 nll_list = all_nll[start - w.start : end - w.start]
                 nll = (nll_list[0] if ns == 1 else math.fsum(nll_list)) if self.passes else whole
-                if not math.isfinite(nll):
-                    raise RunError(f"{doc.name}: segment {index} (tokens {start}-{end}) produced a non-finite loss "
-                                   f"({nll}); try --dtype float32")
-                tokens = end - start
-                end_bytes = as_list(part.end_bytes)
-                n_bytes = end_bytes[-1] - part.byte_start  # `part.n_bytes`, from the list (no numpy scalar)
                 cum_nll += nll
-                cum_tokens += tokens
-                yield SegmentResult(
-                    type="segment",
-                    document=doc.name,
-                    segment=index,
-                    segment_size=ns,
-                    token_start=start,
-                    token_end=end,
-                    tokens=tokens,
-                    bytes=n_bytes,
-                    nll=nll,
-                    loss=nll / tokens,
-                    ppl=safe_exp(nll / tokens),
-                    bits_per_byte=nll / LN2 / max(n_bytes, 1),
-                    cum_ppl=safe_exp(cum_nll / cum_tokens),
-                    seconds=share,
-                    tokens_per_s=tokens / share if share > 0 else float("inf"),
-                    memory=memory_report(stats[j], self.cfg.memory, masses[j]),
-                    token_nll=nll_list,
-                    token_ids=as_list(part.target_ids),
-                    byte_start=part.byte_start,
-                    token_end_bytes=end_bytes,
-                )
+                cum_tokens += end - start
+                yield segment_result(doc.name, index, ns, part, nll, nll_list, cum_nll / cum_tokens, share,
+                                     memory_report(stats[j], self.cfg.memory, masses[j]))
                 index += 1
+
+
+def segment_result(document: str, index: int, ns: int, part, nll: float, nll_list: list[float], cum_loss: float,
+                   seconds: float, memory: MemoryReport) -> SegmentResult:
+    """Segment `index` of `document`: its window `part`, summed loss `nll` (per token: `nll_list`), the loss per token
+    of the document so far (`cum_loss`, this segment included), its share of the step's time and its memory report.
+    A non-finite loss is a RunError naming the segment."""
+    start, end = part.start, part.start + len(part.target_ids)
+    if not math.isfinite(nll):
+        raise RunError(f"{document}: segment {index} (tokens {start}-{end}) produced a non-finite loss ({nll}); "
+                       "try --dtype float32")
+    tokens = end - start
+    end_bytes = as_list(part.end_bytes)
+    n_bytes = end_bytes[-1] - part.byte_start  # `part.n_bytes`, from the list (no numpy scalar)
+    return SegmentResult(
+        type="segment",
+        document=document,
+        segment=index,
+        segment_size=ns,
+        token_start=start,
+        token_end=end,
+        tokens=tokens,
+        bytes=n_bytes,
+        nll=nll,
+        loss=nll / tokens,
+        ppl=safe_exp(nll / tokens),
+        bits_per_byte=nll / LN2 / max(n_bytes, 1),
+        cum_ppl=safe_exp(cum_loss),
+        seconds=seconds,
+        tokens_per_s=tokens / seconds if seconds > 0 else float("inf"),
+        memory=memory,
+        token_nll=nll_list,
+        token_ids=as_list(part.target_ids),
+        byte_start=part.byte_start,
+        token_end_bytes=end_bytes,
+    )
 
 
 BATCH_DOCS = 128  # documents of one segment each in one batched forward (`one_segment_batch`)
@@ -291,21 +301,9 @@ def one_segment_batch(backend: Backend, cfg: RunConfig, docs: list[TokenizedDocu
         rows, sums = nll.tolist(), nll.sum(1).tolist()  # a row's loss summed as Stream sums a segment's
         stats = [backend.memory_stats(backend.row_memory(s.memory, b, batch)) for b in range(batch)]
     share = s.seconds / batch
-    out = []
-    for doc, w, nll_list, total, layer_stats in zip(docs, windows, rows, sums, stats):
-        if not math.isfinite(total):
-            raise RunError(f"{doc.name}: segment 0 (tokens 0-{t}) produced a non-finite loss ({total}); "
-                           "try --dtype float32")
-        end_bytes = as_list(w.end_bytes)
-        n_bytes = end_bytes[-1] - w.byte_start
-        out.append(SegmentResult(
-            type="segment", document=doc.name, segment=0, segment_size=ns, token_start=0, token_end=t, tokens=t,
-            bytes=n_bytes, nll=total, loss=total / t, ppl=safe_exp(total / t), bits_per_byte=total / LN2 / max(n_bytes, 1),
-            cum_ppl=safe_exp(total / t), seconds=share, tokens_per_s=t / share if share > 0 else float("inf"),
-            memory=memory_report(layer_stats, cfg.memory, None), token_nll=nll_list, token_ids=as_list(w.target_ids),
-            byte_start=w.byte_start, token_end_bytes=end_bytes,
-        ))
-    return out
+    return [segment_result(doc.name, 0, ns, w, total, nll_list, total / t, share,
+                           memory_report(layer_stats, cfg.memory, None))  # an empty memory before: no mass
+            for doc, w, nll_list, total, layer_stats in zip(docs, windows, rows, sums, stats)]
 
 
 def window_tensors(w, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
