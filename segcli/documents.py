@@ -303,12 +303,12 @@ def stream_tokens_checked(pieces: Iterable[str], tokenizer, block_chars: int = C
         return None
 
     def forced(enc) -> tuple[int, int, int] | None:
-        offsets = enc.offsets
-        for k in range(len(offsets) - 1, 0, -1):
-            c = offsets[k][0]
-            if offsets[k - 1][1] == c > done and c <= len(buf) - margin:
-                return c, c, k
-        return None
+        """The last token boundary before the margin (`forced_cut`), no context kept: (c, c, i)."""
+        cut = forced_cut(enc, len(buf) - margin)
+        if cut is None or cut[1] <= done:
+            return None
+        i, c = cut
+        return c, c, i
 
     for text in pieces:
         buf += text
