@@ -402,36 +402,35 @@ class AtomicOutput:
 
     # -- finishing -----------------------------------------------------------------------------
     def sync(self) -> None:
-        """Flush and sync what was written, before `commit` (a full disk fails here, nothing renamed yet)."""
-        try:
+        """Flush what was written, and sync a temporary file (a full disk fails here, before any rename). On
+        failure the temporary file is removed and a RunError raised (a closed pipe: BrokenPipeError)."""
+        with self._discarded_on_error():
             if self._file is not None:
                 self._file.flush()
                 if self._tmp is not None:
                     os.fsync(self._file.fileno())
             elif self._fd is not None and self._tmp is not None:
                 os.fsync(self._fd)
-        except OSError as e:
-            self.discard()
-            raise self._error(e) from None
 
     def commit(self) -> None:
-        """Finish the output: flush, and for a temporary file sync and rename it over the target.
+        """Finish the output: `sync`, close, and for a temporary file rename it over the target.
         On failure the temporary file is removed and a RunError (a full disk) raised."""
-        try:
+        self.sync()
+        with self._discarded_on_error():
             if self._file is not None:
-                self._file.flush()
-                if self._tmp is not None:
-                    os.fsync(self._file.fileno())
                 self._file.close()
             elif self._fd is not None:
-                if self._tmp is not None:
-                    os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = None
             if self._tmp is not None:
                 with signals_blocked():
                     os.replace(self._tmp, self.target.resolved)
                     self._tmp = None
+
+    @contextlib.contextmanager
+    def _discarded_on_error(self) -> Iterator[None]:
+        try:
+            yield
         except BrokenPipeError:
             self.discard()
             raise
