@@ -449,11 +449,8 @@ def recomputed(state: Any, policy) -> Any:
     from .memory.scored import ScoredPolicy, ScoredState, norms
     from .memory.window import Window
 
-    if isinstance(state, Window):
-        def norm(x: Tensor) -> Tensor:  # Window._push_inplace's
-            return torch.linalg.vector_norm(x, dim=-1) if x.dtype == torch.float32 else x.float().norm(dim=-1)
-
-        return dataclasses.replace(state, kn=norm(state.k), vn=norm(state.v))
+    if isinstance(state, Window):  # the float32 norms a window writes as pairs enter
+        return dataclasses.replace(state, kn=norms(state.k), vn=norms(state.v))
     if not (dataclasses.is_dataclass(state) and not isinstance(state, type)):
         return state
     changes = {}
