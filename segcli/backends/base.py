@@ -125,6 +125,15 @@ class Backend:
         the last, per segment the mass and the layers' stats after it), what the steps would have reported."""
         raise NotImplementedError(f"the {self.kind} backend has no segment pass")
 
+    def packs(self, memory) -> int | None:
+        """The most tokens one forward may take as consecutive segments of any lengths (`step_packed`: many small
+        documents through a carried memory); None when each segment is its own forward."""
+        return None
+
+    def step_packed(self, ids: Tensor, memory, lengths: list[int]):
+        """ids (1, T) as consecutive segments of `lengths` tokens in one forward: `step_segments`' results."""
+        raise NotImplementedError(f"the {self.kind} backend has no segment pass")
+
 
 REDUCE_GRAIN = 32768  # torch's GRAIN_SIZE: a CPU reduction of fewer elements (or on one thread) runs serially
 

@@ -80,6 +80,29 @@ class NativeBackend(Backend):
         return logits[0] if len(logits) == 1 else torch.cat(logits, 1), memory, masses, stats
 
 
+    def packs(self, memory) -> int | None:
+        """The policy's segment-pass bound (fifo: its window, so no buffer grows past what the steps reach; full),
+        at most PACK_TOKENS; None for the other policies."""
+        bound = memory.policy.segment_pass()
+        return min(bound, PACK_TOKENS) if bound else None
+
+    def step_packed(self, ids: Tensor, memory, lengths: list[int]):
+        """ids (1, T) as consecutive segments of `lengths` tokens in one segment pass (`policy.extend_segments`):
+        logits (1, T, V), the memory after the last, and per segment what `step` and `memory_stats` would have
+        returned after it (the mass None where the memory was empty before it)."""
+        empty = memory.policy.is_empty(memory.states[0])
+        out = self.model(ids, memory, segments=lengths)
+        masses = out.memory_mass.float().mean(0).tolist()  # (L, J) -> J
+        if empty:
+            masses[0] = None
+        stats = [list(layers) for layers in zip(*out.extras["stats_each"])]  # L lists of J -> J lists of L
+        return out.logits, out.memory, masses, stats
+
+
+PACK_TOKENS = 512  # most tokens per segment pass: a (T, memory + T) score matrix per head, and a forward long
+#   enough that the weights' reads no longer rule it (19-token documents: one forward each ran at ~1.6k tokens/s)
+
+
 def load_tokenizer(path: Path):
     from tokenizers import Tokenizer
 

@@ -220,19 +220,12 @@ class CorpusRun:
         """Segment, token and document records in document order, then the summary (rank 0 only)."""
         assert self.backend is not None, "prepare() first"
         cfg, backend, world = self.cfg, self.backend, self.world
-        many = len(self.sources) > 1
         totals = Totals(cfg.segment_size)
         stream = self.stream
         if world is None and self.fresh:
             yield from self._fresh_records(totals)
         elif world is None:
-            for i in range(len(self.sources)):
-                doc_totals = Totals(cfg.segment_size)
-                doc = self.document(i)
-                yield from document_records(stream.segments(doc, self.should_stop), backend, doc, i, doc_totals,
-                                            self.opts.per_token, self.should_stop, many)
-                self._stop_if_asked(totals.segments + doc_totals.segments)
-                totals.merge(doc_totals)
+            yield from self._carried_records(totals)
         else:
             written = 0
             try:
@@ -260,26 +253,69 @@ class CorpusRun:
         if self.should_stop():
             raise Stopped(self.signum() or 2, f"stopped after {segments} segments; no summary")
 
+    def _one(self, i: int, doc, results: Iterable[SegmentResult], totals: Totals) -> Iterator[dict[str, Any]]:
+        """Document i's records from its `results` (computed, or streamed as they come), its totals merged into
+        `totals` after them; a stop asked for meanwhile ends the run there."""
+        doc_totals = Totals(self.cfg.segment_size)
+        yield from document_records(results, self.backend, doc, i, doc_totals, self.opts.per_token, self.should_stop,
+                                    len(self.sources) > 1)
+        self._stop_if_asked(totals.segments + doc_totals.segments)
+        totals.merge(doc_totals)
+
+    def _small(self, i: int):
+        """Document i tokenized whole when it is small enough to be one segment (`SMALL_BYTES_PER_TOKEN`), else None
+        (it streams, as any document)."""
+        sizes = self._local_sizes
+        if sizes is None or sizes[i] > SMALL_BYTES_PER_TOKEN * self.cfg.segment_size:
+            return None
+        return self.reader.tokenized(self.sources[i], self.backend)
+
+    def _carried_records(self, totals: Totals) -> Iterator[dict[str, Any]]:
+        """Every document through one memory, in one process. Consecutive documents of one segment go through the
+        model together, as many as one segment pass takes (`Stream.pack`: per-document overhead, not tokens, would
+        rule a corpus of them); the rest stream one by one. Records in document order either way."""
+        stream = self.stream
+        bound = stream.pack_tokens()
+        pending: list[tuple[int, Any]] = []
+        held = 0  # tokens pending
+
+        def flush() -> Iterator[dict[str, Any]]:
+            nonlocal held
+            if not pending:
+                return
+            self._stop_if_asked(totals.segments)
+            results = stream.pack([d for _, d in pending]) if len(pending) > 1 else None
+            for j, (i, doc) in enumerate(pending):
+                yield from self._one(i, doc, stream.segments(doc, self.should_stop) if results is None else [results[j]],
+                                     totals)
+            pending.clear()
+            held = 0
+
+        for i in range(len(self.sources)):
+            doc = self._small(i) if bound else None
+            if doc is not None and stream.packable(doc):
+                if held + len(doc) > bound:
+                    yield from flush()
+                pending.append((i, doc))
+                held += len(doc)
+                continue
+            yield from flush()
+            doc = doc if doc is not None else self.document(i)
+            yield from self._one(i, doc, stream.segments(doc, self.should_stop), totals)
+        yield from flush()
+
     def _fresh_records(self, totals: Totals) -> Iterator[dict[str, Any]]:
         """Every document from an empty memory, in one process. Documents of one segment (small files and records:
         per-document overhead, not tokens, would rule a corpus of them) are gathered GROUP_DOCS at a time and go
         through the model BATCH_DOCS to a forward, those of one length together (`one_segment_batch`); the
         rest stream one by one. The records come in document order either way."""
-        cfg, backend, ns = self.cfg, self.backend, self.cfg.segment_size
-        many = len(self.sources) > 1
-        sizes = self._local_sizes
+        cfg, backend = self.cfg, self.backend
         pending: list[tuple[int, Any]] = []
         batching = backend.row_memory(backend.new_memory(cfg, 2), 0, 2) is not None
 
-        def one(i: int, doc, results: list | None) -> Iterator[dict[str, Any]]:
-            """Document i's records: from its batched `results`, else streamed on its own."""
-            doc_totals = Totals(ns)
-            if results is None:
-                results = Stream(backend, cfg).segments(doc, self.should_stop)
-            yield from document_records(results, backend, doc, i, doc_totals, self.opts.per_token, self.should_stop,
-                                        many)
-            self._stop_if_asked(totals.segments + doc_totals.segments)
-            totals.merge(doc_totals)
+        def results_of(doc, got: list | None) -> Iterable[SegmentResult]:
+            """A document's results: from its batch, else streamed on its own from an empty memory."""
+            return Stream(backend, cfg).segments(doc, self.should_stop) if got is None else got
 
         def flush() -> Iterator[dict[str, Any]]:
             nonlocal batching
@@ -297,21 +333,19 @@ class CorpusRun:
                     for j, (i, _) in enumerate(chunk):
                         results[i] = None if got is None else [got[j]]
             for i, doc in pending:
-                yield from one(i, doc, results[i])
+                yield from self._one(i, doc, results_of(doc, results[i]), totals)
             pending.clear()
 
-        for i, source in enumerate(self.sources):
-            if batching and sizes is not None and sizes[i] <= SMALL_BYTES_PER_TOKEN * ns:
-                doc = self.reader.tokenized(source, backend)  # small: held whole
-                if len(doc) <= ns:
-                    pending.append((i, doc))
-                    if len(pending) >= GROUP_DOCS:
-                        yield from flush()
-                    continue
-            else:
-                doc = None
+        for i in range(len(self.sources)):
+            doc = self._small(i) if batching else None  # small: held whole
+            if doc is not None and len(doc) <= cfg.segment_size:
+                pending.append((i, doc))
+                if len(pending) >= GROUP_DOCS:
+                    yield from flush()
+                continue
             yield from flush()
-            yield from one(i, doc if doc is not None else self.document(i), None)
+            doc = doc if doc is not None else self.document(i)
+            yield from self._one(i, doc, results_of(doc, None), totals)
         yield from flush()
 
     def _work(self, i: int) -> DocumentResult | distributed.Failure:

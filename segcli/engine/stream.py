@@ -233,6 +233,43 @@ class Stream:
                 index += 1
 
 
+    def packable(self, doc: TokenizedDocument) -> bool:
+        """Whether `doc` is one segment that `pack` can take with others (a backend with a segment pass for any
+        lengths, under this memory: `Backend.packs`)."""
+        bound = self.backend.packs(self.memory)
+        return bound is not None and 0 < len(doc) <= min(bound, self.cfg.segment_size)
+
+    def pack_tokens(self) -> int:
+        """The most tokens one `pack` may take."""
+        return self.backend.packs(self.memory) or 0
+
+    def _packed_step(self, ids: torch.Tensor, memory, lengths: list[int]):
+        logits, memory, masses, stats = self.backend.step_packed(ids, memory, lengths)
+        return logits, memory, (masses, stats)
+
+    def pack(self, docs: list[TokenizedDocument]) -> list[SegmentResult]:
+        """Documents of one segment each (`packable`, `pack_tokens` in all), continuing the current memory, in one
+        forward (`Backend.step_packed`): what `segments(doc)` yields for each in turn, the forward's time shared
+        evenly. Many small documents through a carried memory then cost one forward per pack, not one per document."""
+        ns, device = self.cfg.segment_size, self.backend.device
+        windows = [next(d.windows(ns)) for d in docs]
+        lengths = [len(w.target_ids) for w in windows]
+        pair = torch.tensor([[i for w in windows for i in w.input_ids], [i for w in windows for i in w.target_ids]],
+                            dtype=torch.long, device=device)  # (2, T)
+        with torch.inference_mode():
+            s = next(stream(lambda ids, mem: self._packed_step(ids, mem, lengths), self.memory, [(pair[:1], None)],
+                            device))
+            masses, stats = s.info
+            logits = s.logits[0] if s.logits.dtype == torch.float32 else s.logits[0].float()  # (T, V)
+            parts = F.cross_entropy(logits, pair[1], reduction="none").cpu().split(lengths)  # (T,) in segments
+            rows, sums = [x.tolist() for x in parts], [float(x.sum()) for x in parts]  # each summed as `segments` sums
+        self.memory = s.memory
+        share = s.seconds / len(docs)
+        return [segment_result(doc.name, 0, ns, w, total, nll_list, total / n, share,
+                               memory_report(layer_stats, self.cfg.memory, mass))
+                for doc, w, nll_list, total, n, mass, layer_stats in zip(docs, windows, rows, sums, lengths, masses, stats)]
+
+
 def segment_result(document: str, index: int, ns: int, part, nll: float, nll_list: list[float], cum_loss: float,
                    seconds: float, memory: MemoryReport) -> SegmentResult:
     """Segment `index` of `document`: its window `part`, summed loss `nll` (per token: `nll_list`), the loss per token

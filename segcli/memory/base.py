@@ -221,6 +221,18 @@ class MemoryPolicy(ABC):
         """T single-token segments in one pass (see the module doc): (state, out, mass, stats of each)."""
         raise NotImplementedError(f"{self.name} has no token pass")
 
+    def segment_pass(self) -> int | None:
+        """The most tokens one `extend_segments` pass may take: consecutive segments of any lengths whose memory at
+        each segment is exact earlier pairs (fifo, full), so that one masked pass computes them all; None: each
+        segment is its own step."""
+        return None
+
+    def extend_segments(self, state: Any, q: Tensor, k: Tensor, v: Tensor, k_raw: Tensor | None,
+                        shift_keys: ShiftFn, lengths: list[int]):
+        """Consecutive segments of `lengths` tokens in one pass: (state, out (B, H, T, D), mass (B, H, T) on each
+        query's segment's memory, the stats after each segment), what their steps would compute."""
+        raise NotImplementedError(f"{self.name} has no segment pass")
+
     def sliding_window(self) -> int | None:
         """W when, at segment size 1, this policy is a causal sliding window of the W keys before each token
         (DESIGN: fifo), so that T such steps can be computed in one pass with a band mask; None otherwise."""

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 
-import torch
-
-from ..ops.attention import band_mask, pass_attention
+from ..ops.attention import band_mask, pass_attention, segment_masks, segment_pass_attention
 from .base import Carried, KVRead, LayerStats, MemoryPolicy, expect, mean_of, tensor_bytes
 from .scored import layer_budgets
 from .window import Window
@@ -62,26 +61,40 @@ class Fifo(MemoryPolicy):
         return replace(state, evicted=each[-1].evicted), out, mass, each  # the last step's drop, as its state has
 
     def stats_each(self, state, before, t):
+        return self.stats_after(state, before, list(range(before + 1, before + t + 1)))
+
+    def stats_after(self, state, before, ends):
+        """Stats after each of the segments of one push onto `before` held pairs, as their steps would have reported
+        them; ends: after each segment, the pairs counted from the oldest then held (increasing; the last is before
+        + the push's length). The pairs the push evicted are still in the buffer, right before start."""
         w = state.window
-        lo = w.end - before - t  # the pairs evicted by this push are still in the buffer, right before start
-        assert lo >= 0 and not torch.is_grad_enabled(), "stats_each reads an in-place (inference) window"
         b, h = w.kn.shape[:2]
-        # (before + t + 1,) running sums of the per-slot norms over batch and heads, float64
-        ck, cv = (torch.cat([n.new_zeros(1, dtype=torch.float64), n[:, :, lo : w.end].double().sum((0, 1)).cumsum(0)])
-                  for n in (w.kn, w.vn))
-        ck, cv = ck.tolist(), cv.tolist()
-        # the buffer single steps would have held: it grows with the pairs held, never with how they came
+        ck, cv = w.norm_sums(before, ends[-1] - before)  # running sums of the norms from the oldest then held, float64
+        # the buffer the steps would have held: it grows with the pairs held, never with how they came
         start_slots, slot_bytes = getattr(w, "capacity_before_push", w.capacity), w.slot_bytes()
-        out = []
-        for e in range(before + 1, before + t + 1):  # e: pairs pushed so far; the window holds the last n of them
+        out, held, pushed = [], min(before, w.size), before
+        for e in ends:  # e: pairs pushed so far; the window holds the last n of them
             n = min(e, w.size)
             nbytes = max(start_slots, w.slots_for(n)) * slot_bytes
             out.append(LayerStats(
                 slots=n, capacity=w.size, bytes=nbytes, key_norm=(ck[e] - ck[e - n]) / (b * h * n),
                 value_norm=(cv[e] - cv[e - n]) / (b * h * n), oldest_age=n, tokens_per_slot=1.0,
-                evicted=int(e > w.size), mean_age=(n + 1) / 2,
+                evicted=max(0, held + e - pushed - w.size), mean_age=(n + 1) / 2,  # what this segment's push dropped
             ))
+            held, pushed = n, e
         return out
+
+    def segment_pass(self):
+        return self.memory_size if self.layer_budget == "uniform" else None  # one mask for every layer
+
+    def extend_segments(self, state, q, k, v, k_raw, shift_keys, lengths):
+        """Consecutive segments: each query reads the n_c pairs before its segment and its segment up to itself."""
+        before = state.window.filled
+        state, k_all, v_all, m = self.extend(state, k, v, k_raw, shift_keys)
+        allowed, memory = segment_masks(m, lengths, state.window.size, k.device)
+        out, mass = segment_pass_attention(q, k_all, v_all, allowed, memory)
+        each = self.stats_after(state, before, [before + e for e in itertools.accumulate(lengths)])
+        return replace(state, evicted=each[-1].evicted), out, mass, each
 
     def peak_bytes(self, heads, head_dim, itemsize, segment_size, tokens=None):
         most = 2 * self.memory_size if self.layer_budget == "pyramid" else self.memory_size  # the first layer's

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
-from .base import Carried, KVRead, LayerStats, MemoryPolicy, expect, mean_of, tensor_bytes
+from ..ops.attention import segment_masks, segment_pass_attention
+from .base import PASS_BOUND, Carried, KVRead, LayerStats, MemoryPolicy, expect, mean_of, tensor_bytes
 from .window import Window
 
 
@@ -46,13 +48,28 @@ class Full(MemoryPolicy):
     def stats_each(self, state, before, t):
         """Stats after each of the last t pairs, pushed at once, as t single-token steps would have reported them
         (the Hugging Face backend's token passes at n_s = 1; the native model's full has its own form)."""
+        return self.stats_after(state, before, list(range(before + 1, before + t + 1)))
+
+    def stats_after(self, state, before, ends):
+        """Stats after each segment of one push onto `before` pairs (ends: pairs held after each), as its step
+        would have reported them."""
         w = state.window
-        ck, cv = w.norm_sums(before, t)  # nothing evicted: entry e sums the first e pairs held
+        ck, cv = w.norm_sums(before, ends[-1] - before)  # nothing evicted: entry e sums the first e pairs held
         b, h = w.kn.shape[:2]
-        held = list(range(before + 1, before + t + 1))
         return [LayerStats(slots=e, capacity=None, bytes=nb, key_norm=ck[e] / (b * h * e), value_norm=cv[e] / (b * h * e),
                            oldest_age=e, tokens_per_slot=1.0)
-                for e, nb in zip(held, w.bytes_each(held, [0] * t))]
+                for e, nb in zip(ends, w.bytes_each(ends, [0] * len(ends)))]
+
+    def segment_pass(self):
+        return PASS_BOUND
+
+    def extend_segments(self, state, q, k, v, k_raw, shift_keys, lengths):
+        """Consecutive segments: each query reads every pair before it (one causal pass)."""
+        before = state.window.filled
+        state, k_all, v_all, m = self.extend(state, k, v, k_raw, shift_keys)
+        allowed, memory = segment_masks(m, lengths, None, k.device)
+        out, mass = segment_pass_attention(q, k_all, v_all, allowed, memory)
+        return state, out, mass, self.stats_after(state, before, [before + e for e in itertools.accumulate(lengths)])
 
     def stats(self, state):
         w = state.window

@@ -11,6 +11,8 @@ compare both with. `band_attention` is the sliding-window form: each query reads
 fixed number of keys before it and itself (fifo at n_s = 1 computed many tokens at a time);
 `pass_attention` is its general form for the other policies' passes at n_s = 1: any per-query key set over
 [memory; pass], plus slot blocks outside it (sinks, compressed slots, a running mean), one softmax per query.
+`segment_pass_attention` computes consecutive segments of any lengths in one pass (small documents through a
+carried memory): each query reads the memory its own segment's step held and its segment up to itself.
 """
 
 from __future__ import annotations
@@ -168,6 +170,33 @@ def pass_attention(q: Tensor, k_all: Tensor, v_all: Tensor, own: int, allowed: T
     for pb, (_, vb) in zip(parts, blocks):
         out = out + (pb @ vb if vb.dim() == 4 else torch.einsum("bhtp,bhtpd->bhtd", pb, vb))
     return out, 1.0 - parts[-1].diagonal(offset=own, dim1=-2, dim2=-1)  # (B, H, T)
+
+
+def segment_masks(m: int, lengths: list[int], size: int | None, device) -> tuple[Tensor, Tensor]:
+    """Masks of consecutive segments of `lengths` tokens pushed at once onto a window holding m pairs, over its
+    joined keys [memory; segments] (S = m + T): allowed (T, S), the keys each query's own segment step reads (the
+    `size` pairs before its segment, every one when size is None, and its segment up to itself), and memory (T, S),
+    those of them that were memory for that step (before its segment)."""
+    t = sum(lengths)
+    starts = torch.tensor([0, *lengths[:-1]], device=device).cumsum(0) + m  # (J,) key index of each segment's first
+    first = torch.repeat_interleave(starts, torch.tensor(lengths, device=device))[:, None]  # (T, 1)
+    i = torch.arange(m, m + t, device=device)[:, None]  # (T, 1) key index of each query
+    j = torch.arange(m + t, device=device)[None]  # (1, S)
+    memory = j < first
+    if size is not None:
+        memory &= j >= first - size
+    return memory | ((j >= first) & (j <= i)), memory
+
+
+def segment_pass_attention(q: Tensor, k_all: Tensor, v_all: Tensor, allowed: Tensor, memory: Tensor,
+                           scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Consecutive segments in one pass: query i reads the keys allowed[i] (T, S) of k_all/v_all (B, H, S, D), one
+    softmax per query (what its segment's step computes over [its memory; its segment so far]). Returns out
+    (B, H, T, D) and mass (B, H, T): each query's attention on the keys memory[i] (T, S), its segment's memory."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    s = ((q * scale) @ k_all.transpose(-1, -2)).masked_fill_(~allowed, float("-inf"))  # (B, H, T, S)
+    p = _softmax_(s) if not torch.is_grad_enabled() else torch.softmax(s, -1)
+    return p @ v_all, (p * memory).sum(-1)
 
 
 def reference_attention(q: Tensor, k_all: Tensor, v_all: Tensor, allowed: Tensor) -> Tensor:

@@ -112,9 +112,10 @@ class SegLMAttention(nn.Module):
         self.key_smear = nn.Parameter(torch.zeros(self.h)) if cfg.smear_keys else None  # beta per head
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, policy: MemoryPolicy, state: Any, shift_keys,
-                band: int | None = None):
+                band: int | None = None, segments: list[int] | None = None):
         """Returns (y, state, mass, each, awaiting): `each` the memory stats after each token of a token pass
-        (band), else None; `awaiting` (attn,) when the state still waits for `policy.observe(state, attn)` (the
+        (band) or after each segment of a segment pass (`segments`: their lengths; mass then (J,), per segment),
+        else None; `awaiting` (attn,) when the state still waits for `policy.observe(state, attn)` (the
         model observes every layer at once after its forward: `MemoryPolicy.observe_layers`), else None."""
         b, t, c = x.shape
         each = awaiting = None
@@ -147,6 +148,10 @@ class SegLMAttention(nn.Module):
         elif band is not None:  # T single-token steps in one pass (segment size 1): mass per query (T,)
             state, out, mass, each = policy.extend_each(state, qr, stop(kr), stop(v), stop(k), shift_keys)
             mass = mass.mean((0, 1))
+        elif segments is not None:  # consecutive segments of these lengths in one pass: mass per segment (J,)
+            state, out, mass, each = policy.extend_segments(state, qr, stop(kr), stop(v), stop(k), shift_keys,
+                                                            segments)
+            mass = torch.stack([part.mean() for part in mass.split(segments, -1)])
         else:
             # scored policies (tova, h2o, snapkv, keynorm) evict after the attention, keynorm too, once every layer
             # has run (`observe_layers`): a token step then closes up the memory in place instead of copying it
@@ -195,9 +200,9 @@ class SegLMBlock(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, policy, state, shift_keys, band=None):
+    def forward(self, x, cos, sin, policy, state, shift_keys, band=None, segments=None):
         a, state, mass, each, awaiting = self.attn(_rms_norm(self.attn_norm, x), cos, sin, policy, state, shift_keys,
-                                                   band)
+                                                   band, segments)
         drop = self.drop if self.training and self.drop.p > 0 else _unchanged  # no module calls at inference
         x = x + drop(a)
         return x + drop(self.mlp(_rms_norm(self.mlp_norm, x))), state, mass, each, awaiting
@@ -247,13 +252,13 @@ class SegLMBodyMixin:
             return shift_rope_each(k, delta, self.inv_freq(k.device))
         return shift_rope(k, delta, self.inv_freq(k.device))
 
-    def forward(self, input_ids: Tensor, memory: SegMemory, band: int | None = None):
+    def forward(self, input_ids: Tensor, memory: SegMemory, band: int | None = None, segments: list[int] | None = None):
         b, t = input_ids.shape
         x = embed(self.embed_tokens.weight, input_ids)  # (B, T, C)
         cos, sin = self.rope_tables(memory.seen, t, input_ids.device, x.dtype)  # (T, D)
         states, masses, each, attns = [], [], [], []
         for layer, state in zip(self.layers, memory.states):
-            x, state, mass, stats, awaiting = layer(x, cos, sin, memory.policy, state, self.shift_keys, band)
+            x, state, mass, stats, awaiting = layer(x, cos, sin, memory.policy, state, self.shift_keys, band, segments)
             states.append(state)
             masses.append(mass)
             each.append(stats)
@@ -263,7 +268,7 @@ class SegLMBodyMixin:
             states = memory.policy.observe_layers(states, attns)
         mem = SegMemory(memory.policy, states, memory.seen + t)
         mass = None if any(m is None for m in masses) else torch.stack(masses)
-        return self.norm(x), mem, mass, (each if band is not None else None)
+        return self.norm(x), mem, mass, (each if band is not None or segments is not None else None)
 
 
 class SegLMHeadMixin:
@@ -289,20 +294,29 @@ class SegLMHeadMixin:
         return SegMemory(policy, states, 0)
 
     def forward(self, input_ids: Tensor, memory: SegMemory | None = None, labels: Tensor | None = None,
-                band: int | None = None, **_):
+                band: int | None = None, segments: list[int] | None = None, **_):
         """input_ids (B, T): one segment. Returns logits (B, T, V) and the updated memory.
 
         band: compute the T tokens as T segments of one token each, in one pass (a token pass). Only for a
         policy with a parallel form at n_s = 1 whose pass bound is `band` (`policy.token_pass()`: fifo's is its
         window n_c, the band of keys each query reads); T <= band keeps every reported number the token path's.
         memory_mass is then (L, T), and extras["stats_each"] holds per layer the T stats the steps would report.
+
+        segments: the input is consecutive segments of these lengths (summing to T), computed in one pass (a
+        segment pass), each query reading what its own segment's step would (`policy.extend_segments`; only where
+        `policy.segment_pass()` bounds T). memory_mass is then (L, J) and extras["stats_each"] holds per layer the
+        J stats after each segment.
         """
         if memory is None:
             memory = self.new_memory("none", input_ids.shape[0])
         if band is not None and band != memory.policy.token_pass():
             raise ValueError(f"band={band}: the {memory.policy.name} memory is not a sliding window of {band} keys "
                              "(it has no token pass of that bound)")
-        h, memory, mass, each = self.model(input_ids, memory, band)
+        if segments is not None and (band is not None or sum(segments) != input_ids.shape[1]
+                                     or not sum(segments) <= (memory.policy.segment_pass() or 0)):
+            raise ValueError(f"segments={list(segments)[:8]}: not one segment pass of {input_ids.shape[1]} tokens "
+                             f"under {memory.policy.name} (at most {memory.policy.segment_pass()})")
+        h, memory, mass, each = self.model(input_ids, memory, band, segments)
         logits = linear(h, self.lm_head)
         loss = None
         if labels is not None:
