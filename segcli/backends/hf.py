@@ -22,13 +22,14 @@ from ..hf import (
     SegcliCache, cache_kwarg, extra_mask, make_cache, model_features, register_attention, track_memory_mass,
     visible_in_stream,
 )
+from ..hf.sinks import moved_sinks, sink_visible
 from . import guard
 from ..cache import remembered
 from .folder_checks import check_hf_model_fits, reason, refuse_incomplete
 from .base import Backend, cached_sha256, fifo_stats, model_fingerprint
 
 
-TOKEN_PASS_POLICIES = ("full", "fifo")  # exact pairs, the newest ones: a token pass is one masked forward
+TOKEN_PASS_POLICIES = ("full", "fifo", "sink")  # exact pairs (sink's moved per query): one forward per token pass
 TOKEN_PASS = 128  # tokens per pass under full (fifo: its window, at most this; see engine.stream.pass_size)
 PASS_CHECK = 8  # tokens of the once-per-model check that a pass equals stepping (even: segments of 2)
 
@@ -136,6 +137,8 @@ class HFBackend(Backend):
         multiple of it, at least two segments; None: they step one by one."""
         if segment_size <= 1 or TOKEN_PASS < 2 * segment_size:  # two segments never fit: no check to run for it
             return None
+        if getattr(memory, "policy", None) is not None and memory.policy.name == "sink":  # token passes only
+            return None
         bound = self._pass_bound(memory)
         n = bound // segment_size * segment_size if bound else 0
         return n if n >= 2 * segment_size else None
@@ -146,28 +149,42 @@ class HFBackend(Backend):
         full and fifo hold exact pairs, the newest ones: k segments of n_s tokens are one forward of k n_s tokens on
         the cache as it was before them, each query masked to the keys its own segment's step would have read (fifo:
         the n_c positions before its segment and the segment up to itself, intersected with the model's own windows;
-        full: the model's causal mask). Not under per-layer budgets, the relative frame, or attention that reports
+        full: the model's causal mask). sink at n_s = 1 (token passes only) holds exact pairs and the sinks, which
+        each query reads moved to just before its own window (`hf.sinks`). Not under per-layer budgets, the relative frame, or attention that reports
         the mass on memory (eager: the mass is per segment, a pass would report one for all of its segments); only
         once `_pass_checked` found a pass equal to stepping on this model; and never more tokens than a fifo window
-        holds (full keeps a sliding layer's last window - 1 pairs as a fifo of them), so that a pass grows no buffer
-        past what the steps reach."""
+        holds (full keeps a sliding layer's last window - 1 pairs as a fifo of them; sink: its window), so that a
+        pass grows no buffer past what the steps reach."""
         if not isinstance(memory, SegcliCache):
             return None
         policy = memory.policy
         if policy.name not in TOKEN_PASS_POLICIES or memory.per_layer or memory.frame != "absolute":
             return None
-        if policy.name == "fifo" and policy.sliding_window() is None:
+        if (policy.name == "fifo" and policy.sliding_window() is None) or (
+                policy.name == "sink" and policy.token_pass() is None):
             return None
         if self.attention_for(policy) != "sdpa" or not self._pass_checked(policy):
             return None
-        windows = [layer.policy.memory_size for layer in memory.memory_layers if layer.policy.name == "fifo"]
+        windows = [layer.policy.memory_size for layer in memory.memory_layers if layer.policy.name in ("fifo", "sink")]
         return min([TOKEN_PASS, *windows])
 
     def step_window(self, ids: Tensor, memory: SegcliCache, band: int):
         """ids (1, T) as T segments of one token in one forward (see `_pass_bound`). Returns logits (1, T, V), the
         memory after the last token, and per token the mass (None: SDPA reports none) and the layers' stats as
-        `step` and `memory_stats` would have given them after it."""
-        return self.step_segments(ids, memory, 1)
+        `step` and `memory_stats` would have given them after it. sink: in up to three pieces (`sink_pieces`)."""
+        if memory.policy.name != "sink":
+            return self.step_segments(ids, memory, 1)
+        logits, masses, stats = [], [], []
+        for start, end, passed in sink_pieces(memory.policy, memory.seen, ids.shape[1]):
+            if passed:
+                lg, memory, mass, st = self.step_segments(ids[:, start:end], memory, 1)
+            else:
+                lg, memory, m = self.step(ids[:, start:end], memory)
+                mass, st = [m], [self.memory_stats(memory)]
+            logits.append(lg)
+            masses += mass
+            stats += st
+        return logits[0] if len(logits) == 1 else torch.cat(logits, 1), memory, masses, stats
 
     def step_segments(self, ids: Tensor, memory: SegcliCache, segment_size: int):
         """ids (1, T) as segments of `segment_size` tokens (the last may be shorter) in one forward: logits (1, T, V),
@@ -197,6 +214,18 @@ class HFBackend(Backend):
         policy = memory.policy
         if policy.name == "full":  # the model's own causal mask is each segment's step
             return self.step(ids, memory)
+        if policy.name == "sink":  # single tokens, the sinks full (`sink_pieces`)
+            start, window = memory.seen, policy.memory_size
+            if start + ids.shape[1] <= policy.sink_tokens + window + 1:  # no pair dropped yet: all at their positions
+                return self.step(ids, memory)
+            if start <= policy.sink_tokens + window:
+                raise ValueError("a sink pass may not cross where the window first drops a pair (sink_pieces)")
+            with extra_mask(self.model, sink_visible(start, window)) as calls, \
+                    moved_sinks(self.model, memory, policy.sink_tokens):
+                out = self.step(ids, memory)
+            if not calls:
+                raise RuntimeError(f"{self.identity['model_type']}: the token pass built no mask")
+            return out
         # each query's segment starts at seen + a multiple of n_s, and its step read the n_c pairs before it
         allowed = visible_in_stream("fifo", segment_size, policy.memory_size, start=memory.seen)
         with extra_mask(self.model, allowed) as calls:
@@ -208,7 +237,8 @@ class HFBackend(Backend):
     def _pass_checked(self, policy) -> bool:
         """Whether passes equal stepping on this model, found once per (policy name, attention): PASS_CHECK tokens
         stepped one by one, and in segments of 2, against the same in one pass each, from an empty memory of 3 slots
-        (fifo), after 2 tokens stepped (a pass that continues a memory). Remembered across runs (`checks`)."""
+        (fifo; sink: 2 sinks and 3 slots, the window full halfway: both of `sink_pieces`' passes), after 2 tokens
+        stepped (a pass that continues a memory). Remembered across runs (`checks`)."""
         key = (policy.name, self.model.config.get_text_config()._attn_implementation)
         known = self._pass_ok.get(key)
         if known is None:
@@ -218,17 +248,19 @@ class HFBackend(Backend):
 
     def _pass_equal(self, policy) -> bool:
         """PASS_CHECK tokens stepped, and passed, as `_pass_checked` says: whether every logit agrees."""
-        probe = make_policy(policy.name, **({"memory_size": 3} if policy.name == "fifo" else {}))
+        sizes = {"fifo": {"memory_size": 3}, "sink": {"memory_size": 3, "sink_tokens": 2}}.get(policy.name, {})
+        probe = make_policy(policy.name, **sizes)
         ids = guard.probe_ids(self.model.config.get_text_config().vocab_size, self.device)[:, :PASS_CHECK + 2]
         try:
             with torch.inference_mode():
-                for n in (1, 2):
+                for n in (1,) if policy.name == "sink" else (1, 2):
                     stepped, passed = make_cache(self.model, probe), make_cache(self.model, probe)
                     for cache in (stepped, passed):
                         self.step(ids[:, :2], cache)
                     want = torch.cat([self.step(ids[:, i:i + n], stepped)[0]
                                       for i in range(2, PASS_CHECK + 2, n)], 1).float()
-                    got = self._pass(ids[:, 2:], passed, n)[0].float()
+                    got = (self.step_window(ids[:, 2:], passed, 1) if policy.name == "sink"
+                           else self._pass(ids[:, 2:], passed, n))[0].float()
                     gap = float((want - got).abs().max() / want.abs().max().clamp_min(1e-6))
                     if not gap <= guard.tolerance(self.dtype):
                         return False
@@ -261,6 +293,17 @@ class HFBackend(Backend):
         pos = torch.arange(start, start + t, device=ids.device)[None]
         out = self.model(input_ids=ids, position_ids=pos, use_cache=True, **{cache_kwarg(self.model): memory})
         return out.logits, memory, memory.memory_mass()
+
+
+def sink_pieces(policy, seen: int, t: int) -> list[tuple[int, int, bool]]:
+    """How T single-token steps under sink after `seen` tokens go: [(start, end, passed)], the tokens start .. end - 1
+    stepped one by one while the sinks fill (passed False, one piece per token), then in one pass those read before
+    the window first drops a pair (every pair at its own position: a causal forward), then in one pass the rest
+    (the window full: the sinks moved per query, `hf.sinks`)."""
+    n_sink, window = policy.sink_tokens, policy.memory_size
+    lead = min(t, max(0, n_sink - seen))
+    edge = min(t, max(lead, n_sink + window + 1 - seen))  # the first token whose window has dropped a pair
+    return [(j, j + 1, False) for j in range(lead)] + [(a, b, True) for a, b in ((lead, edge), (edge, t)) if b > a]
 
 
 def load_hf(cfg: RunConfig, path: Path, model_cfg, device: torch.device, dtype: torch.dtype) -> HFBackend:

@@ -19,10 +19,10 @@ from .attention import cache_kwarg
 from .features import model_features, text_config
 
 
-def _rotate(k: Tensor, delta: int, inv: Tensor, interleaved: bool, offset: int) -> Tensor:
-    """k (..., D) rotated by delta more positions on dims offset .. offset + 2 len(inv)."""
+def _rotate(k: Tensor, ang: Tensor, inv: Tensor, interleaved: bool, offset: int) -> Tensor:
+    """k (..., D) rotated by the angles ang (rd/2,) or (T, rd/2) (one row per row of k's T) on dims offset ..
+    offset + rd, rd = 2 len(inv): delta more positions is ang = delta inv."""
     rd = 2 * inv.shape[0]
-    ang = float(delta) * inv.to(k.device, torch.float64)  # (rd/2,)
     cos, sin = ang.cos().to(k.dtype), ang.sin().to(k.dtype)
     x = k[..., offset : offset + rd]
     if interleaved:  # pairs (2i, 2i + 1) share frequency i (GPT-J, Cohere, GLM)
@@ -45,7 +45,14 @@ class Rotary:
     def __call__(self, k: Tensor, delta: int) -> Tensor:
         if self.inv is None or delta == 0 or k.shape[-2] == 0:
             return k
-        return _rotate(k, delta, self.inv, self.interleaved, self.offset)
+        return _rotate(k, float(delta) * self.inv.to(k.device, torch.float64), self.inv, self.interleaved, self.offset)
+
+    def each(self, x: Tensor, deltas: Tensor) -> Tensor:
+        """x (..., T, D) with row t moved by deltas[t] (T,) more positions: one shift per query of a pass."""
+        if self.inv is None:
+            return x
+        ang = deltas.to(x.device, torch.float64)[:, None] * self.inv.to(x.device, torch.float64)[None]  # (T, rd/2)
+        return _rotate(x, ang, self.inv, self.interleaved, self.offset)
 
     def describe(self) -> str:
         if self.inv is None:

@@ -113,6 +113,13 @@ class Sink(MemoryPolicy):
         each = self._stats_each(state, w, f0, seen0, t)
         return SinkState(state.sink_k, state.sink_v, w, seen0 + t, each[-1].evicted), out, mass, each
 
+    def stats_each(self, state, before, t):
+        """Stats after each of the last t tokens pushed at once (`before`: slots held before them, the sinks full),
+        as t single-token steps would have reported them (a token pass of the Hugging Face backend)."""
+        n_sink = state.sink_k.shape[2]
+        assert n_sink == self.sink_tokens, "the sinks fill token by token (serial_tokens)"
+        return self._stats_each(state, state.window, before - n_sink, state.seen - t, t)
+
     def _stats_each(self, state, w: Window, f0: int, seen0: int, t: int) -> list[LayerStats]:
         """What `stats` reports after each of the pass's t steps."""
         b, h, n_sink = state.sink_k.shape[0], state.sink_k.shape[1], state.sink_k.shape[2]

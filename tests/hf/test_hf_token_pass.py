@@ -86,7 +86,7 @@ def test_token_pass_reports_what_token_steps_report(family_dir, case):
 
 
 def test_policies_and_attention_without_a_pass_step_token_by_token(family_dir):
-    for memory, ns, extra in (("none", 4, {}), ("sink", 1, {}), ("h2o", 1, {}), ("fifo", 1, {"layer_budget": "pyramid"})):
+    for memory, ns, extra in (("none", 4, {}), ("sink", 4, {}), ("h2o", 1, {}), ("fifo", 1, {"layer_budget": "pyramid"})):
         cfg = RunConfig(model=str(family_dir), memory=memory, segment_size=ns, device="cpu", **extra)
         try:
             backend = load_backend(cfg)
