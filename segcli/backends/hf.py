@@ -22,6 +22,8 @@ from ..hf import (
     SegcliCache, cache_kwarg, extra_mask, make_cache, model_features, register_attention, track_memory_mass,
     visible_in_stream,
 )
+from ..hf.features import LayerKind
+from ..hf.layers import PolicyLayer
 from ..hf.sinks import moved_sinks, sink_visible
 from . import guard
 from ..cache import remembered
@@ -171,20 +173,14 @@ class HFBackend(Backend):
     def step_window(self, ids: Tensor, memory: SegcliCache, band: int):
         """ids (1, T) as T segments of one token in one forward (see `_pass_bound`). Returns logits (1, T, V), the
         memory after the last token, and per token the mass (None: SDPA reports none) and the layers' stats as
-        `step` and `memory_stats` would have given them after it. sink: in up to three pieces (`sink_pieces`)."""
+        `step` and `memory_stats` would have given them after it. sink: in one or two passes (`sink_pieces`)."""
         if memory.policy.name != "sink":
             return self.step_segments(ids, memory, 1)
-        logits, masses, stats = [], [], []
-        for start, end, passed in sink_pieces(memory.policy, memory.seen, ids.shape[1]):
-            if passed:
-                lg, memory, mass, st = self.step_segments(ids[:, start:end], memory, 1)
-            else:
-                lg, memory, m = self.step(ids[:, start:end], memory)
-                mass, st = [m], [self.memory_stats(memory)]
-            logits.append(lg)
-            masses += mass
-            stats += st
-        return logits[0] if len(logits) == 1 else torch.cat(logits, 1), memory, masses, stats
+        kinds = [layer.kind if isinstance(layer, PolicyLayer) else LayerKind("shared") for layer in memory.layers]
+        parts = [self.step_segments(ids[:, a:b], memory, 1)
+                 for a, b in sink_pieces(memory.policy, memory.seen, ids.shape[1], kinds)]
+        logits = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], 1)
+        return logits, memory, [m for p in parts for m in p[2]], [s for p in parts for s in p[3]]
 
     def step_segments(self, ids: Tensor, memory: SegcliCache, segment_size: int):
         """ids (1, T) as segments of `segment_size` tokens (the last may be shorter) in one forward: logits (1, T, V),
@@ -214,14 +210,17 @@ class HFBackend(Backend):
         policy = memory.policy
         if policy.name == "full":  # the model's own causal mask is each segment's step
             return self.step(ids, memory)
-        if policy.name == "sink":  # single tokens, the sinks full (`sink_pieces`)
-            start, window = memory.seen, policy.memory_size
-            if start + ids.shape[1] <= policy.sink_tokens + window + 1:  # no pair dropped yet: all at their positions
+        if policy.name == "sink":  # single tokens (`sink_pieces`)
+            start, t, n_sink, window = memory.seen, ids.shape[1], policy.sink_tokens, policy.memory_size
+            if start + t <= n_sink + window + 1:  # no pair dropped yet: every one at its own position, causal
                 return self.step(ids, memory)
-            if start <= policy.sink_tokens + window:
-                raise ValueError("a sink pass may not cross where the window first drops a pair (sink_pieces)")
-            with extra_mask(self.model, sink_visible(start, window)) as calls, \
-                    moved_sinks(self.model, memory, policy.sink_tokens):
+            if start < n_sink:
+                raise ValueError("a sink pass that moves its sinks starts with them full (sink_pieces)")
+            oldest = max(n_sink, start - window)  # the window's oldest position before the pass
+            q = torch.arange(start, start + t)
+            moved = q.sub(window).clamp(min=n_sink) - oldest  # (T,) how much further each query's sinks sit
+            with extra_mask(self.model, sink_visible(oldest, window)) as calls, \
+                    moved_sinks(self.model, memory, n_sink, moved):
                 out = self.step(ids, memory)
             if not calls:
                 raise RuntimeError(f"{self.identity['model_type']}: the token pass built no mask")
@@ -295,15 +294,18 @@ class HFBackend(Backend):
         return out.logits, memory, memory.memory_mass()
 
 
-def sink_pieces(policy, seen: int, t: int) -> list[tuple[int, int, bool]]:
-    """How T single-token steps under sink after `seen` tokens go: [(start, end, passed)], the tokens start .. end - 1
-    stepped one by one while the sinks fill (passed False, one piece per token), then in one pass those read before
-    the window first drops a pair (every pair at its own position: a causal forward), then in one pass the rest
-    (the window full: the sinks moved per query, `hf.sinks`)."""
+def sink_pieces(policy, seen: int, t: int, kinds) -> list[tuple[int, int]]:
+    """How T single-token steps under sink after `seen` tokens go through passes (`_pass`): [(start, end)], one pass,
+    or two split at the first token whose window has dropped a pair where one pass cannot hold both sides: the sinks
+    still filling when it starts, or a layer (`kinds`, `LayerKind`s) whose own window could reach the sinks at their
+    own positions from a token that must no longer see them there (a sliding window wider than n_c + 1, chunked or
+    shared layers). Before that token every pair sits at its own position; from it on the sinks are moved."""
     n_sink, window = policy.sink_tokens, policy.memory_size
-    lead = min(t, max(0, n_sink - seen))
-    edge = min(t, max(lead, n_sink + window + 1 - seen))  # the first token whose window has dropped a pair
-    return [(j, j + 1, False) for j in range(lead)] + [(a, b, True) for a, b in ((lead, edge), (edge, t)) if b > a]
+    edge = min(t, max(0, n_sink + window + 1 - seen))
+    one = seen >= n_sink and all(k.kind == "full" or (k.kind == "sliding" and k.window - 1 <= window) for k in kinds)
+    if one or edge in (0, t):
+        return [(0, t)]
+    return [(0, edge), (edge, t)]
 
 
 def load_hf(cfg: RunConfig, path: Path, model_cfg, device: torch.device, dtype: torch.dtype) -> HFBackend:

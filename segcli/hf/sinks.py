@@ -14,7 +14,9 @@ values) is the model's own. The window's band and each layer kind's own window a
 `layers.PolicyLayer`), so their attention is untouched.
 
 Before the window first drops a pair, every remembered pair is at its own position (the sinks are not moved yet):
-such tokens are one plain causal forward, as under `full`. `backends.hf` splits a pass where the window fills.
+such tokens alone are one plain causal forward, as under `full`; in a pass with later tokens they read the sinks
+moved by 0. `backends.hf.sink_pieces` splits a pass there only where a layer's own window could reach the sinks'
+own positions from a token that no longer sees them there.
 """
 
 from __future__ import annotations
@@ -33,20 +35,19 @@ from .layers import PolicyLayer, SegcliCache
 _MOVED = threading.local()  # the cache and sink count of the pass in progress (`moved_sinks`)
 
 
-def sink_visible(start: int, window: int) -> Callable:
-    """allowed(b, h, q, kv) (absolute positions) for a pass of single-token steps under sink starting at position
-    `start`, the window (n_c pairs) full throughout: the sinks a full layer was handed (kv below the window's oldest
-    pair, start - n_c) and the n_c positions before the query."""
-    oldest = start - window
+def sink_visible(oldest: int, window: int) -> Callable:
+    """allowed(b, h, q, kv) (absolute positions) for a pass of single-token steps under sink (n_c = `window`), the
+    sinks full, the window's oldest pair at position `oldest` before it: the sinks a full layer was handed (kv below
+    `oldest`) and the n_c positions before the query (every earlier one while the window has dropped none)."""
     return lambda b, h, q, kv: (kv < oldest) | (kv >= q - window)
 
 
-def with_moved_sinks(query: Tensor, key: Tensor, n_sink: int, rotary) -> tuple[Tensor, Tensor]:
+def with_moved_sinks(query: Tensor, key: Tensor, n_sink: int, rotary, moved: Tensor) -> tuple[Tensor, Tensor]:
     """query (B, H, T, D) of T consecutive single-token steps, key (B, Hk, S, D) = [n_sink sinks placed for the first
     query; the rest]: (B, H, T, 2D) and (B, Hk, S, 2D) whose scores are query . key outside the sinks and query t's
-    score on the sinks moved t positions further (`rotary`: the layer's `Rotary`)."""
-    t, d = query.shape[-2], query.shape[-1]
-    back = rotary.each(query, -torch.arange(t, device=query.device))  # (B, H, T, D): query t moved back t positions
+    score on the sinks moved moved[t] (T,) positions further (`rotary`: the layer's `Rotary`)."""
+    d = query.shape[-1]
+    back = rotary.each(query, -moved)  # (B, H, T, D): query t moved back by moved[t] positions
     q2 = torch.cat([query, back], -1)
     k2 = key.new_zeros(*key.shape[:-1], 2 * d)  # (B, Hk, S, 2D)
     k2[..., n_sink:, :d] = key[..., n_sink:, :]
@@ -55,9 +56,10 @@ def with_moved_sinks(query: Tensor, key: Tensor, n_sink: int, rotary) -> tuple[T
 
 
 @contextlib.contextmanager
-def moved_sinks(model, cache: SegcliCache, n_sink: int) -> Iterator[list]:
+def moved_sinks(model, cache: SegcliCache, n_sink: int, moved: Tensor) -> Iterator[list]:
     """Within the block, the model's attention function (its implementation's entry in transformers' attention
-    interface) reads the sinks of every full-attention layer of `cache` moved for each query (`with_moved_sinks`).
+    interface) reads the sinks of every full-attention layer of `cache` moved[t] (T,) positions further for query t
+    than the cache placed them (`with_moved_sinks`).
     Yields a list that gets one entry per layer so computed (empty: the model does not go through the interface)."""
     impl = text_config(model)._attn_implementation
     table = ALL_ATTENTION_FUNCTIONS
@@ -72,7 +74,7 @@ def moved_sinks(model, cache: SegcliCache, n_sink: int) -> Iterator[list]:
             calls.append(idx)
             if kwargs.get("scaling") is None:  # the scale of the head dimension, not of the doubled one
                 kwargs["scaling"] = query.shape[-1] ** -0.5
-            query, key = with_moved_sinks(query, key, n_sink, layer.shift_keys)
+            query, key = with_moved_sinks(query, key, n_sink, layer.shift_keys, moved)
         return original(module, query, key, value, attention_mask, *args, **kwargs)
 
     had_local = impl in table._local_mapping

@@ -114,21 +114,43 @@ class Sink(MemoryPolicy):
         return SinkState(state.sink_k, state.sink_v, w, seen0 + t, each[-1].evicted), out, mass, each
 
     def stats_each(self, state, before, t):
-        """Stats after each of the last t tokens pushed at once (`before`: slots held before them, the sinks full),
-        as t single-token steps would have reported them (a token pass of the Hugging Face backend)."""
-        n_sink = state.sink_k.shape[2]
-        assert n_sink == self.sink_tokens, "the sinks fill token by token (serial_tokens)"
-        return self._stats_each(state, state.window, before - n_sink, state.seen - t, t)
+        """Stats after each of the last t tokens pushed at once (`before`: slots held before them), as t single-token
+        steps would have reported them (a token pass of the Hugging Face backend, which may start while the sinks
+        fill: those tokens' steps held only sinks, and a window buffer of the empty push's size)."""
+        n_sink, w = state.sink_k.shape[2], state.window
+        seen0 = state.seen - t
+        take = min(t, n_sink - before) if before < n_sink else 0  # tokens that became sinks (the window was empty)
+        assert take == 0 or w.filled <= t - take, "the window fills only once the sinks are full"
+        f0 = before - min(before, n_sink)
+        held = [0] * take + [min(w.size, f0 + i + 1) for i in range(t - take)]
+        nbytes = w.bytes_each(held, [0] * take + [n_sink] * (t - take))  # the filling steps push nothing, no prefix
+        b, h = state.sink_k.shape[:2]
+        out = []
+        if take:
+            norms = [x[:, :, : before + take].float().norm(dim=-1).double().sum((0, 1)).cumsum(0).tolist()
+                     for x in (state.sink_k, state.sink_v)]  # running sums over the sinks, float64
+            for j in range(take):
+                n, seen = before + j + 1, seen0 + j + 1
+                out.append(LayerStats(
+                    slots=n, capacity=self.sink_tokens + w.size,
+                    bytes=nbytes[j] + tensor_bytes(state.sink_k[:, :, :n], state.sink_v[:, :, :n]),
+                    key_norm=norms[0][n - 1] / (n * b * h),
+                    value_norm=norms[1][n - 1] / (n * b * h), oldest_age=seen, tokens_per_slot=1.0, evicted=0,
+                    mean_age=(n * seen - n * (n - 1) / 2) / n))
+        if t > take:
+            out += self._stats_each(state, w, f0, seen0 + take, t - take, nbytes[take:])
+        return out
 
-    def _stats_each(self, state, w: Window, f0: int, seen0: int, t: int) -> list[LayerStats]:
-        """What `stats` reports after each of the pass's t steps."""
+    def _stats_each(self, state, w: Window, f0: int, seen0: int, t: int, nbytes=None) -> list[LayerStats]:
+        """What `stats` reports after each of the pass's t steps (the sinks full); nbytes: the window buffer's bytes
+        after each (default: grown from the buffer the pass started with)."""
         b, h, n_sink = state.sink_k.shape[0], state.sink_k.shape[1], state.sink_k.shape[2]
         sk = float(state.sink_k.float().norm(dim=-1).sum()) if n_sink else 0.0
         sv = float(state.sink_v.float().norm(dim=-1).sum()) if n_sink else 0.0
         ck, cv = w.norm_sums(f0, t)
         size = w.size
         held = [min(size, f0 + i + 1) for i in range(t)]
-        nbytes = w.bytes_each(held, [n_sink] * t)
+        nbytes = w.bytes_each(held, [n_sink] * t) if nbytes is None else nbytes
         sink_bytes = tensor_bytes(state.sink_k, state.sink_v)
         out = []
         for i, n in enumerate(held):
@@ -149,7 +171,9 @@ class Sink(MemoryPolicy):
             sink_k = torch.cat([sink_k, k[:, :, :take]], 2)
             sink_v = torch.cat([sink_v, v[:, :, :take]], 2)
         dropped = max(0, state.window.filled + k.shape[2] - take - state.window.size)
-        state.window.push(k[:, :, take:], v[:, :, take:])
+        # once the sinks are full, the window keeps room for them before it, as a push of the next step would (`extend`)
+        room = self.sink_tokens if sink_k.shape[2] == self.sink_tokens and k.shape[2] > take else 0
+        state.window.push(k[:, :, take:], v[:, :, take:], room=room)
         return SinkState(sink_k, sink_v, state.window, state.seen + k.shape[2], dropped)
 
     def peak_bytes(self, heads, head_dim, itemsize, segment_size, tokens=None):

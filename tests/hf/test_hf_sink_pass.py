@@ -94,16 +94,19 @@ def test_a_memory_streamed_at_another_segment_size_continues_in_passes(family_di
         same_memory(s_fast.memory, s_slow.memory)
 
 
-def test_sink_pieces_split_where_the_sinks_fill_and_where_the_window_first_drops():
+def test_sink_pieces_split_where_one_pass_cannot_hold_both_sides():
+    from segcli.hf import LayerKind
     from segcli.memory import make_policy
 
     p = make_policy("sink", sink_tokens=4, memory_size=10)  # the window first drops a pair for the token at 15
-    assert sink_pieces(p, 0, 20) == [(0, 1, False), (1, 2, False), (2, 3, False), (3, 4, False), (4, 15, True),
-                                     (15, 20, True)]
-    assert sink_pieces(p, 4, 5) == [(0, 5, True)]
-    assert sink_pieces(p, 14, 5) == [(0, 1, True), (1, 5, True)]
-    assert sink_pieces(p, 15, 5) == [(0, 5, True)]
-    assert sink_pieces(p, 2, 1) == [(0, 1, False)]
+    full, narrow, wide = LayerKind("full"), LayerKind("sliding", 11), LayerKind("sliding", 12)
+    assert sink_pieces(p, 0, 10, [full]) == [(0, 10)]  # nothing moves: the sinks may fill inside
+    assert sink_pieces(p, 0, 20, [full]) == [(0, 15), (15, 20)]
+    assert sink_pieces(p, 4, 15, [full, narrow]) == [(0, 15)]
+    assert sink_pieces(p, 12, 8, [full, narrow]) == [(0, 8)]  # moved from the 4th on, in the same pass
+    assert sink_pieces(p, 12, 8, [full, wide]) == [(0, 3), (3, 8)]  # a window of 11 before could reach the sinks
+    assert sink_pieces(p, 12, 8, [LayerKind("chunked", 8)]) == [(0, 3), (3, 8)]
+    assert sink_pieces(p, 15, 5, [wide]) == [(0, 5)]
 
 
 def test_moved_queries_score_the_sinks_as_moved_keys():
@@ -112,7 +115,7 @@ def test_moved_queries_score_the_sinks_as_moved_keys():
     (rule, *_) = rotary_shifts(model)
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 6, 16, generator=g), torch.randn(1, 2, 9, 16, generator=g)
-    q2, k2 = with_moved_sinks(q, k, 2, rule)
+    q2, k2 = with_moved_sinks(q, k, 2, rule, torch.arange(6))
     got = q2 @ k2.repeat_interleave(2, 1).transpose(-1, -2)  # (1, 4, 6, 9)
     kk = k.repeat_interleave(2, 1)
     assert torch.allclose(got[..., 2:], q @ kk[:, :, 2:].transpose(-1, -2), atol=1e-5)
