@@ -139,7 +139,7 @@ class HFBackend(Backend):
         multiple of it, at least two segments; None: they step one by one."""
         if segment_size <= 1 or TOKEN_PASS < 2 * segment_size:  # two segments never fit: no check to run for it
             return None
-        if getattr(memory, "policy", None) is not None and memory.policy.name == "sink":  # token passes only
+        if isinstance(memory, SegcliCache) and memory.policy.name == "sink":  # token passes only
             return None
         bound = self._pass_bound(memory)
         n = bound // segment_size * segment_size if bound else 0
@@ -152,11 +152,11 @@ class HFBackend(Backend):
         the cache as it was before them, each query masked to the keys its own segment's step would have read (fifo:
         the n_c positions before its segment and the segment up to itself, intersected with the model's own windows;
         full: the model's causal mask). sink at n_s = 1 (token passes only) holds exact pairs and the sinks, which
-        each query reads moved to just before its own window (`hf.sinks`). Not under per-layer budgets, the relative frame, or attention that reports
-        the mass on memory (eager: the mass is per segment, a pass would report one for all of its segments); only
-        once `_pass_checked` found a pass equal to stepping on this model; and never more tokens than a fifo window
-        holds (full keeps a sliding layer's last window - 1 pairs as a fifo of them; sink: its window), so that a
-        pass grows no buffer past what the steps reach."""
+        each query reads moved to just before its own window (`hf.sinks`). Not under per-layer budgets, the relative
+        frame, or attention that reports the mass on memory (eager: the mass is per segment, a pass would report one
+        for all of its segments); only once `_pass_checked` found a pass equal to stepping on this model; and never
+        more tokens than a fifo window holds (full keeps a sliding layer's last window - 1 pairs as a fifo of them;
+        sink: its window), so that a pass grows no buffer past what the steps reach."""
         if not isinstance(memory, SegcliCache):
             return None
         policy = memory.policy
