@@ -16,7 +16,8 @@ full), each of these runs over the same tokens, the runs alternated in turn (`--
 row; this machine's speed drifts, so only ratios within a round mean much):
 
 - segcli pass: `Stream(load_backend(cfg), cfg).segments(doc)` at n_s = 1 (what `segcli run -s 1` does: the token
-  passes of the HF backend, per-token records and memory statistics included);
+  passes of the HF backend, per-token records and memory statistics included; the once-per-model check that a pass
+  equals stepping, remembered across runs, runs before the rounds);
 - segcli steps: the same with `window_chunk=0` (one forward per token, as before the token passes);
 - plain loop: the same weights loaded by transformers (SDPA), `model(ids[:, i:i+1], position_ids, cache=
   DynamicCache)` per token and the token's loss: what a user writes without segcli. fifo: each full-attention
@@ -153,6 +154,7 @@ def main() -> None:
     from segcli.backends import load_backend
     from segcli.config import RunConfig
     from segcli.documents import Document, tokenize
+    from segcli.engine.stream import Stream
 
     families, policies = args.families.split(","), args.policies.split(",")
     if "gemma3" in families and args.sliding_window - 1 > args.memory_size:
@@ -179,6 +181,9 @@ def main() -> None:
         ids = torch.tensor([[*doc.input_ids, doc.target_ids[-1]]])  # (1, N + 1): the plain loop's inputs and targets
         plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
         runs.append((fam, name, backend, doc, ids, plain))
+    for fam, name, backend, doc, ids, plain in runs:  # the once-per-model checks (remembered across runs) come first
+        for policy in policies:
+            Stream(backend, RunConfig(model=name, device="cpu", memory=policy, segment_size=1))
     rows: dict[str, list[tuple[float, float]]] = {}
 
     def row(key: str, got: tuple[float, float]) -> None:
