@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, replace
 
-from ..ops.attention import band_mask, pass_attention, segment_masks, segment_pass_attention
+from ..ops.attention import band_mask, pass_attention, segment_pass_attention, segment_pass_masks
 from .base import Carried, KVRead, LayerStats, MemoryPolicy, expect, mean_of, tensor_bytes
 from .scored import layer_budgets
 from .window import Window
@@ -91,8 +91,8 @@ class Fifo(MemoryPolicy):
         """Consecutive segments: each query reads the n_c pairs before its segment and its segment up to itself."""
         before = state.window.filled
         state, k_all, v_all, m = self.extend(state, k, v, k_raw, shift_keys)
-        allowed, memory = segment_masks(m, lengths, state.window.size, k.device)
-        out, mass = segment_pass_attention(q, k_all, v_all, allowed, memory)
+        masks = segment_pass_masks(m, tuple(lengths), state.window.size, str(k.device), q.dtype)
+        out, mass = segment_pass_attention(q, k_all, v_all, masks)
         each = self.stats_after(state, before, [before + e for e in itertools.accumulate(lengths)])
         return replace(state, evicted=each[-1].evicted), out, mass, each
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from ..ops.attention import segment_masks, segment_pass_attention
+from ..ops.attention import segment_pass_attention, segment_pass_masks
 from .base import PASS_BOUND, Carried, KVRead, LayerStats, MemoryPolicy, expect, mean_of, tensor_bytes
 from .window import Window
 
@@ -67,8 +67,8 @@ class Full(MemoryPolicy):
         """Consecutive segments: each query reads every pair before it (one causal pass)."""
         before = state.window.filled
         state, k_all, v_all, m = self.extend(state, k, v, k_raw, shift_keys)
-        allowed, memory = segment_masks(m, lengths, None, k.device)
-        out, mass = segment_pass_attention(q, k_all, v_all, allowed, memory)
+        masks = segment_pass_masks(m, tuple(lengths), None, str(k.device), q.dtype)
+        out, mass = segment_pass_attention(q, k_all, v_all, masks)
         return state, out, mass, self.stats_after(state, before, [before + e for e in itertools.accumulate(lengths)])
 
     def stats(self, state):

@@ -17,7 +17,9 @@ carried memory): each query reads the memory its own segment's step held and its
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -188,15 +190,54 @@ def segment_masks(m: int, lengths: list[int], size: int | None, device) -> tuple
     return memory | ((j >= first) & (j <= i)), memory
 
 
-def segment_pass_attention(q: Tensor, k_all: Tensor, v_all: Tensor, allowed: Tensor, memory: Tensor,
+@dataclass(frozen=True)
+class SegmentPass:
+    """What `segment_pass_attention` needs of a segment pass's masks, built once for all of a forward's layers."""
+
+    bias: Tensor  # (T, S) additive: 0 where `segment_masks`' allowed, -inf elsewhere
+    memory: Tensor  # (T, S) 1.0 on each query's segment's memory, else 0 (in the scores' dtype)
+    lows: tuple[int, ...]  # per query, the first key it may read (non-decreasing: segments only move the window on)
+
+
+@functools.lru_cache(maxsize=4)
+def segment_pass_masks(m: int, lengths: tuple[int, ...], size: int | None, device: str,
+                       dtype: torch.dtype) -> SegmentPass:
+    """`segment_masks` as a `SegmentPass` (cached: every layer of a forward asks for the same; never written)."""
+    allowed, memory = segment_masks(m, list(lengths), size, device)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+    lows, start = [], m
+    for n in lengths:
+        lows += [start - min(start, size if size is not None else start)] * n
+        start += n
+    return SegmentPass(bias, memory.to(dtype), tuple(lows))
+
+
+PASS_QUERIES = 128  # queries per block of a segment pass: each block reads only the keys its queries may
+
+
+def segment_pass_attention(q: Tensor, k_all: Tensor, v_all: Tensor, masks: SegmentPass,
                            scale: float | None = None) -> tuple[Tensor, Tensor]:
-    """Consecutive segments in one pass: query i reads the keys allowed[i] (T, S) of k_all/v_all (B, H, S, D), one
-    softmax per query (what its segment's step computes over [its memory; its segment so far]). Returns out
-    (B, H, T, D) and mass (B, H, T): each query's attention on the keys memory[i] (T, S), its segment's memory."""
+    """Consecutive segments in one pass: each query reads the keys `segment_masks` allows it of k_all/v_all
+    (B, H, S, D), one softmax per query (what its segment's step computes over [its memory; its segment so far]).
+    Returns out (B, H, T, D) and mass (B, H, T): each query's attention on its segment's memory.
+
+    The queries go PASS_QUERIES at a time, each block over the keys from its first query's lowest to its last
+    query: a block skips the window its queries no longer hold and the keys after them (half the scores of a
+    pass of 512 tokens over a memory of 512)."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    s = ((q * scale) @ k_all.transpose(-1, -2)).masked_fill_(~allowed, float("-inf"))  # (B, H, T, S)
-    p = _softmax_(s) if not torch.is_grad_enabled() else torch.softmax(s, -1)
-    return p @ v_all, (p * memory).sum(-1)
+    t, s = q.shape[-2], k_all.shape[-2]
+    m = s - t
+    out = q.new_empty(q.shape)
+    mass = q.new_empty(q.shape[:-1])
+    for c0 in range(0, t, PASS_QUERIES):
+        c1 = min(t, c0 + PASS_QUERIES)
+        lo, hi = masks.lows[c0], m + c1
+        scores = (q[:, :, c0:c1] * scale) @ k_all[:, :, lo:hi].transpose(-1, -2)  # (B, H, c, hi - lo)
+        scores += masks.bias[c0:c1, lo:hi]
+        p = _softmax_(scores)
+        torch.matmul(p, v_all[:, :, lo:hi], out=out[:, :, c0:c1])
+        torch.sum(p * masks.memory[c0:c1, lo:hi], -1, out=mass[:, :, c0:c1])
+    return out, mass
 
 
 def reference_attention(q: Tensor, k_all: Tensor, v_all: Tensor, allowed: Tensor) -> Tensor:

@@ -18,7 +18,8 @@ from segcli.config import RunConfig
 from segcli.engine.run import TIMING_FIELDS, CorpusRun, RunOptions
 from segcli.engine.stream import Stream
 from segcli.memory import POLICY_NAMES, REGISTRY
-from segcli.ops.attention import reference_attention, segment_masks
+from segcli.ops import attention
+from segcli.ops.attention import reference_attention, segment_masks, segment_pass_attention, segment_pass_masks
 
 from conftest import SAMPLE
 
@@ -100,17 +101,22 @@ def test_a_segment_pass_is_its_segments_steps(policy, memory_size, warm, tiny_mo
 def test_the_pass_attention_is_the_plain_masked_softmax():
     """`segment_pass_attention` against `reference_attention` with the same mask, and its mass against the
     probabilities summed over each query's memory keys by hand."""
-    from segcli.ops.attention import segment_pass_attention
-
     g = torch.Generator().manual_seed(1)
-    m, lengths = 6, [2, 5, 1, 3]
-    t = sum(lengths)
-    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (t, m + t, m + t))
-    allowed, memory = segment_masks(m, lengths, 4, "cpu")
-    out, mass = segment_pass_attention(q, k, v, allowed, memory)
-    assert torch.allclose(out, reference_attention(q, k, v, allowed), atol=1e-6)
-    p = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~allowed, float("-inf")), -1)
-    assert torch.allclose(mass, torch.where(memory, p, torch.zeros(())).sum(-1), atol=1e-6)
+    for m, lengths, size, block in [(6, [2, 5, 1, 3], 4, 128), (6, [2, 5, 1, 3], 4, 3), (9, [4] * 10, 12, 5),
+                                    (0, [3, 3, 1], None, 2), (20, [1] * 7, 20, 4)]:
+        t = sum(lengths)
+        q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (t, m + t, m + t))
+        allowed, memory = segment_masks(m, lengths, size, "cpu")
+        with torch.inference_mode():
+            attention.PASS_QUERIES = block  # blocks of queries that cut segments, and one block for all
+            try:
+                out, mass = segment_pass_attention(q, k, v, segment_pass_masks(m, tuple(lengths), size, "cpu",
+                                                                               torch.float32))
+            finally:
+                attention.PASS_QUERIES = 128
+        assert torch.allclose(out, reference_attention(q, k, v, allowed), atol=1e-6)
+        p = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~allowed, float("-inf")), -1)
+        assert torch.allclose(mass, torch.where(memory, p, torch.zeros(())).sum(-1), atol=1e-6)
 
 
 @pytest.fixture(scope="module")
