@@ -15,13 +15,14 @@ import torch
 from segcli.backends import load_backend
 from segcli.backends.native import NativeBackend
 from segcli.config import RunConfig
-from segcli.engine.run import TIMING_FIELDS, CorpusRun, RunOptions
+from segcli.engine.run import CorpusRun, RunOptions
 from segcli.engine.stream import Stream
 from segcli.memory import POLICY_NAMES, REGISTRY
 from segcli.ops import attention
 from segcli.ops.attention import reference_attention, segment_masks, segment_pass_attention, segment_pass_masks
 
 from conftest import SAMPLE
+from test_small_documents import untimed
 
 SIZES = {"memory_size": 24, "sink_tokens": 2, "compress_rate": 3, "compressed_size": 5, "layer_budget": "uniform",
          "recent_tokens": 8, "window": 4}
@@ -131,21 +132,13 @@ def corpus(tmp_path_factory):
     return p
 
 
-def untimed(r: dict) -> dict:
-    return {k: v for k, v in r.items() if k not in TIMING_FIELDS and k != "config"}
-
-
 def records(corpus, policy: str, tiny_model_dir, monkeypatch, packed: bool, per_token: bool = False) -> list[dict]:
-    sizes = {k: SIZES[k] for k in REGISTRY[policy].parameters}
-    cfg = RunConfig(model=str(tiny_model_dir), memory=policy, segment_size=32, **sizes)
-    calls = []
-    real = Stream.pack
-
-    def pack(self, docs):
-        calls.append(len(docs))
-        return real(self, docs)
-
-    monkeypatch.setattr(Stream, "pack", pack)
+    """The run's records without timings; packed=False: as if the backend had no segment pass (each document
+    stepped). Checks that packs of several documents happened exactly where they should."""
+    cfg = RunConfig(model=str(tiny_model_dir), memory=policy, segment_size=32,
+                    **{k: SIZES[k] for k in REGISTRY[policy].parameters})
+    calls: list[int] = []
+    monkeypatch.setattr(Stream, "pack", lambda self, docs, real=Stream.pack: calls.append(len(docs)) or real(self, docs))
     if not packed:
         monkeypatch.setattr(NativeBackend, "packs", lambda self, memory: None)
     job = CorpusRun(cfg, RunOptions(per_token=per_token), [str(corpus)]).prepare()
