@@ -84,12 +84,21 @@ def two_docs(tmp_path_factory) -> tuple[Path, Path]:
     return d / "a.txt", d / "b.txt"
 
 
+def steps_only(monkeypatch) -> None:
+    """Every segment of the native backend its own `step` (no segment passes at small n_s): for tests that act at
+    the N-th segment by patching `NativeBackend.step`."""
+    from segcli.backends.native import NativeBackend
+
+    monkeypatch.setattr(NativeBackend, "segment_pass", lambda self, memory, segment_size: None)
+
+
 def signal_at_step(monkeypatch, sig: int, at: int = 3) -> list[int]:
     """Make the native backend's `at`-th segment step send `sig` to this process; the list counts the steps."""
     import os
 
     from segcli.backends.native import NativeBackend
 
+    steps_only(monkeypatch)
     real, calls = NativeBackend.step, []
 
     def signalling(self, ids, memory):

@@ -86,6 +86,18 @@ class NativeBackend(Backend):
         bound = memory.policy.segment_pass()
         return min(bound, PACK_TOKENS) if bound else None
 
+    def segment_pass(self, memory, segment_size: int) -> int | None:
+        """Tokens per forward when segments of `segment_size` (> 1) go several to a forward (`step_segments`): a
+        multiple of it within `packs`, at least two segments; None: they step one by one."""
+        bound = self.packs(memory) if segment_size > 1 else None
+        n = bound // segment_size * segment_size if bound else 0
+        return n if n >= 2 * segment_size else None
+
+    def step_segments(self, ids: Tensor, memory, segment_size: int):
+        """ids (1, T) as segments of `segment_size` tokens (the last may be shorter) in one segment pass."""
+        t = ids.shape[1]
+        return self.step_packed(ids, memory, [min(segment_size, t - i) for i in range(0, t, segment_size)])
+
     def step_packed(self, ids: Tensor, memory, lengths: list[int]):
         """ids (1, T) as consecutive segments of `lengths` tokens in one segment pass (`policy.extend_segments`):
         logits (1, T, V), the memory after the last, and per segment what `step` and `memory_stats` would have

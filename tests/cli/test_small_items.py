@@ -76,6 +76,7 @@ SUITE = textwrap.dedent("""
             return real(self, ids, memory)
 
         monkeypatch.setattr(NativeBackend, "step", step)
+        monkeypatch.setattr(NativeBackend, "segment_pass", lambda self, memory, segment_size: None)
         CliRunner().invoke(app, ["run", {doc!r}, "--model", {model!r}, "--device", "cpu", "-q", "-s", "16"])
 
     def test_the_suite_went_on():

@@ -195,3 +195,22 @@ def _diff(a, b, path=""):
             yield from _diff(x, y, path + "[]")
     elif not close(a, b, path.rsplit(".", 1)[-1]):
         yield path, a, b
+
+
+@pytest.mark.parametrize("policy,ns", [("fifo", 3), ("fifo", 8), ("full", 5)])
+def test_native_segments_go_several_to_a_forward(policy, ns, tiny_model_dir, doc_path):
+    """At n_s <= 64 under fifo and full the native model computes up to 128 tokens of segments per forward
+    (`NativeBackend.step_segments`): each segment's record is the one stepping it alone gives."""
+    from segcli.engine.stream import pass_plan
+    from segcli.reader import Reader
+
+    cfg = RunConfig(model=str(tiny_model_dir), memory=policy, memory_size=24, segment_size=ns)
+    backend = load_backend(cfg)
+    assert pass_plan(backend, backend.new_memory(cfg), ns)[1] > 2 * ns
+    reader = Reader(cfg.errors, 300)
+    doc = reader.tokenized(reader.sources([str(doc_path)])[0], backend)
+    passed = [untimed(r.record()) for r in Stream(backend, cfg).segments(doc)]
+    stepped = [untimed(r.record()) for r in Stream(backend, cfg, window_chunk=0).segments(doc)]
+    assert len(passed) == len(stepped) == math.ceil(len(doc) / ns)
+    for a, b in zip(stepped, passed):
+        assert close(a, b), list(_diff(a, b))

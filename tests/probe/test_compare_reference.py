@@ -72,8 +72,8 @@ def test_none_diverges_more_than_fifo_more_than_nothing(bundled_rows):
 def test_a_bounded_memory_larger_than_the_document_is_the_reference(sample_doc):
     rs, _ = rows(invoke("compare", sample_doc, "--device", "cpu", "-q", "--format", "jsonl", "--reference", "full",
                         "--memory", "fifo,sink", "--memory-size", "4096", "--segment-sizes", "64,128"))
-    for r in rs:
-        assert r["kl_div"] == 0.0 and r["top1_agreement"] == 1.0 and r["delta_loss"] == 0.0, r
+    for r in rs:  # the same model to float32 rounding (the reference goes several segments to a forward, sink steps)
+        assert 0.0 <= r["kl_div"] <= 1e-6 and r["top1_agreement"] == 1.0 and abs(r["delta_loss"]) <= 1e-5, r
 
 
 def test_divergence_equals_the_definition_on_whole_logits(tiny_model_dir, doc_path):
@@ -97,7 +97,7 @@ def test_divergence_equals_the_definition_on_whole_logits(tiny_model_dir, doc_pa
     for start in range(0, len(doc), 32):
         div.add(start, logits["ref"][start : start + 32], logits["row"][start : start + 32], targets[start : start + 32])
     lp_ref, lp_row = F.log_softmax(logits["ref"], -1), F.log_softmax(logits["row"], -1)
-    kl = (lp_ref.exp() * (lp_ref - lp_row)).sum(-1).double()
+    kl = (lp_ref.exp() * (lp_ref - lp_row)).sum(-1).double().clamp_min(0.0)  # KL >= 0: float noise below is 0
     nll_row = -lp_row.gather(-1, targets[:, None])[:, 0].double()
     nll_ref = -lp_ref.gather(-1, targets[:, None])[:, 0].double()
     f = div.fields("full")

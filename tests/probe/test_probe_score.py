@@ -31,6 +31,10 @@ class Counting:
         self.tokens += ids.shape[1]
         return self.backend.step_window(ids, memory, band)
 
+    def step_segments(self, ids, memory, segment_size):
+        self.tokens += ids.shape[1]
+        return self.backend.step_segments(ids, memory, segment_size)
+
 
 @pytest.fixture(scope="module")
 def native(tiny_model_dir):

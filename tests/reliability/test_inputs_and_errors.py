@@ -27,7 +27,7 @@ from segcli.documents import (
 from segcli.errors import UsageError
 from segcli.memory import POLICY_NAMES, REGISTRY, make_policy
 
-from conftest import ROOT, SAMPLE, save_with_tokenizer, signal_at_step, tiny_model
+from conftest import ROOT, SAMPLE, save_with_tokenizer, signal_at_step, steps_only, tiny_model
 
 runner = CliRunner()
 SIZES = {"memory_size": 24, "sink_tokens": 2, "compress_rate": 3, "compressed_size": 5, "layer_budget": "pyramid",
@@ -342,6 +342,7 @@ def test_output_file_atomic_on_failure(base, doc_path, tmp_path, monkeypatch):
         return real(self, ids, memory)
 
     monkeypatch.setattr(Backend, "step", failing)
+    steps_only(monkeypatch)
     target = tmp_path / "out.jsonl"
     res = invoke("run", doc_path, *base, "-s", 32, "--output", target)
     assert_one_error_line(res, 1, "disk on fire")
@@ -542,6 +543,7 @@ def test_nan_in_a_segment_is_an_error_naming_it(base, doc_path, monkeypatch):
         return logits, memory, mass
 
     monkeypatch.setattr(Backend, "step", poisoned)
+    steps_only(monkeypatch)
     res = invoke("run", doc_path, *base, "-s", 32)
     assert_one_error_line(res, 1, "segment 2 (tokens 64-96) produced a non-finite loss")
     assert len([r for r in res.stdout.splitlines() if r.strip()]) == 2  # segments 0, 1 were reported
