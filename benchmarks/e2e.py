@@ -132,7 +132,7 @@ def main(argv=None) -> None:
     import torch
 
     from loops import corpus_text, llama_twin, tokenized
-    from machine import ROOT, machine_info
+    from machine import machine_info
     from rss import write_doc
 
     from segcli.backends import load_backend

@@ -261,7 +261,7 @@ def scored_attention(q: Tensor, k_all: Tensor, v_all: Tensor, m: int, k: Tensor,
     snapkv take `attend` and score their last queries' rows again.
     """
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    t, s = q.shape[-2], k_all.shape[-2]
+    t = q.shape[-2]
     if t == 1 and not torch.is_grad_enabled():  # one query sees every key (a token step): nothing to mask
         p = torch.softmax((q * scale) @ k_all.transpose(-1, -2), dim=-1)  # (B, H, 1, m + 1)
         return p @ v_all, (p[..., :m].sum(-1) if m else None), p[:, :, 0].float()
