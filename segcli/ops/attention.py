@@ -235,8 +235,8 @@ def segment_pass_attention(q: Tensor, k_all: Tensor, v_all: Tensor, masks: Segme
         scores = (q[:, :, c0:c1] * scale) @ k_all[:, :, lo:hi].transpose(-1, -2)  # (B, H, c, hi - lo)
         scores += masks.bias[c0:c1, lo:hi]
         p = _softmax_(scores)
-        torch.matmul(p, v_all[:, :, lo:hi], out=out[:, :, c0:c1])
-        torch.sum(p * masks.memory[c0:c1, lo:hi], -1, out=mass[:, :, c0:c1])
+        out[:, :, c0:c1] = p @ v_all[:, :, lo:hi]  # (assigned, not out=: a strided block on any device)
+        mass[:, :, c0:c1] = (p * masks.memory[c0:c1, lo:hi]).sum(-1)
     return out, mass
 
 
