@@ -7,17 +7,11 @@ run, or a real pseudo-terminal around a `segcli` process (the slow pipe and the 
 
 from __future__ import annotations
 
-import fcntl
 import importlib
 import io
 import json
-import os
 import re
 import signal
-import struct
-import subprocess
-import sys
-import termios
 
 import pytest
 from rich.console import Console
@@ -30,7 +24,7 @@ from segcli.cli.output import Col, LiveTable, PipeConsole, SparkBins, clean, fmt
 from segcli.engine.run import CorpusRun
 
 from conftest import ROOT
-from terminal import ENV, FakeTerminal, console, plain, read_until
+from terminal import FakeTerminal, console, plain, stopped_on_a_terminal
 
 run_cli = importlib.import_module("segcli.cli.run")  # the module (segcli.cli.run as an attribute is the command)
 runner = CliRunner()
@@ -188,32 +182,8 @@ def test_not_a_terminal_gets_the_whole_table_at_the_end(monkeypatch, tiny_model_
 def test_rows_from_a_slow_pipe_show_before_its_end_and_stay_when_stopped(tiny_model_dir, doc_path, sig):
     """`segcli run -` on an 80-column terminal, stdin a pipe still open: the rows of the text sent so far show
     (with the bar), then a signal ends the run: those rows stay, then the one interrupted line, exit 128 + n."""
-    master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    env = {k: v for k, v in ENV.items() if k not in ("COLUMNS", "LINES")}
-    p = subprocess.Popen([sys.executable, "-m", "segcli", "run", "-", "--model", str(tiny_model_dir), "-s", "16",
-                          "--device", "cpu"], stdin=subprocess.PIPE, stdout=slave, stderr=slave, env={**env, "TERM": "xterm"},
-                         cwd=ROOT, start_new_session=True)
-    os.close(slave)
-    buf = bytearray()
-    try:
-        p.stdin.write(doc_path.read_bytes()[:1500])
-        p.stdin.flush()
-        two_rows = lambda t: re.search(r"│ +1 │ +16–32 │", t) is not None  # noqa: E731
-        assert read_until(master, buf, two_rows, 120), plain(buf.decode("utf-8", "replace"))
-        assert p.poll() is None  # still reading stdin
-        p.send_signal(sig)
-        assert p.wait(60) == 128 + sig
-        read_until(master, buf, lambda t: False, 2)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        p.stdin.close()
-        os.close(master)
-    text = plain(buf.decode("utf-8", "replace"))
-    lines = [line.strip() for line in re.split(r"[\r\n]", text) if line.strip()]
+    two_rows = lambda t: re.search(r"│ +1 │ +16–32 │", t) is not None  # noqa: E731
+    text = stopped_on_a_terminal(["run", "-", "--model", str(tiny_model_dir), "-s", "16", "--device", "cpu"], two_rows,
+                                 sig, ROOT, feed=doc_path.read_bytes()[:1500])
     assert re.search(r"│ +0 │ +0–16 │", text) and re.search(r"│ +1 │ +16–32 │", text) and "summary —" not in text, text
-    assert lines[-1].startswith(f"segcli: interrupted by {signal.Signals(sig).name}"), lines[-3:]
-    assert sum(line.startswith("segcli:") for line in lines) == 1, text
     assert "…" not in text, text
