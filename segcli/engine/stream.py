@@ -254,8 +254,7 @@ class Stream:
         ns, device = self.cfg.segment_size, self.backend.device
         windows = [next(d.windows(ns)) for d in docs]
         lengths = [len(w.target_ids) for w in windows]
-        pair = torch.tensor([[i for w in windows for i in w.input_ids], [i for w in windows for i in w.target_ids]],
-                            dtype=torch.long, device=device)  # (2, T)
+        pair = joined_tensors(windows, device)  # (2, T)
         with torch.inference_mode():
             s = next(stream(lambda ids, mem: self._packed_step(ids, mem, lengths), self.memory, [(pair[:1], None)],
                             device))
@@ -325,8 +324,7 @@ def one_segment_batch(backend: Backend, cfg: RunConfig, docs: list[TokenizedDocu
         return None
     device = backend.device
     windows = [next(d.windows(ns)) for d in docs]
-    pair = torch.tensor([[i for w in windows for i in w.input_ids], [i for w in windows for i in w.target_ids]],
-                        dtype=torch.long, device=device).view(2, batch, t)  # (2, B, T)
+    pair = joined_tensors(windows, device).view(2, batch, t)  # (2, B, T)
     steps = stream(backend.step, memory, [(pair[0], None)], device)
     with torch.inference_mode():
         s = next(steps)
@@ -341,6 +339,12 @@ def one_segment_batch(backend: Backend, cfg: RunConfig, docs: list[TokenizedDocu
     return [segment_result(doc.name, 0, ns, w, total, nll_list, total / t, share,
                            memory_report(layer_stats, cfg.memory, None))  # an empty memory before: no mass
             for doc, w, nll_list, total, layer_stats in zip(docs, windows, rows, sums, stats)]
+
+
+def joined_tensors(windows, device: torch.device) -> torch.Tensor:
+    """The windows' model inputs and targets one after another: (2, sum of their lengths), one tensor."""
+    return torch.tensor([[i for w in windows for i in w.input_ids], [i for w in windows for i in w.target_ids]],
+                        dtype=torch.long, device=device)
 
 
 def window_tensors(w, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

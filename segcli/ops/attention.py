@@ -207,7 +207,7 @@ def segment_pass_masks(m: int, lengths: tuple[int, ...], size: int | None, devic
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
     lows, start = [], m
     for n in lengths:
-        lows += [start - min(start, size if size is not None else start)] * n
+        lows += [0 if size is None else max(0, start - size)] * n
         start += n
     return SegmentPass(bias, memory.to(dtype), tuple(lows))
 
