@@ -277,10 +277,8 @@ class CorpusRun:
         stream = self.stream
         bound = stream.pack_tokens()
         pending: list[tuple[int, Any]] = []
-        held = 0  # tokens pending
 
         def flush() -> Iterator[dict[str, Any]]:
-            nonlocal held
             if not pending:
                 return
             self._stop_if_asked(totals.segments)
@@ -289,15 +287,13 @@ class CorpusRun:
                 yield from self._one(i, doc, stream.segments(doc, self.should_stop) if results is None else [results[j]],
                                      totals)
             pending.clear()
-            held = 0
 
         for i in range(len(self.sources)):
             doc = self._small(i) if bound else None
             if doc is not None and stream.packable(doc):
-                if held + len(doc) > bound:
+                if sum(len(d) for _, d in pending) + len(doc) > bound:
                     yield from flush()
                 pending.append((i, doc))
-                held += len(doc)
                 continue
             yield from flush()
             doc = doc if doc is not None else self.document(i)
